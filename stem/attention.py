@@ -1,0 +1,145 @@
+"""Self-attention processors that choose which frames' keys/values each frame attends to.
+
+Frames sit in the batch dimension: a UNet call on a video of N frames has batch G*N
+(G = 1 for inversion, 2-3 for guided editing), ordered group-major. Processors are
+installed on every `attn1` (self-attention) of the UNet through
+`unet.set_attn_processor` (see `self_attention_processors`); cross-attention (`attn2`)
+keeps diffusers' default processor.
+
+Notation (paper Sec. 3 / Eq. 6): X^n are the tokens of frame n (S = h*w tokens of C
+channels), Q = X^n W_Q, and K = [X^h; X^l; ...] W_K, V = [X^h; X^l; ...] W_V gather the
+tokens of the context frames, so attention is softmax(Q K^T / sqrt(d)) V per head.
+
+Contexts (spec/STEM.md section 2), frame indices 0-based:
+- "1frame"   (Pix2Video/TokenFlow): each frame attends to itself.
+- "2frame"   pairing "fatezero":   frames n and (N-1)//2 (the paper's l = round(N/2), 1-based);
+             pairing "tuneavideo": frames 0 (first) and max(n-1, 0) (previous).
+- "allframe": all N frames. Cost O((N S)^2) per layer; queries are processed in chunks of
+  `query_chunk` tokens so the score matrix in memory is at most query_chunk x N*S.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from stem.errors import ConfigError
+
+CONTEXTS = ("1frame", "2frame", "allframe")
+PAIRINGS = ("fatezero", "tuneavideo")
+
+
+class SelfAttnProcessor:
+    """Base processor: projections as diffusers' `AttnProcessor2_0`, context chosen by `attend`.
+
+    Subclasses implement `attend(q, k, v)` on (B, heads, S, d) tensors, where B = G * N.
+    """
+
+    def __init__(self, num_frames: int):
+        if num_frames < 1:
+            raise ConfigError(f"num_frames={num_frames} must be at least 1")
+        self.num_frames = num_frames
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{type(self).__name__} is a self-attention processor (attn1): "
+                             "it takes neither encoder_hidden_states nor attention_mask")
+        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
+            raise ValueError(f"{type(self).__name__} supports transformer-block attention on (B, S, C) "
+                             "tokens without spatial/group norm (as in SD's attn1)")
+        batch, tokens, _ = hidden_states.shape
+        if batch % self.num_frames:
+            raise ValueError(f"batch {batch} is not a multiple of num_frames={self.num_frames}")
+        residual = hidden_states
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, S, h*d) -> (B, h, S, d)
+            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = self.attend(q, k, v)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def context_frames(num_frames: int, context: str, pairing: str = "fatezero") -> torch.Tensor | None:
+    """Index table (N, k): row n lists the frames whose keys/values frame n attends to.
+
+    None for "allframe" (every frame attends to all frames; no table needed).
+    """
+    n = torch.arange(num_frames)
+    if context == "1frame":
+        return n[:, None]
+    if context == "allframe":
+        return None
+    if pairing == "fatezero":
+        return torch.stack([n, torch.full_like(n, (num_frames - 1) // 2)], dim=1)
+    return torch.stack([torch.zeros_like(n), (n - 1).clamp(min=0)], dim=1)  # tuneavideo
+
+
+class FrameContextAttnProcessor(SelfAttnProcessor):
+    """1-frame, 2-frame or all-frame self-attention for DDIM inversion (paper Eq. 6)."""
+
+    def __init__(self, num_frames: int, context: str = "1frame", pairing: str = "fatezero",
+                 query_chunk: int | None = 2048):
+        super().__init__(num_frames)
+        if context not in CONTEXTS:
+            raise ConfigError(f"context='{context}' is not one of {', '.join(CONTEXTS)}")
+        if pairing not in PAIRINGS:
+            raise ConfigError(f"pairing='{pairing}' is not one of {', '.join(PAIRINGS)}")
+        if query_chunk is not None and query_chunk < 1:
+            raise ConfigError(f"query_chunk={query_chunk} must be a positive token count or null")
+        self.context, self.pairing, self.query_chunk = context, pairing, query_chunk
+        self.index = context_frames(num_frames, context, pairing)
+
+    def attend(self, q, k, v):
+        batch, h, s, d = q.shape
+        n = self.num_frames
+        if self.context == "1frame":
+            return F.scaled_dot_product_attention(q, k, v)
+        if self.context == "2frame":
+            # (G, N, h, S, d) -> gather context frames -> (G*N, h, k*S, d)
+            idx = self.index.to(q.device)
+
+            def gather(x):
+                x = x.view(batch // n, n, h, s, d)[:, idx]  # (G, N, k, h, S, d)
+                return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, h, -1, d)
+
+            return F.scaled_dot_product_attention(q, gather(k), gather(v))
+
+        # allframe: one sequence of N*S tokens per group; every query sees all of them
+        def flat(x):  # (G*N, h, S, d) -> (G, h, N*S, d)
+            return x.view(batch // n, n, h, s, d).transpose(1, 2).reshape(batch // n, h, n * s, d)
+
+        qf, kf, vf = flat(q), flat(k), flat(v)
+        step = self.query_chunk or qf.shape[2]
+        out = torch.cat([F.scaled_dot_product_attention(qf[:, :, i:i + step], kf, vf)
+                         for i in range(0, qf.shape[2], step)], dim=2)
+        return out.view(batch // n, h, n, s, d).transpose(1, 2).reshape(batch, h, s, d)
+
+
+@contextlib.contextmanager
+def self_attention_processors(unet, processor) -> Iterator[None]:
+    """Install `processor` on every `attn1` of `unet` for the duration of the block.
+
+    Cross-attention processors are left as they are; all processors are restored on exit.
+    """
+    original = dict(unet.attn_processors)
+    unet.set_attn_processor({name: processor if ".attn1." in name else proc for name, proc in original.items()})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)

@@ -1,0 +1,44 @@
+"""Device and dtype choice: fp16 on GPU, fp32 on CPU (spec: never fp16 on CPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from stem.errors import ConfigError
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu. CPU runs flush denormals (see `setup_cpu`)."""
+    if isinstance(device, torch.device):
+        resolved = device
+    elif device == "auto":
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            resolved = torch.device(device)
+        except RuntimeError as e:
+            raise ConfigError(f"device='{device}' is not a torch device; use auto, cpu or cuda[:N]") from e
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device='{device}' but CUDA is not available here; use device=auto or cpu")
+    if resolved.type == "cpu":
+        setup_cpu()
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """'auto' -> float16 on CUDA, float32 elsewhere; also accepts fp32/fp16/bf16 names."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device is not None and device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype='{dtype}' is not supported; use auto, fp32, fp16 or bf16")
+    return _DTYPES[dtype]
+
+
+def setup_cpu() -> None:
+    """Flush denormals: randomly initialised models produce them and run 2-3x slower otherwise."""
+    torch.set_flush_denormal(True)

@@ -1,0 +1,17 @@
+"""User-facing errors: one line that names the problem and the fix."""
+
+
+class StemError(Exception):
+    """Bad input or settings. `run.py` prints the message on one line and exits non-zero."""
+
+
+class VideoError(StemError):
+    """A video (file or frame folder) is missing, unreadable or too short."""
+
+
+class PromptError(StemError):
+    """A prompt the text encoder cannot take as it is."""
+
+
+class ConfigError(StemError):
+    """A setting with a value the code does not support."""

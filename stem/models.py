@@ -1,0 +1,274 @@
+"""Stable Diffusion 1.5 components: tiny random, full-size random, or real weights.
+
+Every builder returns a `DiffusionModel` holding the stock diffusers/transformers modules
+(`UNet2DConditionModel`, `AutoencoderKL`, `CLIPTextModel`, `CLIPTokenizer`) and the DDIM
+scheduler configured as the paper runs it (spec/STEM.md section 1). Nothing here downloads
+anything unless `load_pretrained` is pointed at a Hub id.
+
+- `build_tiny`: SD-1.5 block topology (3 CrossAttnDown + 1 Down, 1 Up + 3 CrossAttnUp,
+  2 layers per block) with tiny widths, randomly initialised from a seed: for tests and the
+  CPU demo.
+- `build_sd15_arch`: the full SD 1.5 architecture with random weights: for timing and
+  memory benchmarks without weights.
+- `load_pretrained`: real weights (safetensors only) from the Hub or a local folder laid out
+  like `stable-diffusion-v1-5/stable-diffusion-v1-5` (unet/ vae/ text_encoder/ tokenizer/
+  scheduler/). `save_pretrained` writes that layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from stem.device import resolve_device, resolve_dtype
+from stem.errors import StemError
+
+log = logging.getLogger(__name__)
+
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TEXT_MAX_LENGTH = 77  # CLIP text encoder positions (SD 1.5)
+
+# DDIM as used by the paper (spec/STEM.md section 1): SD 1.5's noise schedule, 50 steps,
+# "leading" spacing with steps_offset=1 (timesteps 1, 21, ..., 981), no clipping, and the
+# final alpha equal to alphas_cumprod[0] (set_alpha_to_one=False).
+DDIM_SETTINGS = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+)
+
+
+@dataclass
+class DiffusionModel:
+    """The components one run needs, on one device and dtype."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    name: str
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the weights (configs plus a sample of every tensor), for cache keys.
+
+        Sampling the first and last 256 values of each parameter tells apart any two
+        checkpoints met in practice (fine-tunes change every tensor) without hashing GiBs.
+        """
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for module in (self.unet, self.vae, self.text_encoder):
+                h.update(json.dumps(module.config.to_dict() if hasattr(module.config, "to_dict")
+                                    else dict(module.config), sort_keys=True, default=str).encode())
+                for name, p in module.state_dict().items():
+                    flat = p.detach().reshape(-1)
+                    sample = torch.cat([flat[:256], flat[-256:]]).float().cpu()
+                    h.update(name.encode())
+                    h.update(sample.numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+
+def ddim_scheduler(config: dict | None = None) -> DDIMScheduler:
+    """A DDIMScheduler with the paper's settings over an optional base config (e.g. SD's)."""
+    base = dict(config or {})
+    base.update(DDIM_SETTINGS)
+    return DDIMScheduler.from_config(base)
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer with a byte-level vocabulary and no merges (one token per character).
+
+    Real CLIP BPE files cannot be downloaded here; this tokenizer has the same special
+    tokens, lower-casing, 77-token limit and save/load format, so every code path that
+    handles prompts (padding, truncation, the length check) is exercised.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = printable + [256 + i for i in range(256 - len(printable))]  # GPT-2 byte-to-unicode map
+    chars = [chr(c) for c in codes]
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_MAX_LENGTH)
+
+
+def _sd15_unet_config(widths, heads, cross_dim, groups, sample_size) -> dict:
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=widths,
+        layers_per_block=2,
+        attention_head_dim=heads,  # diffusers' legacy name: the number of heads in SD 1.5
+        cross_attention_dim=cross_dim,
+        norm_num_groups=groups,
+    )
+
+
+def _sd15_vae_config(widths, groups, layers, sample_size) -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=widths,
+        layers_per_block=layers,
+        latent_channels=4,
+        norm_num_groups=groups,
+        sample_size=sample_size,
+        scaling_factor=0.18215,
+    )
+
+
+def _build_random(name: str, unet_cfg: dict, vae_cfg: dict, text_cfg: CLIPTextConfig,
+                  seed: int, device: str, dtype: str) -> DiffusionModel:
+    device_t = resolve_device(device)
+    dtype_t = resolve_dtype(dtype, device_t)
+    with torch.random.fork_rng(devices=[device_t] if device_t.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.device(device_t):
+            unet = UNet2DConditionModel(**unet_cfg)
+            vae = AutoencoderKL(**vae_cfg)
+            text_encoder = CLIPTextModel(text_cfg)
+    if dtype_t != torch.float32:
+        unet, vae, text_encoder = (m.to(dtype=dtype_t) for m in (unet, vae, text_encoder))
+    model = DiffusionModel(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tiny_tokenizer(),
+        scheduler=ddim_scheduler(),
+        name=f"{name}-seed{seed}",
+    )
+    log.info("built %s (random weights, seed %d) on %s/%s", name, seed, device_t, dtype_t)
+    return model
+
+
+def build_tiny(seed: int = 0, device: str = "auto", dtype: str = "auto", out_gain: float = 0.1) -> DiffusionModel:
+    """SD-1.5-shaped components with tiny widths, randomly initialised from `seed`.
+
+    Two calibrations make the random model behave like a trained one where inversion
+    depends on it (the numbers still show mechanics, not quality):
+    - the VAE's scaling factor is set to 1 / std of its latents of a real photo, as SD's
+      0.18215 was chosen, so latents have unit variance;
+    - the UNet's output convolution is scaled by `out_gain`: a trained noise predictor
+      varies slowly along the DDIM path, a default-initialised one does not, and its reverse
+      ODE then diverges (inversion + reconstruction of the demo video: mean |error| 0.5 of
+      unit-variance latents at gain 1, 0.015 at 0.1).
+    """
+    tok_size = len(tiny_tokenizer())
+    model = _build_random(
+        "tiny",
+        _sd15_unet_config(widths=(32, 32, 64, 64), heads=2, cross_dim=32, groups=8, sample_size=32),
+        _sd15_vae_config(widths=(16, 16, 32, 32), groups=8, layers=1, sample_size=256),
+        CLIPTextConfig(vocab_size=tok_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=TEXT_MAX_LENGTH,
+                       bos_token_id=tok_size - 2, eos_token_id=tok_size - 1, pad_token_id=tok_size - 1),
+        seed, device, dtype,
+    )
+    with torch.no_grad():
+        model.unet.conv_out.weight.mul_(out_gain)
+        model.unet.conv_out.bias.mul_(out_gain)
+    model.vae.register_to_config(scaling_factor=_latent_scaling_factor(model.vae))
+    return model
+
+
+def _latent_scaling_factor(vae: AutoencoderKL) -> float:
+    """1 / std of the VAE posterior mean on a real photo (skimage's astronaut, 128^2)."""
+    from skimage.data import astronaut
+
+    image = torch.from_numpy(astronaut()[::4, ::4].copy()).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        latents = vae.encode((image * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
+    return float(1 / latents.float().std())
+
+
+def build_sd15_arch(seed: int = 0, device: str = "auto", dtype: str = "auto") -> DiffusionModel:
+    """The full SD 1.5 architecture (UNet 320/640/1280/1280, 8 heads; VAE 128/256/512/512;
+    CLIP ViT-L/14 text encoder) with random weights: real shapes and cost, no download."""
+    tok_size = len(tiny_tokenizer())
+    return _build_random(
+        "sd15_arch",
+        _sd15_unet_config(widths=(320, 640, 1280, 1280), heads=8, cross_dim=768, groups=32, sample_size=64),
+        _sd15_vae_config(widths=(128, 256, 512, 512), groups=32, layers=2, sample_size=512),
+        CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, max_position_embeddings=TEXT_MAX_LENGTH, hidden_act="quick_gelu",
+                       projection_dim=768, bos_token_id=tok_size - 2, eos_token_id=tok_size - 1,
+                       pad_token_id=tok_size - 1),
+        seed, device, dtype,
+    )
+
+
+def load_pretrained(path: str = SD15_HUB_ID, revision: str | None = None, device: str = "auto",
+                    dtype: str = "auto", local_files_only: bool = False) -> DiffusionModel:
+    """Load SD 1.5 weights (safetensors only) from a Hub id or a local folder.
+
+    The folder layout is diffusers' (unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+    as written by `save_pretrained` or `StableDiffusionPipeline.save_pretrained`. The
+    scheduler folder only contributes the noise schedule; the DDIM settings are the paper's.
+    """
+    device_t = resolve_device(device)
+    dtype_t = resolve_dtype(dtype, device_t)
+    local = Path(path).expanduser()
+    source = str(local) if local.exists() else path
+    if local.is_absolute() and not local.exists():
+        raise StemError(f"model folder {path} does not exist; set model.path to a folder with "
+                        "unet/ vae/ text_encoder/ tokenizer/ scheduler/ (safetensors weights)")
+    common = dict(revision=revision, local_files_only=local_files_only)
+    weights = dict(common, use_safetensors=True, torch_dtype=dtype_t)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
+        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", **common)
+    except (OSError, ValueError, EnvironmentError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StemError(f"could not load Stable Diffusion weights from '{path}' ({reason}); download them "
+                        "once on a machine with internet (huggingface-cli download "
+                        f"{SD15_HUB_ID}) and set model.path=/that/folder") from e
+    model = DiffusionModel(
+        unet=unet.to(device_t).eval(),
+        vae=vae.to(device_t).eval(),
+        text_encoder=text_encoder.to(device_t).eval(),
+        tokenizer=tokenizer,
+        scheduler=ddim_scheduler(scheduler_config),
+        name=Path(path).name or path,
+    )
+    log.info("loaded %s on %s/%s", path, device_t, dtype_t)
+    return model
+
+
+def save_pretrained(model: DiffusionModel, path: str | Path) -> None:
+    """Write `model` in diffusers' pipeline layout (safetensors), loadable by `load_pretrained`."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=model.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(path), safe_serialization=True)
+

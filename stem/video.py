@@ -1,0 +1,408 @@
+"""Read and write videos and frame folders; resize to multiples of 8.
+
+Frames live in memory as a float32 tensor `(N, 3, H, W)` in `[0, 1]` on the CPU. Decoding:
+imageio-ffmpeg (mp4, webm, mov, avi, mkv) and Pillow (gif, frame folders). Encoding: ffmpeg
+through imageio-ffmpeg (mp4; gif too, because Pillow merges identical consecutive frames) and
+Pillow (PNG folders). Every write goes to a temporary name in the same folder, then `os.replace`.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageSequence
+
+from stem.atomic import atomic_dir, atomic_file
+from stem.errors import ConfigError, VideoError
+
+logger = logging.getLogger(__name__)
+
+FFMPEG_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+FLOW_FILE = "flow.npy"  # ground-truth forward flow stored beside a frame folder
+DEFAULT_FOLDER_FPS = 10.0  # frame folders carry no frame rate
+MP4_CRF = 17  # libx264 constant rate factor: visually lossless
+GIF_FILTER = "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=none"  # one palette for the clip
+
+
+@dataclass
+class Video:
+    """A clip in memory.
+
+    Attributes:
+        frames: `(N, 3, H, W)` float32 in `[0, 1]`, CPU.
+        fps: frames per second.
+        prompt: source prompt describing the video.
+        name: short name, used in run directories.
+        source: where it came from (path or generator description).
+        flow: `(N-1, 2, H, W)` forward flow `F_{t->t+1}` in pixels (channel 0 = x, 1 = y), such
+            that `frame_{t+1}(p + F(p)) = frame_t(p)`; exact ground truth when known, else None.
+    """
+
+    frames: torch.Tensor
+    fps: float
+    prompt: str
+    name: str
+    source: str = ""
+    flow: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.frames.ndim != 4 or self.frames.shape[1] != 3:
+            raise ValueError(f"Video.frames must be (N, 3, H, W), got {tuple(self.frames.shape)}")
+        expected = (self.num_frames - 1, 2, self.height, self.width)
+        if self.flow is not None and tuple(self.flow.shape) != expected:
+            raise ValueError(f"Video.flow must be {expected}, got {tuple(self.flow.shape)}")
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def height(self) -> int:
+        return self.frames.shape[2]
+
+    @property
+    def width(self) -> int:
+        return self.frames.shape[3]
+
+
+def check_multiple_of_8(value, *, name: str) -> int:
+    """Return `value` as an int if it is a positive multiple of 8 (the VAE downsamples by 8);
+    otherwise raise ConfigError naming the two nearest valid values."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not a number: use a positive multiple of 8, e.g. 512")
+    if value > 0 and value == int(value) and int(value) % 8 == 0:
+        return int(value)
+    lower = int(value) // 8 * 8
+    lower, upper = (lower, lower + 8) if lower >= 8 else (8, 16)
+    raise ConfigError(
+        f"{name}={value} is not a positive multiple of 8 (the VAE downsamples by 8): use {lower} or {upper}"
+    )
+
+
+def _check_int(value, *, name: str, minimum: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}: {fix}")
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """`(N, 3, H, W)` float in `[0, 1]` -> `(N, H, W, 3)` uint8, rounding to nearest."""
+    return (frames.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8(frames: np.ndarray) -> torch.Tensor:
+    """`(N, H, W, 3)` uint8 -> `(N, 3, H, W)` float32 in `[0, 1]`."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div(255)
+
+
+def resize_frames(frames: torch.Tensor, *, width: int, height: int) -> torch.Tensor:
+    """Antialiased bicubic resize of whole `(N, 3, H, W)` frames (never a crop), clamped to [0, 1]."""
+    return F.interpolate(frames, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def side_by_side(*frame_tensors: torch.Tensor) -> torch.Tensor:
+    """Concatenate `(N, 3, H, W)` clips along the width (for comparison videos)."""
+    shapes = [tuple(f.shape) for f in frame_tensors]
+    if not shapes or any(len(s) != 4 or s[:3] != shapes[0][:3] for s in shapes):
+        raise ValueError(f"side_by_side needs (N, C, H, W) tensors with equal N, C and H, got shapes {shapes}")
+    return torch.cat(frame_tensors, dim=3)
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _natural_key(path: Path) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+    if not files:
+        raise VideoError(f"no frames in folder {folder}: put {'/'.join(IMAGE_SUFFIXES)} images in it")
+    return files
+
+
+def _one_line(exc: BaseException) -> str:
+    """The decoder's reason on one line: the first and last lines of its message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return lines[0] if len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
+
+
+def _iter_ffmpeg(path: Path) -> tuple[Iterator[np.ndarray], float | None]:
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    meta = next(reader)
+    width, height = meta["size"]
+
+    def frames() -> Iterator[np.ndarray]:
+        try:
+            for raw in reader:
+                yield np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
+        finally:
+            reader.close()  # stops ffmpeg when the caller stops early
+
+    return frames(), meta.get("fps")
+
+
+def _iter_gif(path: Path) -> tuple[Iterator[np.ndarray], float | None]:
+    image = Image.open(path)
+    duration_ms = image.info.get("duration")
+
+    def frames() -> Iterator[np.ndarray]:
+        with image:
+            for frame in ImageSequence.Iterator(image):
+                yield np.asarray(frame.convert("RGB"))
+
+    return frames(), (1000.0 / duration_ms if duration_ms else None)
+
+
+def _iter_images(files: list[Path]) -> Iterator[np.ndarray]:
+    for file in files:
+        with Image.open(file) as image:
+            yield np.asarray(image.convert("RGB"))
+
+
+def read_frames(
+    path, *, start: int = 0, stride: int = 1, n_frames: int | None = None
+) -> tuple[np.ndarray, float | None]:
+    """Decode frames `start, start + stride, ...` (`n_frames` of them; None = all) of a video file
+    or frame folder (natural sort order), stopping as soon as enough frames are read.
+
+    Returns `(frames, fps)`: uint8 `(N, H, W, 3)` and the file's frame rate (None for folders).
+    Raises VideoError for a missing/corrupt/too short input, ConfigError for bad arguments.
+    """
+    path = Path(path)
+    _check_int(start, name="start", minimum=0, fix="use 0 to begin at the first frame")
+    _check_int(stride, name="stride", minimum=1, fix="use 1 to keep every frame")
+    if n_frames is not None:
+        _check_int(n_frames, name="n_frames", minimum=1, fix="or set it to null for all frames")
+    if not path.exists():
+        raise VideoError(
+            f"video not found: {path} (fix the path, or set the data folder with config `data.path` "
+            "or env STEM_DATA_ROOT)"
+        )
+
+    suffix = path.suffix.lower()
+    selected: list[np.ndarray] = []
+    try:
+        if path.is_dir():
+            files = _frame_files(path)
+            total = len(files)
+            selected = list(_iter_images(files[start::stride][:n_frames]))
+            fps = None
+        else:
+            if suffix in FFMPEG_SUFFIXES:
+                iterator, fps = _iter_ffmpeg(path)
+            elif suffix == ".gif":
+                iterator, fps = _iter_gif(path)
+            else:
+                formats = ", ".join(FFMPEG_SUFFIXES)
+                raise VideoError(f"unsupported video format {path}: use {formats}, .gif or a frame folder")
+            total = 0  # frames decoded; the clip's length once the iterator is exhausted
+            for frame in iterator:
+                if total >= start and (total - start) % stride == 0:
+                    selected.append(frame)
+                total += 1
+                if len(selected) == n_frames:
+                    iterator.close()
+                    break
+    except VideoError:
+        raise
+    except Exception as exc:  # decoder errors: corrupt or unreadable file
+        raise VideoError(f"cannot read video {path}: {_one_line(exc)}") from exc
+
+    available = len(range(start, total, stride))
+    if not selected or (n_frames is not None and len(selected) < n_frames):
+        raise VideoError(
+            f"{path} has {total} frames, {available} available from start={start} with stride={stride}, "
+            f"but n_frames={n_frames if n_frames is not None else 'null'}: "
+            "lower n_frames or start, or set n_frames to null"
+        )
+    sizes = {frame.shape for frame in selected}
+    if len(sizes) > 1:
+        raise VideoError(f"frames of {path} differ in size {sorted(sizes)}: make all frames one size")
+    return np.stack(selected), fps
+
+
+def _target_size(native_width: int, native_height: int, width: int | None, height: int | None) -> tuple[int, int]:
+    if width is None and height is None:
+        width, height = native_width // 8 * 8, native_height // 8 * 8
+        if min(width, height) < 8:
+            raise VideoError(f"frames are {native_width}x{native_height}, smaller than 8 px: use a larger video")
+        return width, height
+    if width is not None:
+        width = check_multiple_of_8(width, name="width")
+    if height is not None:
+        height = check_multiple_of_8(height, name="height")
+    if height is None:
+        height = max(8, round(width * native_height / native_width / 8) * 8)
+    if width is None:
+        width = max(8, round(height * native_width / native_height / 8) * 8)
+    return width, height
+
+
+def _load_flow(
+    folder: Path, *, start: int, stride: int, n_frames: int, resized: bool, size: tuple[int, int]
+) -> torch.Tensor | None:
+    """Ground-truth flow stored beside a frame folder, sliced to the selected frames."""
+    flow_path = folder / FLOW_FILE
+    if not flow_path.is_file():
+        return None
+    if stride != 1 or resized:
+        logger.info("ignoring %s: frames were subsampled (stride=%d) or resized, so it no longer applies",
+                    flow_path, stride)  # fmt: skip
+        return None
+    flow = np.load(flow_path)
+    expected = (len(_frame_files(folder)) - 1, 2, size[1], size[0])
+    if flow.shape != expected:
+        raise VideoError(f"{flow_path} has shape {flow.shape} but the frames need {expected}: regenerate or delete it")
+    return torch.from_numpy(flow[start : start + n_frames - 1].astype(np.float32))
+
+
+def load_video(
+    path,
+    prompt: str,
+    n_frames: int | None = None,
+    stride: int = 1,
+    start: int = 0,
+    width: int | None = None,
+    height: int | None = None,
+    fps: float | None = None,
+    name: str | None = None,
+) -> Video:
+    """Load a video file (.mp4/.webm/.mov/.avi/.gif) or a folder of frames as a `Video`.
+
+    Args:
+        path: the file or frame folder (png/jpg/jpeg/bmp/webp, natural sort order).
+        prompt: source prompt describing the video.
+        n_frames: number of frames to keep (None = all available); never silently fewer.
+        stride: keep every `stride`-th frame.
+        start: index of the first frame kept.
+        width, height: output size, positive multiples of 8. Both None: native size rounded
+            down to multiples of 8; one None: follows the aspect ratio (nearest multiple of 8).
+        fps: frame rate to use (default: the file's; 10 for frame folders).
+        name: short name for run directories (default: the file or folder name).
+
+    A folder holding `flow.npy` (see `save_video_with_flow`) gives `Video.flow` when the frames
+    are neither subsampled nor resized.
+    """
+    path = Path(path)
+    array, file_fps = read_frames(path, start=start, stride=stride, n_frames=n_frames)
+    frames = from_uint8(array)
+    native_height, native_width = array.shape[1:3]
+    target = _target_size(native_width, native_height, width, height)
+    resized = target != (native_width, native_height)
+    if resized:
+        log = logger.warning if width is None and height is None else logger.info
+        why = "the VAE needs multiples of 8" if width is None and height is None else "as requested"
+        log("resizing %dx%d -> %dx%d: %s (%s)", native_width, native_height, *target, why, path)
+        frames = resize_frames(frames, width=target[0], height=target[1])
+    if fps is None:
+        fps = file_fps
+        if fps is None:
+            fps = DEFAULT_FOLDER_FPS
+            logger.info("%s has no frame rate: using fps=%g (set fps to change it)", path, fps)
+    flow = None
+    if path.is_dir():
+        native = (native_width, native_height)
+        flow = _load_flow(path, start=start, stride=stride, n_frames=len(frames), resized=resized, size=native)
+    name = name or (path.name if path.is_dir() else path.stem)
+    return Video(frames=frames, fps=float(fps), prompt=prompt, name=name, source=str(path), flow=flow)
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def _as_uint8(frames) -> np.ndarray:
+    array = frames if isinstance(frames, np.ndarray) else to_uint8(frames)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3 or len(array) == 0:
+        raise ValueError(
+            "frames must be a (N, 3, H, W) float tensor in [0, 1] or a (N, H, W, 3) uint8 array, "
+            f"got {array.dtype} {array.shape}"
+        )
+    return array
+
+
+def _ffmpeg_write(path: Path, array: np.ndarray, *, fps: float, codec: str, pix_fmt: str, params: list[str]) -> None:
+    height, width = array.shape[1:3]
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (width, height), fps=fps, codec=codec, pix_fmt_out=pix_fmt, quality=None,
+        macro_block_size=1, ffmpeg_log_level="error", output_params=params,
+    )  # fmt: skip
+    writer.send(None)
+    for frame in array:
+        writer.send(np.ascontiguousarray(frame).tobytes())
+    writer.close()
+
+
+def _write_folder(folder: Path, array: np.ndarray, *, flow: np.ndarray | None = None) -> None:
+    """Write PNG frames (and `flow.npy`) to a temporary folder, then swap it into place."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"cannot write frames to {folder}: it is a file; give a folder name without suffix")
+    if folder.is_dir():
+        others = [p.name for p in folder.iterdir() if p.suffix.lower() not in IMAGE_SUFFIXES and p.name != FLOW_FILE]
+        if others:
+            raise ConfigError(
+                f"refusing to replace folder {folder}: it holds files other than frames ({others[0]}); use a new folder"
+            )
+    with atomic_dir(folder) as tmp:
+        digits = max(5, len(str(len(array) - 1)))
+        for index, frame in enumerate(array):
+            Image.fromarray(frame).save(tmp / f"{index:0{digits}d}.png")
+        if flow is not None:
+            np.save(tmp / FLOW_FILE, flow)
+
+
+def write_video(path, frames, fps: float) -> Path:
+    """Write frames atomically and return the path.
+
+    Args:
+        path: `.mp4` (libx264, yuv420p, crf 17, size unchanged), `.gif` (one palette for the
+            clip), or a name without suffix / an existing folder of frames (zero-padded PNGs
+            `00000.png`, ...). Parent folders are created.
+        frames: `(N, 3, H, W)` float tensor in `[0, 1]` or `(N, H, W, 3)` uint8 array.
+        fps: frames per second (ignored for PNG folders).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    array = _as_uint8(frames)
+    if path.is_dir() or suffix == "":
+        _write_folder(path, array)
+    elif suffix == ".mp4":
+        height, width = array.shape[1:3]
+        if width % 2 or height % 2:
+            raise ConfigError(
+                f"cannot write {path}: mp4 (yuv420p) needs even sizes, got {width}x{height}; "
+                "resize, or write a .gif or a folder"
+            )
+        params = ["-crf", str(MP4_CRF), "-movflags", "+faststart"]
+        with atomic_file(path) as tmp:
+            _ffmpeg_write(tmp, array, fps=fps, codec="libx264", pix_fmt="yuv420p", params=params)
+    elif suffix == ".gif":
+        params = ["-vf", GIF_FILTER, "-loop", "0"]
+        with atomic_file(path) as tmp:
+            _ffmpeg_write(tmp, array, fps=fps, codec="gif", pix_fmt="pal8", params=params)
+    else:
+        raise ConfigError(
+            f"cannot write {path}: unsupported suffix {suffix}; use .mp4, .gif or a folder name without suffix"
+        )
+    return path
+
+
+def save_video_with_flow(video: Video, folder) -> Path:
+    """Write `video` as a PNG frame folder with its ground-truth flow beside it as `flow.npy`
+    (float32 `(N-1, 2, H, W)`), atomically; `load_video(folder)` reads both back."""
+    folder = Path(folder)
+    if folder.suffix:
+        raise ConfigError(f"cannot write frames to {folder}: give a folder name without suffix")
+    flow = None if video.flow is None else video.flow.detach().cpu().numpy().astype(np.float32)
+    _write_folder(folder, to_uint8(video.frames), flow=flow)
+    return folder

@@ -1,0 +1,317 @@
+"""Reading, writing and resizing videos (`stem.video`)."""
+
+import logging
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+import stem.video
+from stem.errors import ConfigError, VideoError
+from stem.video import load_video, side_by_side, to_uint8, write_video
+
+SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
+
+
+def clip(n=6, width=64, height=48):
+    """uint8 (N, H, W, 3): windows of a real photo sliding by (2, 3) px per frame."""
+    photo = skimage.data.astronaut()
+    return np.stack([photo[100 + 3 * t : 100 + 3 * t + height, 150 + 2 * t : 150 + 2 * t + width] for t in range(n)])
+
+
+def as_float(array):
+    """Reference uint8 (N, H, W, 3) -> float (N, 3, H, W), written out independently of stem."""
+    return torch.tensor(array.transpose(0, 3, 1, 2).astype(np.float64) / 255.0)
+
+
+def levels(frames):
+    """(N, 3, H, W) float in [0, 1] -> (N, H, W, 3) integer levels, by the formula round(255 x)."""
+    return np.rint(frames.numpy().transpose(0, 2, 3, 1) * 255).astype(int)
+
+
+def psnr(a, b):
+    """PSNR for signals in [0, 1]: 10 log10(1 / MSE)."""
+    mse = ((a.double() - b.double()) ** 2).mean().item()
+    return 10 * np.log10(1.0 / mse)
+
+
+def write_pngs(folder, array, names=None):
+    folder.mkdir(parents=True)
+    for i, frame in enumerate(array):
+        Image.fromarray(frame).save(folder / (names[i] if names else f"{i:05d}.png"))
+    return folder
+
+
+# ------------------------------------------------------------------------------------ round trips
+
+
+def test_folder_round_trip_is_bitwise_exact(tmp_path, caplog):
+    frames = torch.rand(4, 3, 24, 32, generator=torch.Generator().manual_seed(0))
+    write_video(tmp_path / "frames", frames, fps=7)
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    caplog.set_level(logging.INFO, logger="stem.video")
+    video = load_video(tmp_path / "frames", prompt="noise")
+    quantised = torch.round(frames.double() * 255) / 255  # the only change a PNG may make
+    assert video.frames.dtype == torch.float32 and video.frames.shape == (4, 3, 24, 32)
+    assert torch.equal(video.frames, quantised.float())
+    assert video.fps == 10 and "fps=10" in caplog.text  # folders carry no fps: default, logged
+    assert (video.num_frames, video.height, video.width, video.name) == (4, 24, 32, "frames")
+
+
+def test_uint8_array_input_and_existing_folder_is_replaced(tmp_path):
+    write_video(tmp_path / "out", clip(6), fps=10)
+    write_video(tmp_path / "out", clip(3), fps=10)  # fewer frames: no stale 00003.png left
+    assert np.array_equal(levels(load_video(tmp_path / "out", prompt="p").frames), clip(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
+
+
+def test_folder_of_other_files_is_not_replaced(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="notes.txt"):
+        write_video(tmp_path / "out", clip(2), fps=10)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
+
+
+def test_natural_sort_order(tmp_path):
+    colours = {"f1.png": 10, "f2.png": 20, "f10.png": 30, "f9.jpg": 40}
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name, value in colours.items():
+        Image.new("RGB", (16, 8), (value, 0, 0)).save(folder / name, quality=100)
+    (folder / "flow.txt").write_text("not a frame")
+    red = load_video(folder, prompt="p").frames[:, 0, 4, 8] * 255
+    assert torch.allclose(red, torch.tensor([10.0, 20.0, 40.0, 30.0]), atol=1.5)  # 1 < 2 < 9 < 10
+
+
+def test_mp4_round_trip(tmp_path):
+    array = clip(6)  # 64x48: not a multiple of 16, the size must not change
+    path = write_video(tmp_path / "sub" / "a.mp4", as_float(array).float(), fps=12)
+    assert path.is_file() and sorted(p.name for p in path.parent.iterdir()) == ["a.mp4"]
+    video = load_video(path, prompt="p")
+    assert video.frames.shape == (6, 3, 48, 64) and video.fps == 12
+    per_frame = [psnr(a, b) for a, b in zip(video.frames, as_float(array))]
+    # measured (libx264 crf 17, imageio-ffmpeg 0.8.1, ffmpeg 9.0): whole clip 36.64 dB, worst frame 36.21 dB
+    assert psnr(video.frames, as_float(array)) > 36.3 and min(per_frame) > 35.9
+
+
+def test_gif_round_trip_keeps_every_frame(tmp_path):
+    array = clip(5)
+    array = np.concatenate([array[:3], array[2:3], array[3:]])  # a repeated frame must survive
+    write_video(tmp_path / "a.gif", array, fps=10)
+    video = load_video(tmp_path / "a.gif", prompt="p")
+    assert video.frames.shape == (6, 3, 48, 64) and video.fps == 10
+    per_frame = [psnr(a, b) for a, b in zip(video.frames, as_float(array))]
+    # measured (one 256-colour palette for the clip, no dithering): whole clip 41.50 dB, worst frame 41.32 dB
+    assert psnr(video.frames, as_float(array)) > 41.2 and min(per_frame) > 41.0
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+@pytest.fixture(params=["folder", "mp4"])
+def clip_path(request, tmp_path):
+    path = tmp_path / ("frames" if request.param == "folder" else "a.mp4")
+    write_video(path, clip(7), fps=10)
+    return path
+
+
+@pytest.mark.parametrize(("start", "stride", "n_frames"), [(0, 1, 3), (1, 2, 3), (2, 3, None), (6, 1, 1), (0, 2, None)])
+def test_selection_matches_indexing_the_full_clip(clip_path, start, stride, n_frames):
+    full = load_video(clip_path, prompt="p").frames
+    selected = load_video(clip_path, prompt="p", start=start, stride=stride, n_frames=n_frames).frames
+    expected = full[start::stride]
+    expected = expected if n_frames is None else expected[:n_frames]
+    assert len(full) == 7 and torch.equal(selected, expected)
+
+
+def test_decoding_stops_once_enough_frames_are_read(tmp_path, monkeypatch):
+    path = write_video(tmp_path / "a.mp4", clip(12), fps=10)
+    pulled = []
+    real_reader = imageio_ffmpeg.read_frames
+
+    def counting_reader(*args, **kwargs):
+        for item in real_reader(*args, **kwargs):
+            pulled.append(item)
+            yield item
+
+    monkeypatch.setattr(stem.video.imageio_ffmpeg, "read_frames", counting_reader)
+    load_video(path, prompt="p", start=1, stride=2, n_frames=3)
+    assert len(pulled) == 1 + 6  # meta + frames 0..5 (frame 5 is the last one kept), not all 12
+
+
+@pytest.mark.parametrize("kind", ["folder", "mp4"])
+def test_too_few_frames_says_how_many(tmp_path, kind):
+    path = write_video(tmp_path / ("frames" if kind == "folder" else "a.mp4"), clip(6), fps=10)
+    with pytest.raises(VideoError) as info:
+        load_video(path, prompt="p", start=1, stride=2, n_frames=4)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert "has 6 frames" in message and "3 available" in message and "n_frames=4" in message and "null" in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"), [({"start": -1}, "start=-1"), ({"stride": 0}, "stride=0"), ({"n_frames": 0}, "n_frames=0")]
+)
+def test_bad_selection_arguments(clip_path, kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_video(clip_path, prompt="p", **kwargs)
+
+
+# ------------------------------------------------------------------------------------ resizing
+
+
+def test_native_size_not_multiple_of_8_is_resized_and_logged(tmp_path, caplog):
+    folder = write_pngs(tmp_path / "frames", clip(2, width=100, height=60))
+    with caplog.at_level(logging.WARNING, logger="stem.video"):
+        video = load_video(folder, prompt="p")
+    assert (video.width, video.height) == (96, 56)
+    assert [r.levelno for r in caplog.records if "100x60 -> 96x56" in r.getMessage()] == [logging.WARNING]
+    assert float(video.frames.min()) >= 0 and float(video.frames.max()) <= 1
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "expected"), [(64, None, (64, 40)), (None, 32, (56, 32)), (48, 48, (48, 48))]
+)
+def test_given_size(tmp_path, caplog, width, height, expected):
+    folder = write_pngs(tmp_path / "frames", clip(2, width=100, height=60))
+    if height is None:  # the other side follows the aspect ratio, to the nearest multiple of 8
+        assert expected[1] == 8 * round(width * 60 / 100 / 8)
+    if width is None:
+        assert expected[0] == 8 * round(height * 100 / 60 / 8)
+    with caplog.at_level(logging.INFO, logger="stem.video"):
+        video = load_video(folder, prompt="p", width=width, height=height)
+    assert (video.width, video.height) == expected
+    assert f"100x60 -> {expected[0]}x{expected[1]}" in caplog.text
+
+
+def test_resize_matches_pillow_bicubic(tmp_path):
+    array = clip(2, width=100, height=60)
+    folder = write_pngs(tmp_path / "frames", array)
+    ours = to_uint8(load_video(folder, prompt="p", width=64).frames).astype(int)
+    pillow = np.stack([np.asarray(Image.fromarray(f).resize((64, 40), Image.BICUBIC)) for f in array]).astype(int)
+    # measured: max 1 level, mean 0.176 levels (float vs Pillow's fixed-point arithmetic)
+    assert np.abs(ours - pillow).max() <= 1 and np.abs(ours - pillow).mean() < 0.2
+
+
+def test_resize_never_crops(tmp_path):
+    frame = np.zeros((1, 60, 100, 3), np.uint8)
+    frame[:, :2] = frame[:, -2:] = frame[:, :, :2] = frame[:, :, -2:] = (255, 0, 0)  # 2-px red border
+    video = load_video(write_pngs(tmp_path / "frames", frame), prompt="p")  # 100x60 -> 96x56
+    border = video.frames[0][:, [0, 0, -1, -1, 0, -1, 28, 28], [0, -1, 0, -1, 48, 48, 0, -1]].T
+    # a crop of 100->96 loses >= 2 px on some side, i.e. all of that side's border;
+    # measured after the resize: exactly (1, 0, 0) at all four corners and edge midpoints
+    assert torch.allclose(border, torch.tensor([1.0, 0.0, 0.0]).expand(8, 3), atol=0.02)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "nearest"),
+    [({"width": 850}, ("848", "856")), ({"height": 12}, ("8", "16")), ({"width": 0}, ("8", "16"))],
+)
+def test_size_not_multiple_of_8_is_config_error(clip_path, kwargs, nearest):
+    with pytest.raises(ConfigError) as info:
+        load_video(clip_path, prompt="p", **kwargs)
+    message = str(info.value)
+    assert str(next(iter(kwargs.values()))) in message and all(n in message for n in nearest)
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def test_missing_path(tmp_path):
+    path = tmp_path / "nope.mp4"
+    with pytest.raises(VideoError) as info:
+        load_video(path, prompt="p")
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "data.path" in message and "STEM_DATA_ROOT" in message
+
+
+def test_corrupt_mp4(tmp_path):
+    path = tmp_path / "bad.mp4"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(VideoError) as info:
+        load_video(path, prompt="p")
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "Invalid data" in message  # ffmpeg's reason
+
+
+def test_folder_without_frames(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no frames here")
+    with pytest.raises(VideoError, match="no frames in folder .*empty"):
+        load_video(tmp_path / "empty", prompt="p")
+
+
+def test_unsupported_suffix_writes_nothing(tmp_path):
+    with pytest.raises(ConfigError, match=r"\.xyz"):
+        write_video(tmp_path / "sub" / "a.xyz", clip(2), fps=10)
+    with pytest.raises(ConfigError, match="even"):
+        write_video(tmp_path / "a.mp4", clip(2, width=63), fps=10)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_mp4_write_leaves_nothing(tmp_path, monkeypatch):
+    def failing_writer(path, *args, **kwargs):
+        Path(path).write_bytes(b"half a video")
+        yield
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stem.video.imageio_ffmpeg, "write_frames", failing_writer)
+    with pytest.raises(OSError, match="disk full"):
+        write_video(tmp_path / "a.mp4", clip(3), fps=10)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_folder_write_keeps_the_old_frames(tmp_path, monkeypatch):
+    write_video(tmp_path / "frames", clip(3), fps=10)
+    real_save, calls = Image.Image.save, []
+
+    def failing_save(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_video(tmp_path / "frames", clip(5), fps=10)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
+    assert np.array_equal(levels(load_video(tmp_path / "frames", prompt="p").frames), clip(3))
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def test_to_uint8_rounds_and_clamps():
+    values = torch.tensor([-0.2, 0.0019, 0.101, 0.498, 0.702, 1.0, 1.3]).reshape(1, 1, 1, 7).expand(1, 3, 1, 7)
+    expected = [0, 0, 26, 127, 179, 255, 255]  # round(255 * clamp(v, 0, 1)): 0.48 -> 0, 25.76 -> 26, 126.99 -> 127
+    out = to_uint8(values)
+    assert out.dtype == np.uint8 and out.shape == (1, 1, 7, 3) and out[0, 0, :, 0].tolist() == expected
+
+
+def test_side_by_side():
+    a, b = torch.rand(2, 3, 4, 5), torch.rand(2, 3, 4, 6)
+    both = side_by_side(a, b)
+    assert both.shape == (2, 3, 4, 11) and torch.equal(both[..., :5], a) and torch.equal(both[..., 5:], b)
+    with pytest.raises(ValueError, match=r"\(2, 3, 4, 5\).*\(2, 3, 8, 5\)"):
+        side_by_side(a, torch.rand(2, 3, 8, 5))
+
+
+# ------------------------------------------------------------------------------------ sample videos
+
+
+def test_shared_sample_videos():
+    if not SHARED_VIDEOS.is_dir():
+        pytest.skip(f"../shared/videos is absent ({SHARED_VIDEOS}): sample videos live outside the repo")
+    car = load_video(SHARED_VIDEOS / "car-turn", prompt="a silver jeep driving down a curvy road in the countryside")
+    assert car.frames.shape == (8, 3, 512, 512) and car.name == "car-turn" and car.flow is None
+    woman = load_video(SHARED_VIDEOS / "woman-running.mp4", prompt="A woman is running", n_frames=8)
+    assert woman.frames.shape == (8, 3, 512, 512) and woman.fps == 20 and woman.name == "woman-running"
+    for video in (car, woman):  # real content: not blank, within [0, 1], frames differ
+        assert video.frames.std() > 0.05 and 0 <= video.frames.min() and video.frames.max() <= 1
+        assert (video.frames[1:] - video.frames[:-1]).abs().mean() > 1e-3
