@@ -81,8 +81,9 @@ class DiffusionModel:
         if self._fingerprint is None:
             h = hashlib.sha256()
             for module in (self.unet, self.vae, self.text_encoder):
-                h.update(json.dumps(module.config.to_dict() if hasattr(module.config, "to_dict")
-                                    else dict(module.config), sort_keys=True, default=str).encode())
+                config = {k: v for k, v in dict(module.config.to_dict() if hasattr(module.config, "to_dict")
+                                                else module.config).items() if not k.startswith("_")}
+                h.update(json.dumps(config, sort_keys=True, default=str).encode())  # "_" keys vary per process
                 for name, p in module.state_dict().items():
                     flat = p.detach().reshape(-1)
                     sample = torch.cat([flat[:256], flat[-256:]]).float().cpu()

@@ -36,3 +36,34 @@ def run_cli(*overrides: str, cwd: Path = ROOT, env: dict | None = None, timeout:
     full_env.pop("WANDB_MODE", None)
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def read_wandb_records(run_dir: Path) -> list:
+    """Records of the one offline W&B run under `run_dir`, parsed from its .wandb file.
+
+    The file is W&B's transaction log: a 7-byte header, then LevelDB-log framing (32 KiB
+    blocks; records of a 7-byte header: crc32, length, type FULL=1/FIRST=2/MIDDLE=3/LAST=4)
+    around protobuf `Record` messages.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+    data, block, pos, pending, records = path.read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding at the end of a block
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records

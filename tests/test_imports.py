@@ -1,0 +1,19 @@
+"""The library stays free of Hydra, OmegaConf and W&B (STYLE.md): checked in a fresh interpreter."""
+
+import pkgutil
+import subprocess
+import sys
+
+import stem
+from conftest import ROOT
+
+
+def test_importing_every_stem_module_loads_no_hydra_omegaconf_or_wandb():
+    modules = sorted(m.name for m in pkgutil.walk_packages(stem.__path__, "stem."))
+    assert "stem.models" in modules and "stem.metrics.reconstruction" in modules
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('hydra', 'omegaconf', 'wandb')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
