@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -31,7 +31,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -46,7 +46,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         if path.exists():
             old = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")
             os.replace(path, old)

@@ -11,25 +11,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from stem.atomic import atomic_dir
+from stem.atomic import atomic_dir, umask
 
 TENSORS, META = "tensors.safetensors", "meta.json"
 
 
 def content_key(**parts) -> str:
-    """SHA-256 (24 hex digits) of named parts: tensors by dtype, shape and bytes, the rest as JSON."""
+    """SHA-256 (24 hex digits) of named parts: tensors/arrays by dtype, shape and bytes, the rest as JSON."""
     h = hashlib.sha256()
     for name in sorted(parts):
         value = parts[name]
         h.update(name.encode() + b"\0")
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
         if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            t = value.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{t.dtype}{tuple(value.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         else:
             h.update(json.dumps(value, sort_keys=True, default=str).encode())
@@ -57,5 +61,6 @@ class TensorCache:
         entry = self.path(key)
         with atomic_dir(entry) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / TENSORS)
+            os.chmod(tmp / TENSORS, 0o666 & ~umask())  # safetensors writes 0o600 whatever the umask
             (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         return entry

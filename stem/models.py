@@ -51,6 +51,11 @@ DDIM_SETTINGS = dict(
 )
 
 
+# Config entries that describe how weights were saved, not what they compute ("_" keys, such
+# as diffusers' `_use_default_values`, are skipped too; that one even varies per process).
+_SERIALISATION_KEYS = {"architectures", "dtype", "torch_dtype", "transformers_version"}
+
+
 @dataclass
 class DiffusionModel:
     """The components one run needs, on one device and dtype."""
@@ -77,13 +82,15 @@ class DiffusionModel:
 
         Sampling the first and last 256 values of each parameter tells apart any two
         checkpoints met in practice (fine-tunes change every tensor) without hashing GiBs.
+        Computed once: it describes the weights as loaded, not later in-place changes.
         """
         if self._fingerprint is None:
             h = hashlib.sha256()
             for module in (self.unet, self.vae, self.text_encoder):
                 config = {k: v for k, v in dict(module.config.to_dict() if hasattr(module.config, "to_dict")
-                                                else module.config).items() if not k.startswith("_")}
-                h.update(json.dumps(config, sort_keys=True, default=str).encode())  # "_" keys vary per process
+                                                else module.config).items()
+                          if not k.startswith("_") and k not in _SERIALISATION_KEYS}
+                h.update(json.dumps(config, sort_keys=True, default=str).encode())
                 for name, p in module.state_dict().items():
                     flat = p.detach().reshape(-1)
                     sample = torch.cat([flat[:256], flat[-256:]]).float().cpu()
@@ -249,7 +256,7 @@ def load_pretrained(path: str = SD15_HUB_ID, revision: str | None = None, device
     except (OSError, ValueError, EnvironmentError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StemError(f"could not load Stable Diffusion weights from '{path}' ({reason}); download them "
-                        "once on a machine with internet (huggingface-cli download "
+                        "once on a machine with internet (hf download "
                         f"{SD15_HUB_ID}) and set model.path=/that/folder") from e
     model = DiffusionModel(
         unet=unet.to(device_t).eval(),

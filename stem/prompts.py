@@ -29,7 +29,7 @@ def encode_prompt(model, prompt: str, overflow: str = "error") -> torch.Tensor:
     if n_tokens > limit:
         msg = f"prompt has {n_tokens} tokens, more than the text encoder's {limit}"
         if overflow == "error":
-            raise PromptError(f"{msg}: shorten it, or set model.prompt_overflow=truncate to cut it to {limit}")
+            raise PromptError(f"{msg}: shorten it, or set prompt_overflow=truncate to cut it to {limit}")
         log.warning("%s; truncating to %d tokens: %r", msg, limit, prompt)
     ids = tok(prompt, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
     return model.text_encoder(ids.to(model.device))[0].to(model.dtype)

@@ -30,6 +30,27 @@ def shared_videos() -> Path:
     return SHARED_VIDEOS
 
 
+FAST = ["debug=fast", "progress=false"]  # 5 DDIM steps on 4 frames
+
+
+def compose_config(tmp_path: Path, *overrides: str, fast: bool = True):
+    """The job config `python run.py <overrides>` would get (Hydra's runtime set for resolution),
+    with the cache under `tmp_path` and the CPU as device."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[*(FAST if fast else []), f"paths.cache_dir={tmp_path / 'cache'}",
+                                           "device=cpu", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as the job sees it: Hydra's own node is not part of the job config
+    return cfg
+
+
 def run_cli(*overrides: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 300):
     """`python run.py <overrides>` in a subprocess, as a user would type it."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}

@@ -1,11 +1,9 @@
 """Every config option composes, and its _target_ resolves to the library."""
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import ROOT, compose_config
 from hydra.utils import get_method
-
-from conftest import ROOT
+from omegaconf import OmegaConf
 
 CONFIGS = ROOT / "configs"
 
@@ -14,33 +12,39 @@ def options(group):
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-def compose_with(*overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "inversion", "logger", "debug")
                                           for o in options(g)])
-def test_each_option_composes_and_targets_exist(group, option):
-    cfg = compose_with(f"{group}={option}")
+def test_each_option_composes_resolves_and_targets_exist(tmp_path, group, option):
+    cfg = compose_config(tmp_path, f"{group}={option}", fast=False)
     node = cfg[group] if group != "debug" else cfg
+    OmegaConf.to_container(node, resolve=True)
     if "_target_" in node:
         assert callable(get_method(node._target_))
 
 
-def test_every_experiment_file_composes():
+def test_every_experiment_file_composes(tmp_path):
     for option in options("experiment"):
-        compose_with(f"experiment={option}")
+        OmegaConf.to_container(compose_config(tmp_path, f"experiment={option}", fast=False), resolve=True)
 
 
 def test_sample_clip_configs_point_into_the_data_root(monkeypatch, tmp_path):
     monkeypatch.setenv("STEM_DATA_ROOT", str(tmp_path))
-    for option in ("woman_running", "taylor", "wolf", "car_turn"):
-        cfg = compose_with(f"data={option}")
-        assert cfg.data.path.startswith(str(tmp_path)) and cfg.data.prompt
+    for option, name in (("woman_running", "woman-running.mp4"), ("taylor", "taylor.mp4"), ("wolf", "wolf.mp4"),
+                         ("car_turn", "car-turn")):
+        cfg = compose_config(tmp_path, f"data={option}", fast=False)
+        assert cfg.data.path == str(tmp_path / name) and cfg.data.prompt
 
 
-def test_inversion_presets():
-    assert compose_with("inversion=ddim_2frame").inversion.pairing == "fatezero"
-    assert compose_with("inversion=ddim_1frame").inversion.num_steps == 50
+def test_sample_clip_configs_load_the_shared_clips(monkeypatch, tmp_path, shared_videos):
+    from hydra.utils import instantiate
+
+    monkeypatch.setenv("STEM_DATA_ROOT", str(shared_videos))
+    video = instantiate(compose_config(tmp_path, "data=car_turn", fast=False).data)
+    assert (video.num_frames, video.width, video.height) == (8, 512, 512) and "jeep" in video.prompt
+    video = instantiate(compose_config(tmp_path, "data=taylor", "data.n_frames=2", fast=False).data)
+    assert (video.num_frames, video.width, video.height) == (2, 640, 360)
+
+
+def test_inversion_presets(tmp_path):
+    assert compose_config(tmp_path, "inversion=ddim_2frame", fast=False).inversion.pairing == "fatezero"
+    assert compose_config(tmp_path, fast=False).inversion.num_steps == 50

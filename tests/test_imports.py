@@ -4,8 +4,9 @@ import pkgutil
 import subprocess
 import sys
 
-import stem
 from conftest import ROOT
+
+import stem
 
 
 def test_importing_every_stem_module_loads_no_hydra_omegaconf_or_wandb():

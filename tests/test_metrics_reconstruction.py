@@ -104,9 +104,6 @@ def test_not_a_video_raises_value_error_naming_the_shape():
         psnr(a[0], a[0])
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bug: a torch tensor that is not 4-D fails in permute() with RuntimeError, "
-                          "before the ValueError shape check")
 def test_torch_tensor_that_is_not_a_video_raises_value_error():
     t = torch.rand(3, 64, 64)
     with pytest.raises(ValueError, match=r"64, 64"):

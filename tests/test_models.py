@@ -20,9 +20,13 @@ PROMPT = "a woman is running on the beach"
 
 
 @pytest.fixture(scope="module")
-def saved(tiny_model, tmp_path_factory) -> Path:
+def saved(tmp_path_factory) -> Path:
+    """A folder with build_tiny(seed=0) saved in it: the weights of the `tiny_model` fixture.
+
+    A model of its own is saved, not the shared fixture: saving adds keys to the modules' configs.
+    """
     path = tmp_path_factory.mktemp("sd15_tiny")
-    save_pretrained(tiny_model, path)
+    save_pretrained(build_tiny(seed=0, device="cpu"), path)
     return path
 
 
@@ -61,15 +65,20 @@ def _assert_same_model(a, b) -> None:
     assert a.vae.config.scaling_factor == b.vae.config.scaling_factor
     out = _unet_out(b)
     assert out.abs().sum() > 0
-    assert torch.equal(_unet_out(a), out)
+    # Equal weights; safetensors-loaded tensors are not 64-byte aligned, so CPU BLAS may pick another
+    # kernel: measured max difference 5e-8 on outputs of ~0.05 (exactly equal once re-allocated).
+    torch.testing.assert_close(_unet_out(a), out, rtol=1e-5, atol=1e-6)
 
 
 def test_save_then_load_pretrained_round_trips(tiny_model, saved):
     loaded = load_pretrained(str(saved), device="cpu")
     _assert_same_model(tiny_model, loaded)
     assert loaded.device.type == "cpu" and loaded.dtype == torch.float32
-    assert loaded.fingerprint == tiny_model.fingerprint
     _assert_paper_ddim(loaded.scheduler)
+
+
+def test_fingerprint_is_the_same_for_the_built_and_the_loaded_weights(tiny_model, saved):
+    assert load_pretrained(str(saved), device="cpu").fingerprint == tiny_model.fingerprint
 
 
 def test_model_sd15_config_instantiates_the_same_loader(tiny_model, saved):

@@ -1,33 +1,14 @@
 """run.py end to end: the run directory, the inversion cache, W&B offline, and bad input."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from conftest import FAST, compose_config, read_wandb_records, run_cli
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_wandb_records, run_cli
 from stem.errors import StemError
 from stem.video import load_video, write_video
-
-FAST = ["debug=fast", "progress=false"]  # 5 DDIM steps on 4 frames
-
-
-def compose_cfg(tmp_path: Path, *overrides: str):
-    """The config `python run.py <overrides>` would get, with Hydra's runtime set for resolution."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=[*FAST, f"paths.cache_dir={tmp_path / 'cache'}", "device=cpu", *overrides],
-                      return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # as the job sees it: Hydra's own node is not part of the job config
-    return cfg
 
 
 def test_default_cli_run_writes_the_run_directory_and_reuses_the_cache(tmp_path):
@@ -68,9 +49,9 @@ def test_default_cli_run_writes_the_run_directory_and_reuses_the_cache(tmp_path)
 def test_changed_settings_miss_the_cache(tmp_path):
     from run import run_job
 
-    first = run_job(compose_cfg(tmp_path), tmp_path / "a")
-    other = run_job(compose_cfg(tmp_path, "inversion=ddim_2frame"), tmp_path / "b")
-    tuned = run_job(compose_cfg(tmp_path, "inversion=ddim_2frame", "inversion.pairing=tuneavideo"), tmp_path / "c")
+    first = run_job(compose_config(tmp_path), tmp_path / "a")
+    other = run_job(compose_config(tmp_path, "inversion=ddim_2frame"), tmp_path / "b")
+    tuned = run_job(compose_config(tmp_path, "inversion=ddim_2frame", "inversion.pairing=tuneavideo"), tmp_path / "c")
     keys = {m["inversion_cache"]["key"] for m in (first, other, tuned)}
     assert len(keys) == 3 and not any(m["inversion_cache"]["hit"] for m in (first, other, tuned))
     assert len(list((tmp_path / "cache" / "inversion").iterdir())) == 3
@@ -94,7 +75,7 @@ class RecordingLogger:
 def test_logger_is_finished_and_marked_failed_when_the_job_raises(tmp_path):
     from run import run_job
 
-    cfg = compose_cfg(tmp_path, f"logger._target_={__name__}.RecordingLogger")
+    cfg = compose_config(tmp_path, f"logger._target_={__name__}.RecordingLogger")
     RecordingLogger.finished.clear()
     with pytest.raises(RuntimeError, match="boom"):
         run_job(cfg, tmp_path / "run")
@@ -117,7 +98,7 @@ def test_wandb_offline_run_records_metrics_table_and_video(tmp_path, monkeypatch
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    metrics = run_job(compose_cfg(tmp_path, "logger=wandb"), tmp_path / "run")
+    metrics = run_job(compose_config(tmp_path, "logger=wandb"), tmp_path / "run")
     summary, exit_codes = wandb_summary_and_exit(tmp_path / "run")
     assert exit_codes == [0]
     assert summary["vs_input/psnr"] == pytest.approx(metrics["vs_input"]["psnr"])
@@ -133,7 +114,7 @@ def test_wandb_run_is_marked_failed_when_the_job_fails(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg = compose_cfg(tmp_path, "logger=wandb", "data=video", "data.path=/nonexistent/clip.mp4", "data.prompt=x")
+    cfg = compose_config(tmp_path, "logger=wandb", "data=video", "data.path=/nonexistent/clip.mp4", "data.prompt=x")
     with pytest.raises(StemError):
         run_job(cfg, tmp_path / "run")
     assert wandb_summary_and_exit(tmp_path / "run")[1] == [1]
@@ -180,5 +161,5 @@ def test_library_errors_name_the_config_group(tmp_path):
     from run import run_job
 
     with pytest.raises(StemError, match=r"^data: .*not found"):
-        run_job(compose_cfg(tmp_path, "data=video", "data.path=/nonexistent/clip.mp4", "data.prompt=x"),
+        run_job(compose_config(tmp_path, "data=video", "data.path=/nonexistent/clip.mp4", "data.prompt=x"),
                 tmp_path / "run")

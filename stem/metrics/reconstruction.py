@@ -19,7 +19,9 @@ from skimage.metrics import structural_similarity
 def _frames(video: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
     """(N, 3, H, W) tensor or (N, H, W, 3) array in [0, 1] -> float64 (N, H, W, 3)."""
     if isinstance(video, torch.Tensor):
-        video = video.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+        if video.ndim != 4:
+            raise ValueError(f"{name}: expected a video (N, 3, H, W) tensor, got {tuple(video.shape)}")
+        video = video.detach().cpu().double().permute(0, 2, 3, 1).numpy()
     arr = np.asarray(video, dtype=np.float64)
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"{name}: expected a video (N, 3, H, W) tensor or (N, H, W, 3) array, got {arr.shape}")

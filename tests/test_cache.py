@@ -1,0 +1,210 @@
+"""Content-addressed tensor cache (stem.cache) and atomic writes (stem.atomic)."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import stem.cache
+from stem.atomic import atomic_dir, atomic_file
+from stem.cache import META, TENSORS, TensorCache, content_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parts(**changes) -> dict:
+    parts = dict(frames=torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) / 7,
+                 model="34e329d5f8f8d070", prompt="a woman is running",
+                 method={"name": "ddim_1frame", "steps": 50, "frames": [0, 1]})
+    parts.update(changes)
+    return parts
+
+
+def test_content_key_is_stable_and_independent_of_argument_and_dict_order():
+    key = content_key(**_parts())
+    assert len(key) == 24 and int(key, 16) >= 0
+    assert content_key(**_parts()) == key  # fresh but equal tensors and dicts
+    reordered = dict(reversed(list(_parts().items())))
+    reordered["method"] = dict(reversed(list(reordered["method"].items())))
+    assert content_key(**reordered) == key
+
+
+def test_content_key_is_the_same_in_another_process():
+    code = ("import torch; from stem.cache import content_key; "
+            "print(content_key(frames=torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) / 7, "
+            "model='34e329d5f8f8d070', prompt='a woman is running', "
+            "method={'name': 'ddim_1frame', 'steps': 50, 'frames': [0, 1]}))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "123"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == content_key(**_parts())
+
+
+def test_content_key_changes_with_every_part():
+    base = _parts()
+    key = content_key(**base)
+    one_value = base["frames"].clone()
+    one_value[1, 2, 3] += 1e-6
+    variants = {
+        "tensor value": _parts(frames=one_value),
+        "dtype": _parts(frames=base["frames"].double()),
+        "shape": _parts(frames=base["frames"].reshape(3, 2, 4)),  # same bytes, other shape
+        "settings value": _parts(method={**base["method"], "steps": 49}),
+        "settings list": _parts(method={**base["method"], "frames": [1, 0]}),
+        "string": _parts(prompt="a woman is running "),
+        "part name": {("prompt_src" if k == "prompt" else k): v for k, v in base.items()},
+        "missing part": {k: v for k, v in base.items() if k != "model"},
+        "extra part": {**base, "seed": 0},
+    }
+    keys = {name: content_key(**parts) for name, parts in variants.items()}
+    assert all(k != key for k in keys.values()), keys
+    assert len(set(keys.values())) == len(keys)
+
+
+def test_content_key_hashes_tensor_values_not_memory_layout():
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    transposed = t.T  # a non-contiguous view
+    assert not transposed.is_contiguous()
+    assert content_key(x=transposed) == content_key(x=transposed.contiguous())
+    assert content_key(x=transposed) != content_key(x=t.reshape(4, 3))  # same shape, other values
+    assert content_key(x=t.requires_grad_(True)) == content_key(x=t.detach().clone())
+
+
+def test_content_key_accepts_a_scalar_tensor():
+    assert content_key(t=torch.tensor(981)) != content_key(t=torch.tensor(1))
+
+
+def test_save_then_load_round_trips(tmp_path):
+    cache = TensorCache(tmp_path / "cache")
+    tensors = {"latents": torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+               "timesteps": torch.arange(1, 1000, 20),
+               "half": torch.randn(2, 5, generator=torch.Generator().manual_seed(1)).half(),
+               "strided": torch.arange(6.0).reshape(2, 3).T}
+    meta = {"video": "pan", "frames": [3, 3, 64, 64], "seconds": 1.5}
+    key = content_key(**tensors)
+    entry = cache.save(key, tensors, meta)
+    assert entry == tmp_path / "cache" / key and entry == cache.path(key)
+    assert sorted(p.name for p in entry.iterdir()) == sorted([TENSORS, META])
+    loaded, loaded_meta = cache.load(key)
+    assert loaded_meta == meta
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+    assert json.loads((entry / META).read_text()) == meta
+
+
+def test_save_replaces_an_existing_entry(tmp_path):
+    cache = TensorCache(tmp_path)
+    cache.save("k", {"a": torch.zeros(2)}, {"v": 1})
+    cache.save("k", {"b": torch.ones(3)}, {"v": 2})
+    tensors, meta = cache.load("k")
+    assert list(tensors) == ["b"] and torch.equal(tensors["b"], torch.ones(3)) and meta == {"v": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # no temporary or old folder left
+
+
+def test_load_returns_none_for_missing_or_incomplete_entries(tmp_path):
+    cache = TensorCache(tmp_path / "cache")
+    assert cache.load("0" * 24) is None  # root does not even exist
+    only_meta = tmp_path / "cache" / "a"
+    only_meta.mkdir(parents=True)
+    (only_meta / META).write_text("{}")
+    assert cache.load("a") is None
+    only_tensors = tmp_path / "cache" / "b"
+    cache.save("b", {"x": torch.ones(2)}, {})
+    (only_tensors / META).unlink()
+    assert cache.load("b") is None
+    empty = tmp_path / "cache" / "c"
+    empty.mkdir()
+    assert cache.load("c") is None
+
+
+def test_failed_save_leaves_no_entry_and_no_temporary_folder(tmp_path, monkeypatch):
+    def broken_save_file(*args, **kwargs):
+        raise OSError("disk full")
+
+    cache = TensorCache(tmp_path / "cache")
+    cache.save("old", {"x": torch.ones(2)}, {"v": 1})
+    monkeypatch.setattr(stem.cache, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        cache.save("new", {"x": torch.zeros(2)}, {"v": 2})
+    with pytest.raises(OSError, match="disk full"):
+        cache.save("old", {"x": torch.zeros(2)}, {"v": 2})
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["old"]  # hidden names included
+    assert cache.load("new") is None
+    tensors, meta = cache.load("old")  # the complete entry survives a failed overwrite
+    assert torch.equal(tensors["x"], torch.ones(2)) and meta == {"v": 1}
+
+
+def test_atomic_file_writes_on_success_and_leaves_nothing_when_the_body_raises(tmp_path):
+    target = tmp_path / "sub" / "metrics.json"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            assert tmp.parent == target.parent and tmp.name.startswith(".") and tmp != target
+            raise RuntimeError("interrupted")
+    assert list((tmp_path / "sub").iterdir()) == []
+    with atomic_file(target) as tmp:
+        tmp.write_text('{"psnr": 30}')
+        assert not target.exists()  # not visible before the body finishes
+    assert target.read_text() == '{"psnr": 30}'
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["metrics.json"]
+
+
+def test_atomic_file_keeps_the_old_file_when_the_body_raises(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(target) as tmp:
+            tmp.write_text("new")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_dir_leaves_nothing_when_the_body_raises(tmp_path):
+    with pytest.raises(ValueError):
+        with atomic_dir(tmp_path / "entry") as tmp:
+            (tmp / "f").write_text("x")
+            raise ValueError
+    assert list(tmp_path.iterdir()) == []
+
+
+UMASKS = pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+
+
+def _write_with_umask(root: Path, umask: int) -> Path:
+    old = os.umask(umask)
+    try:
+        with atomic_file(root / "m.json") as tmp:
+            tmp.write_text("{}")
+        return TensorCache(root / "cache").save("k", {"x": torch.ones(1)}, {})
+    finally:
+        os.umask(old)
+
+
+@UMASKS
+def test_written_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    entry = _write_with_umask(tmp_path, umask)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == file_mode
+    assert stat.S_IMODE(entry.stat().st_mode) == dir_mode
+    assert stat.S_IMODE((entry / META).stat().st_mode) == file_mode
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [
+    (0o022, 0o644, 0o755),
+    (0o077, 0o600, 0o700)])
+def test_cached_tensors_file_follows_the_umask(tmp_path, umask, file_mode, dir_mode):
+    entry = _write_with_umask(tmp_path, umask)
+    assert stat.S_IMODE((entry / TENSORS).stat().st_mode) == file_mode
+
+
+def test_content_key_hashes_numpy_arrays_by_value():
+    a = np.zeros(5000, dtype=np.float32)
+    b = a.copy()
+    b[2500] = 1  # str() of both arrays is the same abbreviated "[0. 0. 0. ... 0. 0. 0.]"
+    assert content_key(x=a) != content_key(x=b)
+    assert content_key(x=a) == content_key(x=torch.from_numpy(a.copy()))
