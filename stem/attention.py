@@ -32,10 +32,28 @@ CONTEXTS = ("1frame", "2frame", "allframe")
 PAIRINGS = ("fatezero", "tuneavideo")
 
 
-class SelfAttnProcessor:
-    """Base processor: projections as diffusers' `AttnProcessor2_0`, context chosen by `attend`.
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, h*d) -> (B, h, S, d)."""
+    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
-    Subclasses implement `attend(q, k, v)` on (B, heads, S, d) tensors, where B = G * N.
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: int | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with SDPA, queries in chunks of `query_chunk` tokens (None: one call).
+
+    Bounds the score matrix held at once to query_chunk x keys on any SDPA backend.
+    """
+    step = query_chunk or q.shape[2]
+    if step >= q.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + step], k, v)
+                      for i in range(0, q.shape[2], step)], dim=2)
+
+
+class SelfAttnProcessor:
+    """Base processor: input/output handling as diffusers' `AttnProcessor2_0`.
+
+    Subclasses implement `attend(attn, x) -> (B, h, S, d)` on the (B, S, C) tokens `x` of a
+    batch of B = G * N frames, using the module's projections `attn.to_q/to_k/to_v`.
     """
 
     def __init__(self, num_frames: int):
@@ -43,8 +61,17 @@ class SelfAttnProcessor:
             raise ConfigError(f"num_frames={num_frames} must be at least 1")
         self.num_frames = num_frames
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, attn, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def project(self, attn, x: torch.Tensor, *names: str) -> list[torch.Tensor]:
+        """The named projections ("q", "k", "v") of `x`, split into heads (with norm_q/norm_k)."""
+        out = []
+        for name in names:
+            y = split_heads(getattr(attn, f"to_{name}")(x), attn.heads)
+            norm = getattr(attn, f"norm_{name}", None)
+            out.append(norm(y) if norm is not None else y)
+        return out
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
@@ -57,21 +84,11 @@ class SelfAttnProcessor:
         batch, tokens, _ = hidden_states.shape
         if batch % self.num_frames:
             raise ValueError(f"batch {batch} is not a multiple of num_frames={self.num_frames}")
-        residual = hidden_states
-
-        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, S, h*d) -> (B, h, S, d)
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        out = self.attend(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, tokens, -1).to(q.dtype)
+        out = self.attend(attn, hidden_states)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1).to(hidden_states.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
-            out = out + residual
+            out = out + hidden_states
         return out / attn.rescale_output_factor
 
 
@@ -105,7 +122,8 @@ class FrameContextAttnProcessor(SelfAttnProcessor):
         self.context, self.pairing, self.query_chunk = context, pairing, query_chunk
         self.index = context_frames(num_frames, context, pairing)
 
-    def attend(self, q, k, v):
+    def attend(self, attn, x):
+        q, k, v = self.project(attn, x, "q", "k", "v")
         batch, h, s, d = q.shape
         n = self.num_frames
         if self.context == "1frame":
@@ -114,21 +132,26 @@ class FrameContextAttnProcessor(SelfAttnProcessor):
             # (G, N, h, S, d) -> gather context frames -> (G*N, h, k*S, d)
             idx = self.index.to(q.device)
 
-            def gather(x):
-                x = x.view(batch // n, n, h, s, d)[:, idx]  # (G, N, k, h, S, d)
-                return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, h, -1, d)
+            def gather(y):
+                y = y.view(batch // n, n, h, s, d)[:, idx]  # (G, N, k, h, S, d)
+                return y.permute(0, 1, 3, 2, 4, 5).reshape(batch, h, -1, d)
 
             return F.scaled_dot_product_attention(q, gather(k), gather(v))
-
         # allframe: one sequence of N*S tokens per group; every query sees all of them
-        def flat(x):  # (G*N, h, S, d) -> (G, h, N*S, d)
-            return x.view(batch // n, n, h, s, d).transpose(1, 2).reshape(batch // n, h, n * s, d)
+        out = chunked_attention(*(frames_to_tokens(y, n) for y in (q, k, v)), self.query_chunk)
+        return tokens_to_frames(out, n)
 
-        qf, kf, vf = flat(q), flat(k), flat(v)
-        step = self.query_chunk or qf.shape[2]
-        out = torch.cat([F.scaled_dot_product_attention(qf[:, :, i:i + step], kf, vf)
-                         for i in range(0, qf.shape[2], step)], dim=2)
-        return out.view(batch // n, h, n, s, d).transpose(1, 2).reshape(batch, h, s, d)
+
+def frames_to_tokens(y: torch.Tensor, frames: int) -> torch.Tensor:
+    """(G*F, h, S, d) -> (G, h, F*S, d): the tokens of F consecutive frames as one sequence."""
+    b, h, s, d = y.shape
+    return y.view(b // frames, frames, h, s, d).transpose(1, 2).reshape(b // frames, h, frames * s, d)
+
+
+def tokens_to_frames(y: torch.Tensor, frames: int) -> torch.Tensor:
+    """Inverse of `frames_to_tokens`: (G, h, F*S, d) -> (G*F, h, S, d)."""
+    g, h, t, d = y.shape
+    return y.view(g, h, frames, t // frames, d).transpose(1, 2).reshape(g * frames, h, t // frames, d)
 
 
 @contextlib.contextmanager

@@ -4,18 +4,62 @@ A method is a small object with the paper's knobs as keyword arguments. It build
 self-attention processor for a video of N frames, inverts clean latents into the full
 trajectory z_0 ... z_T (paper Eq. 3) and reconstructs z_0 from z_T with guidance 1.
 `settings()` lists everything that changes the result; it goes into cache keys and logs.
+`check()` refuses, before any model work, settings that cannot run on a given video.
 """
 
 from __future__ import annotations
+
+import logging
+import math
 
 import torch
 
 from stem.attention import FrameContextAttnProcessor, self_attention_processors
 from stem.ddim import Callback, Trajectory, ddim_invert, ddim_sample
 from stem.errors import ConfigError
+from stem.stem_attention import STEMAttnProcessor, group_spans
+
+log = logging.getLogger(__name__)
 
 
-class DDIMInversion:
+class InversionMethod:
+    """DDIM inversion/reconstruction with the processor `processor(num_frames)` on every attn1."""
+
+    name = "inversion"
+
+    def __init__(self, num_steps: int = 50):
+        if num_steps < 1:
+            raise ConfigError(f"num_steps={num_steps} must be at least 1")
+        self.num_steps = num_steps
+
+    def settings(self) -> dict:
+        raise NotImplementedError
+
+    def processor(self, num_frames: int):
+        raise NotImplementedError
+
+    def reconstruction_processor(self, num_frames: int):
+        """The processor used to sample back (the inversion's own by default)."""
+        return self.processor(num_frames)
+
+    def check(self, unet, num_frames: int, latent_height: int, latent_width: int) -> None:
+        """Raise ConfigError if the method cannot run on such a video (default: it always can)."""
+
+    def invert(self, model, latents: torch.Tensor, cond: torch.Tensor, callback: Callback | None = None,
+               progress: bool = True) -> Trajectory:
+        """Invert clean latents (N, 4, h, w) under the source prompt embedding `cond`."""
+        self.check(model.unet, *latents.shape[:1], *latents.shape[-2:])
+        with self_attention_processors(model.unet, self.processor(len(latents))):
+            return ddim_invert(model.unet, latents, cond, model.scheduler, self.num_steps, callback, progress)
+
+    def reconstruct(self, model, noise: torch.Tensor, cond: torch.Tensor, callback: Callback | None = None,
+                    progress: bool = True) -> torch.Tensor:
+        """DDIM-sample z_0 back from z_T with the same prompt and guidance 1."""
+        with self_attention_processors(model.unet, self.reconstruction_processor(len(noise))):
+            return ddim_sample(model.unet, noise, cond, model.scheduler, self.num_steps, callback, progress)
+
+
+class DDIMInversion(InversionMethod):
     """DDIM inversion with 1-frame, 2-frame or all-frame self-attention context (Eq. 6).
 
     Args:
@@ -28,9 +72,8 @@ class DDIMInversion:
 
     def __init__(self, context: str = "1frame", pairing: str = "fatezero", num_steps: int = 50,
                  query_chunk: int | None = 2048):
-        if num_steps < 1:
-            raise ConfigError(f"num_steps={num_steps} must be at least 1")
-        self.context, self.pairing, self.num_steps, self.query_chunk = context, pairing, num_steps, query_chunk
+        super().__init__(num_steps)
+        self.context, self.pairing, self.query_chunk = context, pairing, query_chunk
         self.processor(num_frames=1)  # validates context, pairing and query_chunk now, before model work
 
     @property
@@ -45,14 +88,91 @@ class DDIMInversion:
     def processor(self, num_frames: int) -> FrameContextAttnProcessor:
         return FrameContextAttnProcessor(num_frames, self.context, self.pairing, self.query_chunk)
 
-    def invert(self, model, latents: torch.Tensor, cond: torch.Tensor, callback: Callback | None = None,
-               progress: bool = True) -> Trajectory:
-        """Invert clean latents (N, 4, h, w) under the source prompt embedding `cond`."""
-        with self_attention_processors(model.unet, self.processor(len(latents))):
-            return ddim_invert(model.unet, latents, cond, model.scheduler, self.num_steps, callback, progress)
 
-    def reconstruct(self, model, noise: torch.Tensor, cond: torch.Tensor, callback: Callback | None = None,
-                    progress: bool = True) -> torch.Tensor:
-        """DDIM-sample z_0 back from z_T with the same prompt, guidance 1 and attention context."""
-        with self_attention_processors(model.unet, self.processor(len(noise))):
-            return ddim_sample(model.unet, noise, cond, model.scheduler, self.num_steps, callback, progress)
+def self_attention_tokens(unet, latent_height: int, latent_width: int) -> dict[str, tuple[int, int]]:
+    """(h, w) token grid of every attn1 of an SD-style UNet for latents of that size.
+
+    down_blocks.i works at the latent size halved i times (stride-2 convs round up), the
+    mid block at the smallest size, up_blocks.j mirrors down_blocks.(L-1-j).
+    """
+    levels = len(unet.config.block_out_channels)
+    sizes = [(latent_height, latent_width)]
+    for _ in range(levels - 1):
+        h, w = sizes[-1]
+        sizes.append((math.ceil(h / 2), math.ceil(w / 2)))
+    grid = {}
+    for name in unet.attn_processors:
+        if ".attn1." not in name:
+            continue
+        part, index = name.split(".")[:2]
+        level = {"down_blocks": int(index) if index.isdigit() else 0, "mid_block": levels - 1,
+                 "up_blocks": levels - 1 - int(index) if index.isdigit() else 0}[part]
+        grid[name.removesuffix(".processor")] = sizes[level]
+    return grid
+
+
+class STEMInversion(InversionMethod):
+    """STEM inversion (paper Sec. 4, Alg. 1): DDIM inversion with STEM self-attention.
+
+    Args (defaults: the paper's text; `configs/inversion/stem_official.yaml` has the released code's):
+        num_bases: K (paper: 256). n_iters: R EM iterations (paper: 3). tau: E-step temperature (0.05).
+        space: "features" (EM on the attention input, one mu for all heads, as written in the
+            paper) or "keys" (per-head EM on projected keys, value bases from the last
+            responsibilities, as the released code does).
+        group: frames per EM group; None = the whole video (the paper's global bases).
+        init: "gaussian" | "random_tokens" | "kmeans++". normalize_bases: l2-normalise the
+            bases in the E-step. dead_bases: "keep" | "reseed". seed: initialisation seed.
+        excess_bases: a layer whose EM group has fewer tokens than K: "error" (checked
+            before any model work) or "clamp" (use as many bases as tokens there, logged).
+        stem_in_reconstruction: also use STEM self-attention when sampling back (as the
+            released code); False samples back with plain per-frame attention.
+        num_steps: DDIM steps. chunk_size, query_chunk: memory bounds (no effect on results
+            beyond float summation order).
+    """
+
+    def __init__(self, num_bases: int = 256, n_iters: int = 3, tau: float = 0.05, space: str = "features",
+                 group: int | None = None, init: str = "gaussian", normalize_bases: bool = True,
+                 dead_bases: str = "keep", seed: int = 0, excess_bases: str = "error",
+                 stem_in_reconstruction: bool = True,
+                 num_steps: int = 50, chunk_size: int | None = 16384, query_chunk: int | None = 65536):
+        super().__init__(num_steps)
+        self.kwargs = dict(num_bases=num_bases, n_iters=n_iters, tau=tau, space=space, group=group, init=init,
+                           normalize_bases=normalize_bases, dead_bases=dead_bases, seed=seed,
+                           excess_bases=excess_bases)
+        self.memory = dict(chunk_size=chunk_size, query_chunk=query_chunk)
+        self.stem_in_reconstruction = stem_in_reconstruction
+        self.processor(num_frames=1)  # validates every knob now, before model work
+
+    @property
+    def name(self) -> str:
+        return f"stem_k{self.kwargs['num_bases']}"
+
+    def settings(self) -> dict:
+        return {"method": "stem", "num_steps": self.num_steps, "stem_in_reconstruction": self.stem_in_reconstruction,
+                **self.kwargs}
+
+    def processor(self, num_frames: int) -> STEMAttnProcessor:
+        return STEMAttnProcessor(num_frames, **self.kwargs, **self.memory)
+
+    def reconstruction_processor(self, num_frames: int):
+        if self.stem_in_reconstruction:
+            return self.processor(num_frames)
+        return FrameContextAttnProcessor(num_frames, "1frame")
+
+    def check(self, unet, num_frames: int, latent_height: int, latent_width: int) -> None:
+        """K must not exceed the tokens of an EM group at any layer (the smallest one binds)."""
+        k = self.kwargs["num_bases"]
+        frames = min(size for _, _, size in group_spans(num_frames, self.kwargs["group"]))
+        grids = self_attention_tokens(unet, latent_height, latent_width)
+        layer, (h, w) = min(grids.items(), key=lambda item: item[1][0] * item[1][1])
+        tokens = h * w * frames
+        if tokens >= k:
+            return
+        where = f"{layer} ({frames} frame{'s' if frames > 1 else ''} x {h}x{w} tokens)"
+        if self.kwargs["excess_bases"] == "clamp":
+            log.info("num_bases=%d > %d tokens per EM group at %s: fewer bases where tokens are fewer",
+                     k, tokens, where)
+            return
+        raise ConfigError(f"num_bases={k} exceeds the {tokens} tokens of an EM group at {where}: lower num_bases "
+                          "to at most {tokens}, or use more frames per group (group), more frames, a larger "
+                          "resolution, or excess_bases=clamp".replace("{tokens}", str(tokens)))

@@ -49,6 +49,7 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
                  progress: bool = True) -> Inverted:
     """The inverted trajectory of `video` under `video.prompt` with `method` (cached)."""
     cond = encode_prompt(model, video.prompt, prompt_overflow)  # refuses a bad prompt before any work
+    method.check(model.unet, video.num_frames, video.height // 8, video.width // 8)
     key = content_key(frames=video.frames, model=model.fingerprint, dtype=str(model.dtype),
                       device=model.device.type, prompt=video.prompt, method=method.settings(),
                       scheduler={k: model.scheduler.config[k] for k in sorted(model.scheduler.config)

@@ -1,0 +1,119 @@
+"""STEM self-attention (paper Eq. 7): every frame's queries attend to K EM bases of the video.
+
+Per call (one self-attention layer at one timestep) the frames of a UNet batch, B = G * N
+(G prompt branches, N frames), are split into EM groups of `group` consecutive frames
+(None = the whole video; a last group may be shorter). For each branch and group:
+
+- space "features" (paper text): EM on the attention input X (tokens of C channels) gives
+  mu (K, C) shared by all heads; K = mu W_K, V = mu W_V.
+- space "keys" (released code): per head, EM on the projected keys k = X W_K (d channels)
+  gives the key bases; the value bases are the last responsibilities applied to the values.
+
+Then Q = X^n W_Q of every frame of the group attends to those K bases in one fused
+`scaled_dot_product_attention` call over (groups, heads): no loop over heads, no copies of
+the bases per frame. Cost O(N S K (R + 1)) instead of O((N S)^2) for all-frame attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stem.attention import SelfAttnProcessor, chunked_attention
+from stem.em import check_em_settings, em_bases
+from stem.errors import ConfigError
+
+SPACES = ("features", "keys")
+EXCESS_POLICIES = ("error", "clamp")
+
+
+def group_spans(num_frames: int, group: int | None) -> list[tuple[int, int, int]]:
+    """(first frame, end frame, frames per group) of the full groups and of a shorter last one."""
+    size = min(group or num_frames, num_frames)
+    full = num_frames // size * size
+    spans = [(0, full, size)] if full else []
+    if full < num_frames:
+        spans.append((full, num_frames, num_frames - full))
+    return spans
+
+
+def _to_groups(y: torch.Tensor, n: int, f0: int, f1: int, size: int) -> torch.Tensor:
+    """Frames f0:f1 of per-frame tensors (G*N, *rest, S, d) as groups (G*m, *rest, size*S, d)."""
+    g = y.shape[0] // n
+    rest, (s, d) = y.shape[1:-2], y.shape[-2:]
+    z = y.view(g, n, *rest, s, d)[:, f0:f1].reshape(g, (f1 - f0) // size, size, *rest, s, d)
+    z = z.movedim(2, -3)  # (G, m, *rest, size, S, d)
+    return z.reshape(g * ((f1 - f0) // size), *rest, size * s, d)
+
+
+def _from_groups(y: torch.Tensor, g: int, size: int) -> torch.Tensor:
+    """Inverse of `_to_groups` for (G*m, h, size*S, d): -> (G, m*size, h, S, d)."""
+    gm, h, t, d = y.shape
+    z = y.view(g, gm // g, h, size, t // size, d).movedim(3, 2)  # (G, m, size, h, S, d)
+    return z.reshape(g, gm // g * size, h, t // size, d)
+
+
+class STEMAttnProcessor(SelfAttnProcessor):
+    """Self-attention over K bases estimated by EM (see the module docstring and `stem.em`).
+
+    Args:
+        num_frames: N, frames of the video in every UNet batch.
+        num_bases: K. n_iters: R. tau: E-step temperature.
+        space: "features" (EM on X, as the paper writes) or "keys" (per-head EM on keys, as released).
+        group: frames per EM group; None = the whole video (global bases).
+        init, normalize_bases, dead_bases: see `stem.em.em_bases`.
+        seed: seeds the generator for the bases' initialisation (one generator per processor,
+            so a run is reproducible call for call).
+        excess_bases: a layer whose EM group has fewer tokens than K: "error", or "clamp" to
+            use as many bases as there are tokens there.
+        chunk_size: tokens per EM accumulation chunk (memory O(chunk x K)); None = all at once.
+        query_chunk: query tokens per attention call; None = all at once.
+    """
+
+    def __init__(self, num_frames: int, num_bases: int = 256, n_iters: int = 3, tau: float = 0.05,
+                 space: str = "features", group: int | None = None, init: str = "gaussian",
+                 normalize_bases: bool = True, dead_bases: str = "keep", seed: int = 0,
+                 excess_bases: str = "error", chunk_size: int | None = 16384, query_chunk: int | None = 65536):
+        super().__init__(num_frames)
+        check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size)
+        if space not in SPACES:
+            raise ConfigError(f"space='{space}' is not one of {', '.join(SPACES)}")
+        if group is not None and group < 1:
+            raise ConfigError(f"group={group} must be at least 1 frame, or null for the whole video")
+        if excess_bases not in EXCESS_POLICIES:
+            raise ConfigError(f"excess_bases='{excess_bases}' is not one of {', '.join(EXCESS_POLICIES)}")
+        if query_chunk is not None and query_chunk < 1:
+            raise ConfigError(f"query_chunk={query_chunk} must be a positive token count or null")
+        self.num_bases, self.n_iters, self.tau, self.space, self.group = num_bases, n_iters, tau, space, group
+        self.init, self.normalize_bases, self.dead_bases = init, normalize_bases, dead_bases
+        self.excess_bases = excess_bases
+        self.chunk_size, self.query_chunk = chunk_size, query_chunk
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def em(self, x: torch.Tensor, values: torch.Tensor | None = None):
+        k = min(self.num_bases, x.shape[1])  # fewer only with excess_bases="clamp" (checked in attend)
+        return em_bases(x, k, self.n_iters, self.tau, self.normalize_bases, self.init,
+                        self.dead_bases, self.generator, self.chunk_size, values)
+
+    def attend(self, attn, x):
+        n, heads = self.num_frames, attn.heads
+        g = x.shape[0] // n
+        q, = self.project(attn, x, "q")
+        if self.space == "keys":
+            k, v = self.project(attn, x, "k", "v")
+        outs = []
+        for f0, f1, size in group_spans(n, self.group):
+            qg = _to_groups(q, n, f0, f1, size)                       # (G*m, h, size*S, d)
+            if qg.shape[2] < self.num_bases and self.excess_bases == "error":
+                raise ConfigError(f"num_bases={self.num_bases} exceeds the {qg.shape[2]} tokens of an EM group "
+                                  f"({size} frames x {qg.shape[2] // size} tokens); lower num_bases or enlarge group")
+            if self.space == "features":
+                xg = _to_groups(x[:, None], n, f0, f1, size)[:, 0]    # (G*m, size*S, C)
+                mu = self.em(xg).bases.to(x.dtype)
+                kb, vb = self.project(attn, mu, "k", "v")             # (G*m, h, K, d)
+            else:
+                kg, vg = (_to_groups(y, n, f0, f1, size).flatten(0, 1) for y in (k, v))  # (G*m*h, size*S, d)
+                res = self.em(kg, values=vg)
+                kb, vb = (t.to(x.dtype).view(qg.shape[0], heads, *t.shape[1:]) for t in (res.bases, res.values))
+            outs.append(_from_groups(chunked_attention(qg, kb, vb, self.query_chunk), g, size))
+        out = torch.cat(outs, dim=1)                                   # (G, N, h, S, d)
+        return out.reshape(g * n, *out.shape[2:])

@@ -1,0 +1,135 @@
+"""EM of bases (stem/em.py) against naive loops, Lloyd's k-means, and its own streamed form."""
+
+import pytest
+import torch
+
+from stem.em import DEAD_MASS, MASS_EPS, NORM_EPS, em_bases, init_bases, responsibilities
+from stem.errors import ConfigError
+
+
+def naive_em(x, mu, n_iters, tau, normalize_bases, values=None):
+    """Token-by-token E-step (Eq. 8/9) and M-step (Eq. 10/11) for one group."""
+    t, k = x.shape[0], mu.shape[0]
+    for _ in range(n_iters):
+        keys = [m / (m.norm() + NORM_EPS) if normalize_bases else m for m in mu]
+        num, mass = torch.zeros_like(mu), torch.zeros(k, dtype=x.dtype)
+        num_v = torch.zeros(k, values.shape[1], dtype=x.dtype) if values is not None else None
+        for i in range(t):
+            logits = torch.stack([x[i] @ kk for kk in keys]) / tau
+            z = torch.exp(logits - logits.max())
+            z = z / z.sum()
+            for j in range(k):
+                num[j] += z[j] * x[i]
+                mass[j] += z[j]
+                if num_v is not None:
+                    num_v[j] += z[j] * values[i]
+        mu = num / (mass[:, None] + MASS_EPS)
+    return mu, (num_v / (mass[:, None] + MASS_EPS) if num_v is not None else None), mass
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 6, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 40, 5, generator=g, dtype=torch.float64)
+    mu0 = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    return x, v, mu0
+
+
+@pytest.mark.parametrize("normalize_bases", [True, False])
+def test_em_equals_naive_loops(data, normalize_bases):
+    x, v, mu0 = data
+    res = em_bases(x, 4, n_iters=3, tau=0.5, normalize_bases=normalize_bases, values=v, bases=mu0)
+    for b in range(2):
+        mu, mu_v, mass = naive_em(x[b], mu0[b], 3, 0.5, normalize_bases, v[b])
+        torch.testing.assert_close(res.bases[b].double(), mu, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res.values[b].double(), mu_v, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res.mass[b].double(), mass, rtol=1e-5, atol=1e-5)
+
+
+def lloyd(x, mu, n_iters, normalize_bases):
+    """Lloyd's k-means with the E-step's similarity as the assignment rule."""
+    for _ in range(n_iters):
+        keys = mu / (mu.norm(dim=-1, keepdim=True) + NORM_EPS) if normalize_bases else mu
+        assign = (x @ keys.T).argmax(-1)
+        # an empty cluster gets 0 / eps = 0, the M-step's convention (unnormalised dot products collapse)
+        mu = torch.stack([x[assign == j].mean(0) if (assign == j).any() else torch.zeros_like(x[0])
+                          for j in range(mu.shape[0])])
+    return mu, assign
+
+
+@pytest.mark.parametrize("normalize_bases", [True, False])
+def test_em_tends_to_lloyds_kmeans_as_tau_goes_to_zero(normalize_bases):
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(5, 8, generator=g) * 4
+    x = (centres[torch.arange(200) % 5] + torch.randn(200, 8, generator=g))[None]
+    mu0 = x[:, torch.randperm(200, generator=g)[:5]]
+    expected, assign = lloyd(x[0], mu0[0], 4, normalize_bases)
+    if normalize_bases:
+        assert len(assign.unique()) == 5
+    res = em_bases(x, 5, n_iters=4, tau=1e-7, normalize_bases=normalize_bases, bases=mu0)
+    torch.testing.assert_close(res.bases[0], expected, rtol=1e-4, atol=1e-4)
+    z = responsibilities(x, res.bases, 1e-7, normalize_bases)
+    keys = res.bases[0] / (res.bases[0].norm(dim=-1, keepdim=True) + NORM_EPS) if normalize_bases else res.bases[0]
+    assert torch.equal(z[0].argmax(-1), (x[0] @ keys.T).argmax(-1))
+    assert torch.equal(res.mass[0].round(), torch.bincount(assign, minlength=5).float())
+
+
+@pytest.mark.parametrize("init", ["gaussian", "random_tokens", "kmeans++"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])  # 7 and 64 do not divide 150 tokens
+def test_streamed_em_equals_monolithic(init, chunk_size):
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(3, 150, 12, generator=g), torch.randn(3, 150, 10, generator=g)
+    run = lambda chunk, dead: em_bases(x, 16, 3, 0.05, True, init, dead, torch.Generator().manual_seed(5),  # noqa: E731
+                                       chunk, values=v)
+    for dead in ("keep", "reseed"):
+        whole, streamed = run(None, dead), run(chunk_size, dead)
+        for a, b in ((whole.bases, streamed.bases), (whole.values, streamed.values)):
+            assert (a - b).abs().max() <= 1e-5
+        torch.testing.assert_close(whole.mass, streamed.mass, rtol=1e-5, atol=0)  # sums ~10: compare relatively
+
+
+def test_em_runs_in_fp32_for_half_inputs():
+    x = torch.randn(1, 64, 8, generator=torch.Generator().manual_seed(2))
+    res16 = em_bases(x.half(), 4, generator=torch.Generator().manual_seed(0))
+    res32 = em_bases(x.half().float(), 4, generator=torch.Generator().manual_seed(0))
+    assert res16.bases.dtype == torch.float32
+    torch.testing.assert_close(res16.bases, res32.bases)
+
+
+def test_gaussian_init_uses_the_per_channel_mean_and_std():
+    x = torch.randn(1, 5000, 3, generator=torch.Generator().manual_seed(4)) * torch.tensor([1.0, 5.0, 0.1]) + 7
+    mu = init_bases(x, 4000, "gaussian", torch.Generator().manual_seed(0), chunk_size=333)
+    torch.testing.assert_close(mu.mean(1), x.mean(1), rtol=0.02, atol=0.1)
+    torch.testing.assert_close(mu.std(1), x.std(1), rtol=0.05, atol=0.0)
+
+
+def test_random_tokens_and_kmeanspp_pick_distinct_tokens():
+    x = torch.randn(2, 50, 4, generator=torch.Generator().manual_seed(6))
+    for init in ("random_tokens", "kmeans++"):
+        mu = init_bases(x, 10, init, torch.Generator().manual_seed(0))
+        for b in range(2):
+            matches = (mu[b][:, None] == x[b][None]).all(-1)  # (K, T)
+            assert matches.any(1).all() and matches.float().argmax(1).unique().numel() == 10
+
+
+def test_dead_bases_are_kept_as_zero_or_reseeded_with_the_worst_fit_tokens():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 30, 4, generator=g).abs() + 0.1  # all tokens in the positive orthant
+    mu0 = torch.cat([x[:, :3], -torch.ones(1, 1, 4)], 1)  # basis 3 points away from every token
+    sim = x[0] @ (mu0[0] / mu0[0].norm(dim=-1, keepdim=True)).T
+    assert (sim.argmax(-1) != 3).all()
+    keep = em_bases(x, 4, n_iters=1, tau=0.01, dead_bases="keep", bases=mu0)
+    assert keep.mass[0, 3] < DEAD_MASS and keep.bases[0, 3].abs().max() < 1e-2
+    reseed = em_bases(x, 4, n_iters=1, tau=0.01, dead_bases="reseed", bases=mu0)
+    worst = sim.amax(-1).argmin()  # naive: the token whose best similarity is lowest
+    torch.testing.assert_close(reseed.bases[0, 3], x[0, worst])
+    torch.testing.assert_close(reseed.bases[0, :3], keep.bases[0, :3])
+
+
+@pytest.mark.parametrize("kwargs,word", [({"num_bases": 0}, "num_bases"), ({"n_iters": 0}, "n_iters"),
+                                         ({"tau": 0.0}, "tau"), ({"init": "zeros"}, "init"),
+                                         ({"dead_bases": "drop"}, "dead_bases"), ({"chunk_size": 0}, "chunk_size")])
+def test_bad_settings_raise_config_errors(kwargs, word):
+    with pytest.raises(ConfigError, match=word):
+        em_bases(torch.randn(1, 10, 3), **{"num_bases": 2, **kwargs})
