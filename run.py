@@ -19,6 +19,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -116,6 +117,8 @@ def main(cfg: DictConfig) -> None:
     except StemError as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # in a sweep: Hydra marks this job failed, runs the others, then exits non-zero
         sys.exit(2)
 
 

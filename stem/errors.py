@@ -15,3 +15,7 @@ class PromptError(StemError):
 
 class ConfigError(StemError):
     """A setting with a value the code does not support."""
+
+
+class TableError(StemError):
+    """A sweep folder that cannot be turned into a results table."""
