@@ -3,7 +3,6 @@
 import csv
 
 import pytest
-
 from conftest import run_cli
 
 

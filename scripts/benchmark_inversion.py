@@ -1,0 +1,225 @@
+"""Time and memory of DDIM inversion with each self-attention context (paper Table 1).
+
+    python scripts/benchmark_inversion.py --model sd15_arch --frames 8 --width 256 --height 256 --steps 3
+    python scripts/benchmark_inversion.py --model sd15 --video taylor.mp4 --frames 48 --steps 50   # Table 1, GPU
+
+Encodes the video once, then times only `method.invert(model, latents, cond)` for every
+method in one process: one untimed warm-up run per method, then --repeats timed runs (the
+median is reported). Memory is the peak increase during a run: CUDA's max_memory_allocated
+on GPU, the resident set size sampled every 2 ms on CPU. Prints the table (and writes it as
+markdown plus raw numbers as JSON with --output). Bad options: one line `error: ...`, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from stem.atomic import atomic_file
+from stem.device import resolve_device, resolve_dtype
+from stem.errors import StemError
+from stem.inversion import DDIMInversion, STEMInversion, self_attention_tokens
+from stem.prompts import encode_prompt
+from stem.vae import encode_frames
+
+DEFAULT_METHODS = "ddim_1frame,ddim_2frame,ddim_allframe,stem_k128,stem_k256,stem_k512"
+# STEM as the paper writes it (configs/inversion/stem.yaml): R=3, tau=0.05, EM on features, global bases
+PAPER_STEM = dict(n_iters=3, tau=0.05, space="features", group=None, init="gaussian", normalize_bases=True,
+                  dead_bases="reseed", seed=0)
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage + message
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def make_method(name: str, steps: int, excess_bases: str):
+    """`ddim_1frame|ddim_2frame|ddim_allframe|stem_k<K>` -> an inversion method."""
+    if name in ("ddim_1frame", "ddim_2frame", "ddim_allframe"):
+        return DDIMInversion(context=name.removeprefix("ddim_"), pairing="fatezero", num_steps=steps)
+    if name.startswith("stem_k") and name[6:].isdigit():
+        return STEMInversion(num_bases=int(name[6:]), excess_bases=excess_bases, num_steps=steps, **PAPER_STEM)
+    raise StemError(f"unknown method '{name}': use ddim_1frame, ddim_2frame, ddim_allframe or stem_k<K>")
+
+
+def load_model(args):
+    """The diffusion components named by --model on --device/--dtype."""
+    from stem.models import build_sd15_arch, build_tiny, load_pretrained
+
+    if args.model == "sd15":
+        return load_pretrained(args.model_path, device=args.device, dtype=args.dtype)
+    return (build_tiny if args.model == "tiny" else build_sd15_arch)(seed=0, device=args.device, dtype=args.dtype)
+
+
+def load_frames(args) -> torch.Tensor:
+    """(N, 3, H, W) frames: --video, or a synthetic camera pan (256x256 unless --width/--height)."""
+    if args.video:
+        from stem.video import load_video
+
+        return load_video(args.video, "", n_frames=args.frames, width=args.width, height=args.height).frames
+    from stem.synthetic import camera_pan
+
+    return camera_pan(n_frames=args.frames, width=args.width or 256, height=args.height or 256).frames
+
+
+def device_line(device: torch.device) -> str:
+    """GPU name, or CPU model and usable cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor() or "CPU")
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
+
+
+def rss() -> int:
+    """Resident set size of this process in bytes."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE
+
+
+def measure(fn, device: torch.device) -> tuple[float, int]:
+    """(seconds, peak memory increase in bytes) of one call of `fn`."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated(device) - base
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc: give freed heap back, so RSS starts low
+    if trim:
+        trim(0)
+    base = peak = rss()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.wait(0.002):
+            peak = max(peak, rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    done.set()
+    thread.join()
+    return seconds, max(peak, rss()) - base
+
+
+def clamp_note(methods, unet, frames: int, h: int, w: int) -> str | None:
+    """A header line when some K exceeds the tokens of the smallest self-attention layer."""
+    layer, (gh, gw) = min(self_attention_tokens(unet, h, w).items(), key=lambda kv: kv[1][0] * kv[1][1])
+    tokens = gh * gw * frames
+    big = [m.kwargs["num_bases"] for m in methods.values() if isinstance(m, STEMInversion)
+           and m.kwargs["num_bases"] > tokens]
+    if not big:
+        return None
+    return (f"K={', '.join(map(str, big))} exceed the {tokens} tokens ({frames} frames x {gh}x{gw}) of {layer}: "
+            f"excess_bases=clamp uses {tokens} bases at such layers")
+
+
+def table(rows: list[dict], header: list[str]) -> str:
+    """Markdown: the header lines, then method | s | s/frame | x 1-frame | MiB | x 1-frame."""
+    ref = next((r for r in rows if r["method"] == "ddim_1frame"), None)
+
+    def ratio(r, key):
+        return f"{r[key] / ref[key]:.2f}" if ref and ref[key] > 0 else "-"
+
+    lines = [*(f"- {h}" for h in header), "",
+             "| method | median s | s / frame | time ratio | peak MiB | memory ratio |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['seconds']:.2f} | {r['seconds_per_frame']:.3f} | {ratio(r, 'seconds')} | "
+              f"{r['peak_mib']:.0f} | {ratio(r, 'peak_mib')} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("tiny", "sd15_arch", "sd15"), default="tiny")
+    p.add_argument("--model-path", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="for --model sd15")
+    p.add_argument("--video", help="video file or frame folder (default: synthetic camera pan)")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (paper: 50)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma list; stem_k<K> for any K")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16")
+    p.add_argument("--excess-bases", choices=("error", "clamp"), default="clamp",
+                   help="K above a layer's tokens: clamp (use as many bases as tokens) or error")
+    p.add_argument("--output", help="also write the table here (markdown) and raw numbers to <output>.json")
+    args = p.parse_args(argv)
+    try:
+        for key in ("frames", "steps", "repeats"):
+            if getattr(args, key) < 1:
+                raise StemError(f"--{key}={getattr(args, key)} must be at least 1")
+        if args.output and Path(args.output).suffix == ".json":
+            raise StemError(f"--output {args.output}: name the markdown file (e.g. table.md); the JSON goes beside it")
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        names = [n.strip() for n in args.methods.split(",") if n.strip()]
+        methods = {n: make_method(n, args.steps, args.excess_bases) for n in dict.fromkeys(names)}
+        frames = load_frames(args)
+        model = load_model(args)
+        n, _, height, width = frames.shape
+        for method in methods.values():  # refuse K > tokens (excess_bases=error) before any timing
+            method.check(model.unet, n, height // 8, width // 8)
+        latents = encode_frames(model, frames)
+        cond = encode_prompt(model, "a video")
+    except StemError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    header = [f"device: {device_line(device)}", f"torch {torch.__version__}",
+              f"model: {model.name}", f"video: {n} frames x {width}x{height} ({args.video or 'synthetic camera pan'})",
+              f"DDIM steps: {args.steps}, dtype: {str(dtype).removeprefix('torch.')}, "
+              f"repeats: {args.repeats} (median) after 1 warm-up"]
+    note = clamp_note(methods, model.unet, n, height // 8, width // 8)
+    header += [note] if note else []
+    load_start = os.getloadavg()[0]
+    print("\n".join(header), flush=True)
+    rows = []
+    for name, method in tqdm(methods.items(), desc="methods"):
+        def run():
+            method.invert(model, latents, cond, progress=False)
+
+        measure(run, device)  # warm-up
+        runs = [measure(run, device) for _ in range(args.repeats)]
+        seconds = statistics.median(s for s, _ in runs)
+        peak = max(m for _, m in runs) / 2**20
+        rows.append(dict(method=name, seconds=seconds, seconds_per_frame=seconds / n, peak_mib=peak,
+                         runs_seconds=[s for s, _ in runs], runs_peak_mib=[m / 2**20 for _, m in runs]))
+    if device.type == "cpu":  # other processes on these cores slow every number down
+        header.append(f"load average (1 min) at start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f} "
+                      f"on {len(os.sched_getaffinity(0))} cores")
+    md = table(rows, header)
+    print("\n" + md, end="")
+    if args.output:
+        out = Path(args.output)
+        with atomic_file(out) as tmp:
+            tmp.write_text(md)
+        with atomic_file(out.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps({"header": header, "args": vars(args), "rows": rows}, indent=2) + "\n")
+        print(f"wrote {out} and {out.with_suffix('.json')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
