@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from stem.errors import ConfigError
+from stem.errors import ConfigError, check_choice, check_token_count
 
 CONTEXTS = ("1frame", "2frame", "allframe")
 PAIRINGS = ("fatezero", "tuneavideo")
@@ -113,12 +113,9 @@ class FrameContextAttnProcessor(SelfAttnProcessor):
     def __init__(self, num_frames: int, context: str = "1frame", pairing: str = "fatezero",
                  query_chunk: int | None = 2048):
         super().__init__(num_frames)
-        if context not in CONTEXTS:
-            raise ConfigError(f"context='{context}' is not one of {', '.join(CONTEXTS)}")
-        if pairing not in PAIRINGS:
-            raise ConfigError(f"pairing='{pairing}' is not one of {', '.join(PAIRINGS)}")
-        if query_chunk is not None and query_chunk < 1:
-            raise ConfigError(f"query_chunk={query_chunk} must be a positive token count or null")
+        check_choice("context", context, CONTEXTS)
+        check_choice("pairing", pairing, PAIRINGS)
+        check_token_count("query_chunk", query_chunk)
         self.context, self.pairing, self.query_chunk = context, pairing, query_chunk
         self.index = context_frames(num_frames, context, pairing)
 

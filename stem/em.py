@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stem.errors import ConfigError
+from stem.errors import ConfigError, check_choice, check_token_count
 
 INITS = ("gaussian", "random_tokens", "kmeans++")
 DEAD_POLICIES = ("keep", "reseed")
@@ -61,12 +61,9 @@ def check_em_settings(num_bases: int, n_iters: int, tau: float, init: str, dead_
         raise ConfigError(f"n_iters={n_iters} must be at least 1 (paper: 3, released code: 5)")
     if not tau > 0:
         raise ConfigError(f"tau={tau} must be > 0 (paper: 0.05, released code: 0.01)")
-    if init not in INITS:
-        raise ConfigError(f"init='{init}' is not one of {', '.join(INITS)}")
-    if dead_bases not in DEAD_POLICIES:
-        raise ConfigError(f"dead_bases='{dead_bases}' is not one of {', '.join(DEAD_POLICIES)}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ConfigError(f"chunk_size={chunk_size} must be a positive token count or null")
+    check_choice("init", init, INITS)
+    check_choice("dead_bases", dead_bases, DEAD_POLICIES)
+    check_token_count("chunk_size", chunk_size)
 
 
 def normalize(mu: torch.Tensor) -> torch.Tensor:

@@ -19,3 +19,15 @@ class ConfigError(StemError):
 
 class TableError(StemError):
     """A sweep folder that cannot be turned into a results table."""
+
+
+def check_choice(name: str, value, choices) -> None:
+    """ConfigError unless `value` is one of `choices` (the message lists them)."""
+    if value not in choices:
+        raise ConfigError(f"{name}='{value}' is not one of {', '.join(choices)}")
+
+
+def check_token_count(name: str, value: int | None) -> None:
+    """ConfigError unless `value` is a positive token count or None (no limit)."""
+    if value is not None and value < 1:
+        raise ConfigError(f"{name}={value} must be a positive token count or null")

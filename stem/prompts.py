@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from stem.errors import ConfigError, PromptError
+from stem.errors import PromptError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,7 @@ def encode_prompt(model, prompt: str, overflow: str = "error") -> torch.Tensor:
     with `overflow="error"` (the default: a silently shortened prompt is a different
     experiment), or cut to 77 tokens with a logged warning with `overflow="truncate"`.
     """
-    if overflow not in OVERFLOW_POLICIES:
-        raise ConfigError(f"prompt overflow='{overflow}' is not one of {', '.join(OVERFLOW_POLICIES)}")
+    check_choice("prompt_overflow", overflow, OVERFLOW_POLICIES)
     tok = model.tokenizer
     limit = tok.model_max_length
     n_tokens = len(tok(prompt).input_ids)

@@ -20,7 +20,7 @@ import torch
 
 from stem.attention import SelfAttnProcessor, chunked_attention
 from stem.em import check_em_settings, em_bases
-from stem.errors import ConfigError
+from stem.errors import ConfigError, check_choice, check_token_count
 
 SPACES = ("features", "keys")
 EXCESS_POLICIES = ("error", "clamp")
@@ -75,14 +75,11 @@ class STEMAttnProcessor(SelfAttnProcessor):
                  excess_bases: str = "error", chunk_size: int | None = 16384, query_chunk: int | None = 65536):
         super().__init__(num_frames)
         check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size)
-        if space not in SPACES:
-            raise ConfigError(f"space='{space}' is not one of {', '.join(SPACES)}")
+        check_choice("space", space, SPACES)
         if group is not None and group < 1:
             raise ConfigError(f"group={group} must be at least 1 frame, or null for the whole video")
-        if excess_bases not in EXCESS_POLICIES:
-            raise ConfigError(f"excess_bases='{excess_bases}' is not one of {', '.join(EXCESS_POLICIES)}")
-        if query_chunk is not None and query_chunk < 1:
-            raise ConfigError(f"query_chunk={query_chunk} must be a positive token count or null")
+        check_choice("excess_bases", excess_bases, EXCESS_POLICIES)
+        check_token_count("query_chunk", query_chunk)
         self.num_bases, self.n_iters, self.tau, self.space, self.group = num_bases, n_iters, tau, space, group
         self.init, self.normalize_bases, self.dead_bases = init, normalize_bases, dead_bases
         self.excess_bases = excess_bases
