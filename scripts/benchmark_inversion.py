@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from stem.atomic import atomic_file
@@ -35,9 +36,15 @@ from stem.prompts import encode_prompt
 from stem.vae import encode_frames
 
 DEFAULT_METHODS = "ddim_1frame,ddim_2frame,ddim_allframe,stem_k128,stem_k256,stem_k512"
-# STEM as the paper writes it (configs/inversion/stem.yaml): R=3, tau=0.05, EM on features, global bases
-PAPER_STEM = dict(n_iters=3, tau=0.05, space="features", group=None, init="gaussian", normalize_bases=True,
-                  dead_bases="reseed", seed=0)
+# STEM as the paper writes it: the knobs of configs/inversion/stem.yaml, read from the file so they cannot drift
+PAPER_PRESET = Path(__file__).resolve().parents[1] / "configs" / "inversion" / "stem.yaml"
+
+
+def paper_stem() -> dict:
+    """Keyword arguments of the `inversion=stem` preset, except those the benchmark sets itself."""
+    preset = yaml.safe_load(PAPER_PRESET.read_text())
+    own = ("_target_", "num_bases", "num_steps", "excess_bases", "seed")
+    return {k: v for k, v in preset.items() if k not in own} | {"seed": 0}
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -52,7 +59,7 @@ def make_method(name: str, steps: int, excess_bases: str):
     if name in ("ddim_1frame", "ddim_2frame", "ddim_allframe"):
         return DDIMInversion(context=name.removeprefix("ddim_"), pairing="fatezero", num_steps=steps)
     if name.startswith("stem_k") and name[6:].isdigit():
-        return STEMInversion(num_bases=int(name[6:]), excess_bases=excess_bases, num_steps=steps, **PAPER_STEM)
+        return STEMInversion(num_bases=int(name[6:]), excess_bases=excess_bases, num_steps=steps, **paper_stem())
     raise StemError(f"unknown method '{name}': use ddim_1frame, ddim_2frame, ddim_allframe or stem_k<K>")
 
 

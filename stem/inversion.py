@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 class InversionMethod:
     """DDIM inversion/reconstruction with the processor `processor(num_frames)` on every attn1."""
 
-    name = "inversion"
-
     def __init__(self, num_steps: int = 50):
         if num_steps < 1:
             raise ConfigError(f"num_steps={num_steps} must be at least 1")
@@ -105,8 +103,10 @@ def self_attention_tokens(unet, latent_height: int, latent_width: int) -> dict[s
         if ".attn1." not in name:
             continue
         part, index = name.split(".")[:2]
-        level = {"down_blocks": int(index) if index.isdigit() else 0, "mid_block": levels - 1,
-                 "up_blocks": levels - 1 - int(index) if index.isdigit() else 0}[part]
+        if part == "mid_block":
+            level = levels - 1
+        else:
+            level = int(index) if part == "down_blocks" else levels - 1 - int(index)
         grid[name.removesuffix(".processor")] = sizes[level]
     return grid
 
