@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from stem.tables import DEFAULT_METRICS, collect_runs, sweep_table, to_markdown, varying_keys, write_tables
+from stem.tables import collect_runs, sweep_table, to_markdown, varying_keys, write_tables
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class SweepTableCallback(Callback):
         if columns is None:  # the declared sweep first, then whatever else differs (command-line sweeps)
             swept = _swept_keys(config)
             columns = swept + [k for k in varying_keys(runs) if k not in swept]
-        table = sweep_table(runs, columns, self.metrics or DEFAULT_METRICS)
+        table = sweep_table(runs, columns, self.metrics)
         md, _ = write_tables(table, sweep_dir, self.name)
         log.info("sweep table of %d jobs -> %s\n%s", len(runs), md, to_markdown(table))
         if str(OmegaConf.select(config, "logger._target_", default="")).endswith("WandbLogger"):

@@ -3,6 +3,7 @@
     python run.py                                   # tiny random model, synthetic pan, CPU
     python run.py inversion=ddim_allframe data=car_turn model=sd15
     python run.py -m inversion=ddim_1frame,ddim_2frame,ddim_allframe
+    python run.py metrics=all                       # + CLIP, warp error, feature similarity (docs/METRICS.md)
 
 `main` only hands the composed config to `run_job`, a plain function that builds every
 object from its `_target_`, runs the job and always closes the logger (failures marked).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -25,10 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from stem.cache import TensorCache
 from stem.errors import StemError
+from stem.evaluation import per_frame_columns, summary_scalars
 from stem.reconstruction import reconstruct_video
 from stem.rundir import write_reconstruction_run
 
 log = logging.getLogger("run")
+HEADLINE = ("psnr", "ssim", "clip_score", "frame_consistency", "warp_error", "mean")  # logged at the end of a job
 
 
 class NullLogger:
@@ -37,7 +41,7 @@ class NullLogger:
     def __init__(self, **_):
         pass
 
-    def log_reconstruction(self, metrics: dict, run_dir: Path) -> None:
+    def log_run(self, metrics: dict, run_dir: Path) -> None:
         pass
 
     def finish(self, failed: bool) -> None:
@@ -56,16 +60,21 @@ class WandbLogger:
         self.run = wandb.init(project=project, entity=entity, mode=mode, group=group, tags=list(tags),
                               name=name, config=run_config, dir=dir)
 
-    def log_reconstruction(self, metrics: dict, run_dir: Path) -> None:
-        summary = {f"{ref}/{m}": metrics[ref][m] for ref in ("vs_input", "vs_vae", "vae_vs_input")
-                   for m in ("psnr", "ssim")}
-        table = self.wandb.Table(columns=["frame", "psnr_vs_input", "ssim_vs_input", "psnr_vs_vae", "ssim_vs_vae"])
-        inp, vae = metrics["vs_input"], metrics["vs_vae"]
-        for i, row in enumerate(zip(inp["psnr_per_frame"], inp["ssim_per_frame"],
-                                    vae["psnr_per_frame"], vae["ssim_per_frame"])):
-            table.add_data(i, *row)
-        self.run.log({**summary, "per_frame": table,
-                      "comparison": self.wandb.Video(str(run_dir / "comparison.mp4"), format="mp4")})
+    def log_run(self, metrics: dict, run_dir: Path) -> None:
+        """Headline numbers as summary, per-frame values as a table, the run's videos and figures as media."""
+        summary = summary_scalars(metrics)
+        record = dict(summary)
+        columns = per_frame_columns(metrics)
+        if columns:
+            table = self.wandb.Table(columns=["frame", *columns])
+            for i, row in enumerate(zip(*columns.values())):
+                table.add_data(i, *row)
+            record["per_frame"] = table
+        for video in sorted(run_dir.glob("*.mp4")):
+            record[video.stem] = self.wandb.Video(str(video), format="mp4")
+        for image in sorted(run_dir.glob("*.png")):
+            record[image.stem] = self.wandb.Image(str(image))
+        self.run.log(record)
         self.run.summary.update(summary)
 
     def finish(self, failed: bool) -> None:
@@ -84,7 +93,7 @@ def _build(group: str, node: DictConfig, **kwargs):
 
 
 def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Build model, data and inversion from `cfg`, reconstruct, write `run_dir`; return metrics."""
+    """Build model, data, inversion and metrics from `cfg`, reconstruct, write `run_dir`; return metrics."""
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     make_logger = _build("logger", cfg.logger, _partial_=True)  # a partial: the config is no node to instantiate
@@ -92,18 +101,26 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     failed = True
     try:
         method = _build("inversion", cfg.inversion)   # cheap objects first: bad settings fail fast
+        evaluator = _build("metrics", cfg.metrics)
         video = _build("data", cfg.data)
+        evaluator.prepare(video, method.num_steps)    # bad metric settings and missing CLIP weights, before the model
         model = _build("model", cfg.model)
-        log.info("video %s: %d frames %dx%d, prompt %r", video.name, video.num_frames, video.width,
-                 video.height, video.prompt)
+        log.info("video %s: %d frames %dx%d, prompt %r; metrics: %s", video.name, video.num_frames, video.width,
+                 video.height, video.prompt, ", ".join(evaluator.names()))
         cache = TensorCache(Path(cfg.paths.cache_dir) / "inversion") if cfg.use_cache else None
-        result = reconstruct_video(model, video, method, cache, cfg.prompt_overflow, cfg.progress)
-        metrics = write_reconstruction_run(run_dir, video, result, extra={
+        recorder = evaluator.feature_recorder(model, video, method.num_steps)
+        result = reconstruct_video(model, video, method, cache, cfg.prompt_overflow, cfg.progress, observer=recorder)
+        start = time.perf_counter()
+        scores = evaluator.evaluate(result.frames, video, video.prompt, method.name,
+                                    references={"input": video.frames, "vae": result.vae_frames}, recorder=recorder,
+                                    run_dir=run_dir, timesteps=result.inverted.trajectory.timesteps.tolist())
+        metrics = write_reconstruction_run(run_dir, video, result, scores, extra={
             "method": method.name, "inversion": method.settings(), "model": model.name,
-            "model_fingerprint": model.fingerprint, "device": str(model.device), "dtype": str(model.dtype)})
-        logger.log_reconstruction(metrics, run_dir)
-        log.info("PSNR/SSIM vs input %.2f/%.4f, vs VAE %.2f/%.4f -> %s", metrics["vs_input"]["psnr"],
-                 metrics["vs_input"]["ssim"], metrics["vs_vae"]["psnr"], metrics["vs_vae"]["ssim"], run_dir)
+            "model_fingerprint": model.fingerprint, "device": str(model.device), "dtype": str(model.dtype),
+            "metrics_seconds": time.perf_counter() - start})
+        logger.log_run(metrics, run_dir)
+        log.info("%s -> %s", ", ".join(f"{k} {v:.4g}" for k, v in summary_scalars(scores).items()
+                                       if k.count("/") == 1 and k.split("/")[1] in HEADLINE), run_dir)
         failed = False
         return metrics
     finally:

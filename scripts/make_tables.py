@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from stem.errors import StemError
-from stem.tables import DEFAULT_METRICS, build_sweep_table, to_markdown, write_tables
+from stem.tables import build_sweep_table, to_markdown, write_tables
 
 
 def parse_metric(text: str) -> tuple[str, ...]:
@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", type=lambda s: [c for c in s.split(",") if c],
                         help="comma-separated override keys (default: the keys that vary between jobs)")
     parser.add_argument("--metrics", nargs="+", type=parse_metric, metavar="LABEL=PATH[:FMT]",
-                        help="metrics as dotted paths into metrics.json (default: PSNR and SSIM vs input and vs VAE)")
+                        help="metrics as dotted paths into metrics.json "
+                             "(default: those of stem.tables.DEFAULT_METRICS that the runs have)")
     args = parser.parse_args(argv)
     try:
-        table = build_sweep_table(args.sweep_dir, args.columns, args.metrics or DEFAULT_METRICS)
+        table = build_sweep_table(args.sweep_dir, args.columns, args.metrics or None)
         md, csv_path = write_tables(table, args.sweep_dir, args.name)
     except StemError as e:
         print(f"error: {e}", file=sys.stderr)

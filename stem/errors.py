@@ -31,3 +31,9 @@ def check_token_count(name: str, value: int | None) -> None:
     """ConfigError unless `value` is a positive token count or None (no limit)."""
     if value is not None and value < 1:
         raise ConfigError(f"{name}={value} must be a positive token count or null")
+
+
+class MetricError(StemError, ValueError):
+    """Input a metric cannot score (shapes, NaNs, too few or too small frames, missing weights).
+
+    Also a ValueError, so library callers can catch it as the bad value it is."""

@@ -3,12 +3,13 @@
 `invert_video` is the cached entry point every editing method starts from: it returns the
 full DDIM trajectory of a video under its source prompt, reusing a cache entry keyed by a
 content hash of (frames, weights, dtype, device type, prompt, method settings).
-`reconstruct_video` adds DDIM sampling back from z_T and PSNR/SSIM against the input
-frames and against the VAE round trip of the input (the VAE alone caps PSNR).
+`reconstruct_video` adds DDIM sampling back from z_T and decodes both the reconstruction and
+the VAE round trip of the input (the VAE alone caps PSNR); `stem.evaluation` scores them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ import torch
 
 from stem.cache import TensorCache, content_key
 from stem.ddim import Trajectory
-from stem.metrics import reconstruction_metrics
 from stem.prompts import encode_prompt
 from stem.vae import decode_latents, encode_frames
 from stem.video import Video
@@ -41,13 +41,17 @@ class Reconstruction:
     inverted: Inverted
     vae_frames: torch.Tensor      # VAE round trip of the input, (N, 3, H, W) in [0, 1]
     frames: torch.Tensor          # reconstruction, (N, 3, H, W) in [0, 1]
-    metrics: dict                 # {"vs_input": {...}, "vs_vae": {...}, "vae_vs_input": {...}}
     seconds: float
 
 
 def invert_video(model, video: Video, method, cache: TensorCache | None = None, prompt_overflow: str = "error",
-                 progress: bool = True) -> Inverted:
-    """The inverted trajectory of `video` under `video.prompt` with `method` (cached)."""
+                 progress: bool = True, observer: contextlib.AbstractContextManager | None = None) -> Inverted:
+    """The inverted trajectory of `video` under `video.prompt` with `method` (cached).
+
+    `observer` (e.g. a `stem.metrics.feature_similarity.FeatureRecorder`) is entered around the
+    inversion. It needs the UNet calls, so with an observer the inversion runs even on a cache
+    hit; the cached latents are returned then, and nothing is written.
+    """
     cond = encode_prompt(model, video.prompt, prompt_overflow)  # refuses a bad prompt before any work
     method.check(model.unet, video.num_frames, video.height // 8, video.width // 8)
     key = content_key(frames=video.frames, model=model.fingerprint, dtype=str(model.dtype),
@@ -55,15 +59,17 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
                       scheduler={k: model.scheduler.config[k] for k in sorted(model.scheduler.config)
                                  if not k.startswith("_")})
     hit = cache.load(key) if cache is not None else None
-    if hit is not None:
-        tensors, _ = hit
+    if hit is not None and observer is None:
         log.info("inversion cache hit %s", cache.path(key))
-        traj = Trajectory(tensors["latents"].to(model.device, model.dtype), tensors["timesteps"])
-        return Inverted(traj, cond, key, cache.path(key), True, 0.0)
+        return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, 0.0)
     start = time.perf_counter()
     latents = encode_frames(model, video.frames, progress=progress)
-    traj = method.invert(model, latents, cond, progress=progress)
+    with observer if observer is not None else contextlib.nullcontext():
+        traj = method.invert(model, latents, cond, progress=progress)
     seconds = time.perf_counter() - start
+    if hit is not None:
+        log.info("inversion cache hit %s (inverted again for %s)", cache.path(key), type(observer).__name__)
+        return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, seconds)
     entry = None
     if cache is not None:
         meta = {"video": video.name, "source": video.source, "prompt": video.prompt, "model": model.name,
@@ -74,16 +80,19 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     return Inverted(traj, cond, key, entry, False, seconds)
 
 
+def _trajectory(tensors: dict, model) -> Trajectory:
+    return Trajectory(tensors["latents"].to(model.device, model.dtype), tensors["timesteps"])
+
+
 def reconstruct_video(model, video: Video, method, cache: TensorCache | None = None,
-                      prompt_overflow: str = "error", progress: bool = True) -> Reconstruction:
-    """Invert (cached), reconstruct with guidance 1, decode, and measure PSNR/SSIM."""
-    inverted = invert_video(model, video, method, cache, prompt_overflow, progress)
+                      prompt_overflow: str = "error", progress: bool = True,
+                      observer: contextlib.AbstractContextManager | None = None) -> Reconstruction:
+    """Invert (cached; `observer` as in `invert_video`), reconstruct with guidance 1, decode both the
+    reconstruction and the clean latents (the VAE round trip of the input)."""
+    inverted = invert_video(model, video, method, cache, prompt_overflow, progress, observer)
     start = time.perf_counter()
     latents = method.reconstruct(model, inverted.trajectory.latents[-1], inverted.cond, progress=progress)
     frames = decode_latents(model, latents, progress=progress)
     seconds = time.perf_counter() - start
     vae_frames = decode_latents(model, inverted.trajectory.latents[0], progress=progress)
-    metrics = reconstruction_metrics(frames, {"input": video.frames, "vae": vae_frames})
-    metrics = {"vs_input": metrics["input"], "vs_vae": metrics["vae"],
-               "vae_vs_input": reconstruction_metrics(vae_frames, {"input": video.frames})["input"]}
-    return Reconstruction(inverted, vae_frames, frames, metrics, seconds)
+    return Reconstruction(inverted, vae_frames, frames, seconds)

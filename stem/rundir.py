@@ -46,9 +46,10 @@ def git_revision(repo: str | Path = ".") -> dict:
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
-def write_reconstruction_run(run_dir: str | Path, video, result, extra: dict | None = None) -> dict:
+def write_reconstruction_run(run_dir: str | Path, video, result, metrics: dict, extra: dict | None = None) -> dict:
     """Write reconstruction.mp4, comparison.mp4 (input | reconstruction), the inverted-latents
-    link, git.json and metrics.json into `run_dir`; return the metrics.json content."""
+    link, git.json and metrics.json (`metrics` from `stem.evaluation.Evaluator.evaluate`, plus
+    run facts) into `run_dir`; return the metrics.json content."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_video(run_dir / "reconstruction.mp4", result.frames, video.fps)
@@ -61,7 +62,7 @@ def write_reconstruction_run(run_dir: str | Path, video, result, extra: dict | N
         link.symlink_to(Path(inv.entry).resolve(), target_is_directory=True)
     write_json(run_dir / "git.json", git_revision(Path(__file__).resolve().parent))
     metrics = {
-        **result.metrics,
+        **metrics,
         "video": {"name": video.name, "source": video.source, "prompt": video.prompt,
                   "frames": video.num_frames, "width": video.width, "height": video.height, "fps": video.fps},
         "inversion_cache": {"key": inv.key, "path": str(inv.entry) if inv.entry else None, "hit": inv.cache_hit},

@@ -28,11 +28,17 @@ from stem.errors import TableError
 
 FAILED = "failed"
 # (label, dotted path into metrics.json, format spec for markdown: the paper's 3 decimals for PSNR, 4 for SSIM)
+# The default table shows those of these that at least one finished job has (metrics=recon|edit|all).
 DEFAULT_METRICS = (
     ("PSNR", "vs_input.psnr", ".3f"),
     ("SSIM", "vs_input.ssim", ".4f"),
     ("PSNR vs VAE", "vs_vae.psnr", ".3f"),
     ("SSIM vs VAE", "vs_vae.ssim", ".4f"),
+    ("CLIP score", "clip.clip_score", ".4f"),
+    ("CLIP consistency", "clip.frame_consistency", ".4f"),
+    ("Warp error x1e-3", "warp_error.warp_error", ".3f"),
+    ("Warp flow", "warp_error.backend", ""),
+    ("Feature similarity", "feature_similarity.mean", ".4f"),
 )
 DEFAULT_FORMAT = ".4g"  # for a metric given as (label, path) only
 
@@ -109,10 +115,19 @@ def _sort_key(value):
     return (1, 0, "" if value is None else str(value))
 
 
-def sweep_table(runs: list[dict], columns: list[str], metrics=DEFAULT_METRICS) -> dict:
+def default_metrics(runs: list[dict]) -> list[tuple]:
+    """The DEFAULT_METRICS that some finished job has (the first four when none finished)."""
+    ok = [run["metrics"] for run in runs if run["status"] == "ok"]
+    if not ok:
+        return list(DEFAULT_METRICS[:4])
+    return [m for m in DEFAULT_METRICS if any(_lookup(r, m[1]) is not None for r in ok)]
+
+
+def sweep_table(runs: list[dict], columns: list[str], metrics=None) -> dict:
     """Rows of `columns` (override keys) then `metrics` ((label, dotted path[, format]) into
-    metrics.json), sorted by the column values; a failed run is a row of "failed" cells."""
-    specs = [_metric_spec(m) for m in metrics]
+    metrics.json; None: `default_metrics(runs)`), sorted by the column values; a failed run is a
+    row of "failed" cells."""
+    specs = [_metric_spec(m) for m in (default_metrics(runs) if metrics is None else metrics)]
     for label, _, fmt in specs:
         try:
             format(1.0, fmt)
@@ -180,8 +195,7 @@ def build_sweep_table(sweep_dir: str | Path, columns: list[str] | None = None, m
     runs = collect_runs(sweep_dir)
     if not runs:
         raise TableError(f"no job folders in {sweep_dir}: expected <job num>/.hydra/ from `python run.py -m ...`")
-    return sweep_table(runs, varying_keys(runs) if columns is None else list(columns),
-                       DEFAULT_METRICS if metrics is None else metrics)
+    return sweep_table(runs, varying_keys(runs) if columns is None else list(columns), metrics)
 
 
 def write_sweep_tables(sweep_dir: str | Path, name: str = "table", columns: list[str] | None = None,

@@ -12,7 +12,7 @@ def options(group):
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "inversion", "logger", "debug")
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "inversion", "metrics", "logger", "debug")
                                           for o in options(g)])
 def test_each_option_composes_resolves_and_targets_exist(tmp_path, group, option):
     cfg = compose_config(tmp_path, f"{group}={option}", fast=False)
@@ -20,6 +20,10 @@ def test_each_option_composes_resolves_and_targets_exist(tmp_path, group, option
     OmegaConf.to_container(node, resolve=True)
     if "_target_" in node:
         assert callable(get_method(node._target_))
+    if group == "metrics":  # cheap to build (CLIP loads only in prepare): the settings are accepted
+        from hydra.utils import instantiate
+
+        assert type(instantiate(node)).__name__ == "Evaluator"
 
 
 def test_every_experiment_file_composes(tmp_path):

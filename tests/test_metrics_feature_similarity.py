@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from stem.inversion import DDIMInversion
 from stem.metrics.feature_similarity import (
+    FeatureRecorder,
     capture_features,
+    feature_pca,
     feature_temporal_similarity,
     last_decoder_self_attention,
     similarity_per_step,
@@ -99,3 +101,66 @@ def test_similarity_per_step_on_synthetic_pan(tiny_model):
     values = similarity_per_step(tiny_model, latents, cond, DDIMInversion("1frame", num_steps=3), video.flow)
     assert len(values) == 3
     assert all(math.isfinite(v) and -1 <= v <= 1 for v in values)
+
+
+def test_recorder_streams_the_same_values_as_capturing_everything(tiny_model):
+    video = camera_pan(n_frames=4, width=64, height=64, dx=8, dy=0)
+    latents = encode_frames(tiny_model, video.frames)
+    cond = encode_prompt(tiny_model, video.prompt)
+    method = DDIMInversion("1frame", num_steps=3)
+    with capture_features(tiny_model.unet, latent_hw=(8, 8)) as captured:
+        method.invert(tiny_model, latents, cond, progress=False)
+    with FeatureRecorder(tiny_model.unet, video.flow, latent_hw=(8, 8), keep_calls={2}, keep_frames=[0, 3]) as rec:
+        method.invert(tiny_model, latents, cond, progress=False)
+    assert rec.per_call == pytest.approx([feature_temporal_similarity(f, video.flow)["mean"] for f in captured],
+                                         abs=1e-9)
+    assert list(rec.kept) == [2] and torch.equal(rec.kept[2], captured[2][[0, 3]])
+    assert rec.layer == last_decoder_self_attention(tiny_model.unet)
+    assert not tiny_model.unet.up_blocks[3].attentions[2].transformer_blocks[0].attn1._forward_hooks
+
+
+def test_recorder_scores_the_last_frames_of_a_guidance_batch(tiny_model):
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 4, 8, 8, generator=gen)  # [uncond x3, cond x3]
+    cond = torch.randn(6, 77, 32, generator=gen)
+    flow = torch.zeros(2, 2, 64, 64)
+    with capture_features(tiny_model.unet, latent_hw=(8, 8)) as captured, \
+            FeatureRecorder(tiny_model.unet, flow, latent_hw=(8, 8)) as rec, torch.no_grad():
+        tiny_model.unet(z, torch.tensor(301), encoder_hidden_states=cond)
+    assert rec.per_call == pytest.approx([feature_temporal_similarity(captured[0][3:], flow)["mean"]], abs=1e-9)
+    with pytest.raises(ValueError, match="batch 5 is not a multiple of the flow's 3 frames"), \
+            FeatureRecorder(tiny_model.unet, flow, latent_hw=(8, 8)), torch.no_grad():
+        tiny_model.unet(z[:5], torch.tensor(301), encoder_hidden_states=cond[:5])
+
+
+def test_recorder_refuses_frames_outside_the_video():
+    with pytest.raises(ValueError, match=r"keep_frames \[4\] are outside the video's 3 frames"):
+        FeatureRecorder(None, torch.zeros(2, 2, 8, 8), keep_frames=[0, 4])
+
+
+def test_pca_recovers_known_components_in_order_with_fixed_signs():
+    gen = torch.Generator().manual_seed(0)
+    f, c, h, w = 2, 6, 5, 4
+    # three zero-mean, orthonormal spatial patterns over all f*h*w tokens, and orthonormal channel directions
+    patterns, _ = torch.linalg.qr(torch.randn(f * h * w, 3, generator=gen, dtype=torch.float64)
+                                  - torch.randn(1, 3, generator=gen, dtype=torch.float64))
+    patterns = patterns - patterns.mean(0)
+    patterns, _ = torch.linalg.qr(patterns)
+    directions, _ = torch.linalg.qr(torch.randn(c, 3, generator=gen, dtype=torch.float64))
+    directions = directions * torch.sign(directions.gather(0, directions.abs().argmax(0, keepdim=True)))
+    strengths = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    tokens = (patterns * strengths) @ directions.T + torch.randn(1, c, generator=gen, dtype=torch.float64)
+    features = tokens.reshape(f, h, w, c).permute(0, 3, 1, 2).float()
+    out = feature_pca(features)
+    assert out.shape == (f, 3, h, w) and out.min() >= 0 and out.max() <= 1
+    for k in range(3):
+        p = patterns[:, k]
+        expected = ((p - p.min()) / (p.max() - p.min())).reshape(f, h, w)
+        assert torch.allclose(out[:, k].double(), expected, atol=1e-4), k
+
+
+def test_pca_bad_input_names_the_shape():
+    with pytest.raises(ValueError, match=r"at least 3 channels, got features \(2, 2, 4, 4\)"):
+        feature_pca(torch.rand(2, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"features \(1, 4, 2, 2\) contain NaN"):
+        feature_pca(torch.full((1, 4, 2, 2), float("nan")))

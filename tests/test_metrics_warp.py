@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torchvision.models.optical_flow import Raft_Large_Weights, raft_small
 
 import stem.metrics.flow as flow_mod
+from stem.errors import MetricError
 from stem.metrics.flow import estimate_flow, pad_to_multiple, unpad
 from stem.metrics.warp import consistency_mask, in_bounds_mask, warp, warp_error
 from stem.synthetic import camera_pan
@@ -198,7 +199,7 @@ def test_auto_falls_back_to_dis_when_raft_weights_cannot_load(pan, monkeypatch, 
     with caplog.at_level(logging.WARNING, logger="stem.metrics.flow"):
         r = warp_error(pan.frames[:3], pan.frames[:3], flow_backend="auto", progress=False)
     assert r["backend"] == "dis" and "using OpenCV DIS" in caplog.text
-    with pytest.raises(RuntimeError, match="RAFT weights"):
+    with pytest.raises(MetricError, match="RAFT weights"):
         estimate_flow(pan.frames[:3], "raft", progress=False)
 
 
@@ -241,6 +242,26 @@ def test_raft_batched_pairs_equal_direct_calls_on_padded_inputs(tiny_raft):
     r = warp_error(frames, frames, flow_backend="raft", model=tiny_raft, raft_iters=2, device="cpu",
                    progress=False)
     assert r["backend"] == "raft-custom" and len(r["per_pair"]) == 2
+
+
+def test_raft_halves_the_batch_when_memory_runs_out(tiny_raft, caplog):
+    frames = torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    ref = estimate_flow(frames, "raft", model=tiny_raft, raft_iters=2, batch_size=1, device="cpu", progress=False)
+
+    def small_memory(module, args):  # a device that fits two pairs at a time
+        if args[0].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    handle = tiny_raft.register_forward_pre_hook(small_memory)
+    try:
+        with caplog.at_level(logging.WARNING):
+            got = estimate_flow(frames, "raft", model=tiny_raft, raft_iters=2, batch_size=4, device="cpu",
+                                progress=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-4, rtol=1e-4)
+    assert "batches of 2 pairs" in caplog.text and "batches of 1 pairs" not in caplog.text
 
 
 def test_raft_runs_end_to_end_on_854x480(tiny_raft):

@@ -65,7 +65,7 @@ class RecordingLogger:
     def __init__(self, **kwargs):
         pass
 
-    def log_reconstruction(self, metrics, run_dir):
+    def log_run(self, metrics, run_dir):
         raise RuntimeError("boom")  # fail after the run directory is written
 
     def finish(self, failed):

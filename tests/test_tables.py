@@ -84,7 +84,8 @@ def test_columns_default_to_the_override_keys_that_vary(sweep):
 
 
 def test_table_rows_sorted_by_columns_with_failed_jobs_kept(sweep):
-    table = sweep_table(collect_runs(sweep), ["inversion", "inversion.num_bases"], DEFAULT_METRICS)
+    table = sweep_table(collect_runs(sweep), ["inversion", "inversion.num_bases"])  # default: metrics the runs have
+    assert table == sweep_table(collect_runs(sweep), ["inversion", "inversion.num_bases"], DEFAULT_METRICS[:4])
     assert table["header"] == ["inversion", "inversion.num_bases", "PSNR", "SSIM", "PSNR vs VAE", "SSIM vs VAE"]
     assert table["rows"] == [["ddim_1frame", None, 22.5, 0.75, 30.0, 0.9],
                              ["stem", 64, float("inf"), 1.0, float("inf"), 1.0],
@@ -92,6 +93,20 @@ def test_table_rows_sorted_by_columns_with_failed_jobs_kept(sweep):
                              ["stem", 256, 24.12345, 0.813749, 41.0, 0.99876]]
     assert to_markdown(table) == MARKDOWN
     assert to_csv(table) == CSV
+
+
+def test_default_columns_follow_the_metrics_group_of_the_runs(tmp_path):
+    edit = {"clip": {"clip_score": 0.31, "frame_consistency": 0.95},
+            "warp_error": {"warp_error": 4.9, "backend": "dis"}}
+    for job, result in enumerate([edit, {**edit, "feature_similarity": {"mean": 0.8}}]):
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={job}"]))
+        (tmp_path / str(job) / "metrics.json").write_text(json.dumps(result))
+    table = sweep_table(collect_runs(tmp_path), ["seed"])
+    assert table["header"] == ["seed", "CLIP score", "CLIP consistency", "Warp error x1e-3", "Warp flow",
+                               "Feature similarity"]
+    assert table["rows"] == [[0, 0.31, 0.95, 4.9, "dis", None], [1, 0.31, 0.95, 4.9, "dis", 0.8]]
+    assert to_markdown(table).splitlines()[2] == "| 0 | 0.3100 | 0.9500 | 4.900 | dis |  |"
 
 
 def test_metric_spec_takes_any_dotted_path_and_format(sweep):

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stem.device import resolve_device
-from stem.errors import ConfigError, StemError
+from stem.errors import ConfigError, MetricError, StemError
 
 DEFAULT_MODEL = "ViT-B-32-quickgelu"
 DEFAULT_PRETRAINED = "openai"
@@ -185,32 +185,32 @@ def _as_frames(frames, name: str = "frames") -> torch.Tensor:
     """(N, 3, H, W) tensor or (N, H, W, 3) array in [0, 1] -> float32 (N, 3, H, W) tensor."""
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"{METRIC}: expected {name} as (N, H, W, 3) array or (N, 3, H, W) tensor, "
+            raise MetricError(f"{METRIC}: expected {name} as (N, H, W, 3) array or (N, 3, H, W) tensor, "
                              f"got array of shape {frames.shape}")
         frames = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     if not isinstance(frames, torch.Tensor):
-        raise ValueError(f"{METRIC}: expected {name} as a (N, 3, H, W) tensor, got {type(frames).__name__}")
+        raise MetricError(f"{METRIC}: expected {name} as a (N, 3, H, W) tensor, got {type(frames).__name__}")
     shape = tuple(frames.shape)
     if frames.ndim != 4 or shape[1] != 3 or 0 in shape:
-        raise ValueError(f"{METRIC}: expected {name} (N, 3, H, W) with N, H, W > 0, got shape {shape}")
+        raise MetricError(f"{METRIC}: expected {name} (N, 3, H, W) with N, H, W > 0, got shape {shape}")
     if not frames.is_floating_point():
-        raise ValueError(f"{METRIC}: expected float {name} in [0, 1], got dtype {frames.dtype} (divide uint8 by 255)")
+        raise MetricError(f"{METRIC}: expected float {name} in [0, 1], got dtype {frames.dtype} (divide uint8 by 255)")
     frames = frames.detach().float()
     if not torch.isfinite(frames).all():
-        raise ValueError(f"{METRIC}: {name} of shape {shape} contain NaN or inf")
+        raise MetricError(f"{METRIC}: {name} of shape {shape} contain NaN or inf")
     lo, hi = frames.min().item(), frames.max().item()
     if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"{METRIC}: expected {name} in [0, 1], got values in [{lo:.3g}, {hi:.3g}] (shape {shape})")
+        raise MetricError(f"{METRIC}: expected {name} in [0, 1], got values in [{lo:.3g}, {hi:.3g}] (shape {shape})")
     return frames.clamp(0, 1)
 
 
 def _prompts(prompts) -> list[str]:
     items = [prompts] if isinstance(prompts, str) else list(prompts) if prompts is not None else []
     if not items:
-        raise ValueError(f"{METRIC}: expected a prompt or a non-empty list of prompts, got {prompts!r}")
+        raise MetricError(f"{METRIC}: expected a prompt or a non-empty list of prompts, got {prompts!r}")
     for p in items:
         if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"{METRIC}: every prompt must be a non-empty string, got {p!r}")
+            raise MetricError(f"{METRIC}: every prompt must be a non-empty string, got {p!r}")
     return items
 
 
@@ -281,7 +281,7 @@ class ClipScorer:
     def text_embedding(self, prompt: str) -> torch.Tensor:
         """(D,) float64 L2-normalised text embedding of one prompt."""
         if not isinstance(prompt, str):
-            raise ValueError(f"{METRIC}: text_embedding takes one prompt string, got {type(prompt).__name__}")
+            raise MetricError(f"{METRIC}: text_embedding takes one prompt string, got {type(prompt).__name__}")
         return self.text_embeddings(prompt)[0]
 
     def score(self, frames, prompt: str) -> dict:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from stem.cache import TensorCache, content_key
 from stem.device import resolve_device
+from stem.errors import MetricError
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +78,33 @@ def raft_flow(frames: torch.Tensor, model: torch.nn.Module, *, device: torch.dev
               batch_size: int = 8, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward RAFT flow of consecutive frames `(N, 3, H, W)` in [0, 1] (CPU float32 out).
 
-    The 2(N-1) directed pairs run in batches of `batch_size`; each batch is padded to multiples of 8
-    and the flow cropped back to `(H, W)`.
+    The 2(N-1) directed pairs run in batches of at most `batch_size`; each batch is padded to
+    multiples of 8 and the flow cropped back to `(H, W)`. A batch that runs out of GPU memory is
+    retried at half the size (logged), down to one pair, so the batch fits the memory there is.
     """
     model = model.to(device).eval()
     transforms = _raft_transforms()
     n = len(frames)
     first = torch.cat([frames[:-1], frames[1:]])  # forward pairs (t, t+1), then backward (t+1, t)
     second = torch.cat([frames[1:], frames[:-1]])
-    out = []
+    out, i = [], 0
     with tqdm(total=len(first), desc="RAFT flow (directed pairs)", disable=not progress) as bar:
-        for i in range(0, len(first), batch_size):
-            a, b = transforms(first[i:i + batch_size].to(device), second[i:i + batch_size].to(device))
-            (a, pads), (b, _) = pad_to_multiple(a), pad_to_multiple(b)
-            flow = model(a, b, num_flow_updates=iters)[-1]
+        while i < len(first):
+            try:
+                a, b = transforms(first[i:i + batch_size].to(device), second[i:i + batch_size].to(device))
+                (a, pads), (b, _) = pad_to_multiple(a), pad_to_multiple(b)
+                flow = model(a, b, num_flow_updates=iters)[-1]
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                log.warning("RAFT: out of memory on %s; retrying with batches of %d pairs (metrics.flow.batch_size)",
+                            device, batch_size)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             out.append(unpad(flow, pads).float().cpu())
+            i += len(a)
             bar.update(len(a))
     flows = torch.cat(out)
     return flows[:n - 1].contiguous(), flows[n - 1:].contiguous()
@@ -120,21 +133,21 @@ def check_frames(frames, name: str = "frames", metric: str = "optical flow") -> 
     """(N, 3, H, W) tensor or (N, H, W, 3) array in [0, 1] -> CPU float32 (N, 3, H, W); clear ValueErrors."""
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"{metric}: {name} must be (N, H, W, 3) arrays or (N, 3, H, W) tensors, "
+            raise MetricError(f"{metric}: {name} must be (N, H, W, 3) arrays or (N, 3, H, W) tensors, "
                              f"got array {frames.shape}")
         frames = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[1] != 3:
         shape = tuple(frames.shape) if hasattr(frames, "shape") else type(frames).__name__
-        raise ValueError(f"{metric}: {name} must be an (N, 3, H, W) tensor, got {shape}")
+        raise MetricError(f"{metric}: {name} must be an (N, 3, H, W) tensor, got {shape}")
     frames = frames.detach().cpu().float()
     if len(frames) < 2:
-        raise ValueError(f"{metric}: {name} {tuple(frames.shape)} has {len(frames)} frame(s); it needs >= 2 "
+        raise MetricError(f"{metric}: {name} {tuple(frames.shape)} has {len(frames)} frame(s); it needs >= 2 "
                          "(one consecutive pair)")
     if torch.isnan(frames).any():
-        raise ValueError(f"{metric}: {name} {tuple(frames.shape)} contains NaN")
+        raise MetricError(f"{metric}: {name} {tuple(frames.shape)} contains NaN")
     lo, hi = float(frames.min()), float(frames.max())
     if lo < -1e-4 or hi > 1 + 1e-4:
-        raise ValueError(f"{metric}: {name} {tuple(frames.shape)} has values in [{lo:.3g}, {hi:.3g}]; "
+        raise MetricError(f"{metric}: {name} {tuple(frames.shape)} has values in [{lo:.3g}, {hi:.3g}]; "
                          "expected RGB in [0, 1]")
     return frames.clamp(0, 1)
 
@@ -163,9 +176,9 @@ def estimate_flow(frames, backend: str = "auto", *, device: str | torch.device =
     """
     frames = check_frames(frames, "source frames")
     if backend not in BACKENDS:
-        raise ValueError(f"optical flow: backend={backend!r}; use one of {', '.join(BACKENDS)}")
+        raise MetricError(f"optical flow: backend={backend!r}; use one of {', '.join(BACKENDS)}")
     if model is not None and backend == "dis":
-        raise ValueError("optical flow: a RAFT model was given with backend='dis'; use backend='raft' or 'auto'")
+        raise MetricError("optical flow: a RAFT model was given with backend='dis'; use backend='raft' or 'auto'")
     h, w = frames.shape[-2:]
     auto = backend == "auto"
     if auto:
@@ -174,7 +187,7 @@ def estimate_flow(frames, backend: str = "auto", *, device: str | torch.device =
             log.warning("warp error: frames %s are below RAFT's %dx%d minimum; using OpenCV DIS flow",
                         tuple(frames.shape), RAFT_MIN_SIZE, RAFT_MIN_SIZE)
     if backend == "raft" and min(h, w) < RAFT_MIN_SIZE:
-        raise ValueError(f"optical flow: RAFT needs frames of at least {RAFT_MIN_SIZE}x{RAFT_MIN_SIZE}, "
+        raise MetricError(f"optical flow: RAFT needs frames of at least {RAFT_MIN_SIZE}x{RAFT_MIN_SIZE}, "
                          f"got {tuple(frames.shape)} (N, 3, H, W); use backend='dis'")
     cache = TensorCache(cache_dir) if cache_dir is not None else None
     settings = {"raft": dict(weights=RAFT_WEIGHTS if model is None else _model_key(model), iters=raft_iters),
@@ -196,7 +209,7 @@ def estimate_flow(frames, backend: str = "auto", *, device: str | torch.device =
                 model = load_raft()
             except Exception as e:  # offline: weights neither in torchvision's hub cache nor downloadable
                 if not auto:
-                    raise RuntimeError(f"optical flow: RAFT weights {RAFT_WEIGHTS} could not be loaded ({e}); "
+                    raise MetricError(f"optical flow: RAFT weights {RAFT_WEIGHTS} could not be loaded ({e}); "
                                        "put them in torchvision's hub cache or use backend='dis'") from e
                 log.warning("warp error: RAFT weights %s could not be loaded (%s: %s); using OpenCV DIS flow "
                             "instead (numbers are not comparable with RAFT ones)", RAFT_WEIGHTS,

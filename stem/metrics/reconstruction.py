@@ -15,25 +15,27 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
+from stem.errors import MetricError
+
 
 def _frames(video: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
     """(N, 3, H, W) tensor or (N, H, W, 3) array in [0, 1] -> float64 (N, H, W, 3)."""
     if isinstance(video, torch.Tensor):
         if video.ndim != 4:
-            raise ValueError(f"{name}: expected a video (N, 3, H, W) tensor, got {tuple(video.shape)}")
+            raise MetricError(f"{name}: expected a video (N, 3, H, W) tensor, got {tuple(video.shape)}")
         video = video.detach().cpu().double().permute(0, 2, 3, 1).numpy()
     arr = np.asarray(video, dtype=np.float64)
     if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"{name}: expected a video (N, 3, H, W) tensor or (N, H, W, 3) array, got {arr.shape}")
+        raise MetricError(f"{name}: expected a video (N, 3, H, W) tensor or (N, H, W, 3) array, got {arr.shape}")
     if np.isnan(arr).any():
-        raise ValueError(f"{name}: video contains NaN")
+        raise MetricError(f"{name}: video contains NaN")
     return arr
 
 
 def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
     x, y = _frames(a, "first video"), _frames(b, "second video")
     if x.shape != y.shape:
-        raise ValueError(f"videos differ in shape: {x.shape} vs {y.shape} (N, H, W, 3)")
+        raise MetricError(f"videos differ in shape: {x.shape} vs {y.shape} (N, H, W, 3)")
     return x, y
 
 

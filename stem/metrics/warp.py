@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from stem.device import resolve_device
+from stem.errors import MetricError
 from stem.metrics.flow import RAFT_MIN_SIZE, check_frames, estimate_flow
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def warp(frames: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros") 
     Pulls frame t+1 into frame t when given F_{t->t+1}. Outside the frame: zeros (or `padding_mode`).
     """
     if frames.shape[0] != flow.shape[0] or frames.shape[-2:] != flow.shape[-2:] or flow.shape[1] != 2:
-        raise ValueError(f"warp: frames {tuple(frames.shape)} and flow {tuple(flow.shape)} do not match "
+        raise MetricError(f"warp: frames {tuple(frames.shape)} and flow {tuple(flow.shape)} do not match "
                          "(expected (B, C, H, W) and (B, 2, H, W))")
     return F.grid_sample(frames, _grid(flow.to(frames.dtype)), mode="bilinear", padding_mode=padding_mode,
                          align_corners=True)
@@ -77,7 +78,7 @@ def consistency_mask(forward: torch.Tensor, backward: torch.Tensor) -> torch.Ten
     Pixels occluded in frame t+1 fail it: the flow of whatever covers them points elsewhere.
     """
     if forward.shape != backward.shape:
-        raise ValueError(f"consistency mask: forward {tuple(forward.shape)} and backward "
+        raise MetricError(f"consistency mask: forward {tuple(forward.shape)} and backward "
                          f"{tuple(backward.shape)} flows differ in shape")
     b_at_f = warp(backward, forward, padding_mode="border")  # out-of-bounds pixels are masked anyway
     lhs = (forward + b_at_f).pow(2).sum(1)
@@ -89,10 +90,10 @@ def _check_flow(flow, name: str, shape: tuple) -> torch.Tensor:
     n, _, h, w = shape
     if not isinstance(flow, torch.Tensor) or tuple(flow.shape) != (n - 1, 2, h, w):
         got = tuple(flow.shape) if hasattr(flow, "shape") else type(flow).__name__
-        raise ValueError(f"warp error: {name} must be (N-1, 2, H, W) = {(n - 1, 2, h, w)} for source "
+        raise MetricError(f"warp error: {name} must be (N-1, 2, H, W) = {(n - 1, 2, h, w)} for source "
                          f"{tuple(shape)}, got {got}")
     if not torch.isfinite(flow).all():
-        raise ValueError(f"warp error: {name} {tuple(flow.shape)} contains NaN or inf")
+        raise MetricError(f"warp error: {name} {tuple(flow.shape)} contains NaN or inf")
     return flow.detach().cpu().float()
 
 
@@ -117,14 +118,14 @@ def warp_error(edited, source, *, flow_backend: str = "auto", flow: torch.Tensor
     src = check_frames(source, "source", "warp error")
     edit = check_frames(edited, "edited", "warp error")
     if edit.shape != src.shape:
-        raise ValueError(f"warp error: edited {tuple(edit.shape)} and source {tuple(src.shape)} videos differ "
+        raise MetricError(f"warp error: edited {tuple(edit.shape)} and source {tuple(src.shape)} videos differ "
                          "in shape (N, 3, H, W)")
     if flow is None and flow_backend == "raft" and min(src.shape[-2:]) < RAFT_MIN_SIZE:
-        raise ValueError(f"warp error: RAFT needs frames of at least {RAFT_MIN_SIZE}x{RAFT_MIN_SIZE}, got "
+        raise MetricError(f"warp error: RAFT needs frames of at least {RAFT_MIN_SIZE}x{RAFT_MIN_SIZE}, got "
                          f"{tuple(src.shape)} (N, 3, H, W); use flow_backend='dis'")
     if flow is None:
         if backward_flow is not None:
-            raise ValueError("warp error: backward_flow given without flow")
+            raise MetricError("warp error: backward_flow given without flow")
         fwd, bwd, backend = estimate_flow(src, flow_backend, device=device, raft_iters=raft_iters,
                                           batch_size=batch_size, model=model, cache_dir=cache_dir,
                                           progress=progress)
