@@ -26,10 +26,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stem.cache import TensorCache
-from stem.errors import StemError
+from stem.editing.pipeline import edit_video
+from stem.errors import ConfigError, StemError
 from stem.evaluation import per_frame_columns, summary_scalars
 from stem.reconstruction import reconstruct_video
-from stem.rundir import write_reconstruction_run
+from stem.rundir import write_run
 
 log = logging.getLogger("run")
 HEADLINE = ("psnr", "ssim", "clip_score", "frame_consistency", "warp_error", "mean")  # logged at the end of a job
@@ -93,31 +94,49 @@ def _build(group: str, node: DictConfig, **kwargs):
 
 
 def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Build model, data, inversion and metrics from `cfg`, reconstruct, write `run_dir`; return metrics."""
+    """Build model, data, inversion, editing (if any) and metrics from `cfg`; reconstruct or edit the
+    video; write `run_dir`; return the metrics.json content."""
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
+    _check_missing(cfg)
     make_logger = _build("logger", cfg.logger, _partial_=True)  # a partial: the config is no node to instantiate
     logger = make_logger(run_config=OmegaConf.to_container(cfg, resolve=True), dir=str(run_dir))
     failed = True
     try:
         method = _build("inversion", cfg.inversion)   # cheap objects first: bad settings fail fast
+        editor = _build("editing", cfg.editing) if cfg.get("editing") is not None else None
         evaluator = _build("metrics", cfg.metrics)
         video = _build("data", cfg.data)
+        if editor is not None:
+            editor.check(video.num_frames)
         evaluator.prepare(video, method.num_steps)    # bad metric settings and missing CLIP weights, before the model
         model = _build("model", cfg.model)
-        log.info("video %s: %d frames %dx%d, prompt %r; metrics: %s", video.name, video.num_frames, video.width,
-                 video.height, video.prompt, ", ".join(evaluator.names()))
+        log.info("video %s: %d frames %dx%d, prompt %r; %s; metrics: %s", video.name, video.num_frames, video.width,
+                 video.height, video.prompt, method.name if editor is None else
+                 f"{editor.label(method.name)} to {editor.prompt or video.prompt!r}", ", ".join(evaluator.names()))
         cache = TensorCache(Path(cfg.paths.cache_dir) / "inversion") if cfg.use_cache else None
         recorder = evaluator.feature_recorder(model, video, method.num_steps)
-        result = reconstruct_video(model, video, method, cache, cfg.prompt_overflow, cfg.progress, observer=recorder)
+        facts = {"inversion": method.settings(), "model": model.name, "model_fingerprint": model.fingerprint,
+                 "device": str(model.device), "dtype": str(model.dtype)}
+        if editor is None:
+            result = reconstruct_video(model, video, method, cache, cfg.prompt_overflow, cfg.progress, recorder)
+            inverted, frames, output, prompt = result.inverted, result.frames, "reconstruction", None
+            label = method.name
+            references = {"input": video.frames, "vae": result.vae_frames}
+            facts["seconds"] = {"inversion": inverted.seconds, "reconstruction": result.seconds}
+        else:
+            result = edit_video(model, video, method, editor, cache, cfg.prompt_overflow, cfg.progress, recorder)
+            inverted, frames, output, prompt = result.inverted, result.frames, "edited", result.edit.prompt
+            label = editor.label(method.name)
+            references = {"input": video.frames, "vae": result.vae_frames} if editor.reconstructs else None
+            facts.update(editing=editor.settings(), edit_prompt=prompt, inversion_method=method.name,
+                         edit_info=result.edit.info,
+                         seconds={"inversion": inverted.seconds, "editing": result.edit.seconds})
         start = time.perf_counter()
-        scores = evaluator.evaluate(result.frames, video, video.prompt, method.name,
-                                    references={"input": video.frames, "vae": result.vae_frames}, recorder=recorder,
-                                    run_dir=run_dir, timesteps=result.inverted.trajectory.timesteps.tolist())
-        metrics = write_reconstruction_run(run_dir, video, result, scores, extra={
-            "method": method.name, "inversion": method.settings(), "model": model.name,
-            "model_fingerprint": model.fingerprint, "device": str(model.device), "dtype": str(model.dtype),
-            "metrics_seconds": time.perf_counter() - start})
+        scores = evaluator.evaluate(frames, video, prompt, label, references=references, recorder=recorder,
+                                    run_dir=run_dir, timesteps=inverted.trajectory.timesteps.tolist())
+        facts["seconds"]["metrics"] = time.perf_counter() - start
+        metrics = write_run(run_dir, video, frames, output, inverted, scores, extra={"method": label, **facts})
         logger.log_run(metrics, run_dir)
         log.info("%s -> %s", ", ".join(f"{k} {v:.4g}" for k, v in summary_scalars(scores).items()
                                        if k.count("/") == 1 and k.split("/")[1] in HEADLINE), run_dir)
@@ -125,6 +144,14 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         return metrics
     finally:
         logger.finish(failed)
+
+
+def _check_missing(cfg: DictConfig) -> None:
+    """A mandatory value left as ??? (e.g. editing.prompt) is a one-line error, not a traceback."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        first = missing[0]
+        raise ConfigError(f"no value for {', '.join(missing)}: set it on the command line, e.g. {first}='...'")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")

@@ -152,13 +152,19 @@ def tokens_to_frames(y: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def self_attention_processors(unet, processor) -> Iterator[None]:
+def self_attention_processors(unet, processor=None, *, per_layer=None) -> Iterator[None]:
     """Install `processor` on every `attn1` of `unet` for the duration of the block.
 
+    Or `per_layer(path)`: a function of the attention module's path (e.g.
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn1") returning one processor per layer.
     Cross-attention processors are left as they are; all processors are restored on exit.
     """
+    if (processor is None) == (per_layer is None):
+        raise ValueError("self_attention_processors: give either processor or per_layer")
     original = dict(unet.attn_processors)
-    unet.set_attn_processor({name: processor if ".attn1." in name else proc for name, proc in original.items()})
+    per_layer = per_layer or (lambda name: processor)
+    unet.set_attn_processor({name: per_layer(name.removesuffix(".processor")) if ".attn1." in name else proc
+                             for name, proc in original.items()})
     try:
         yield
     finally:

@@ -97,10 +97,21 @@ def ddim_invert(unet, latents: torch.Tensor, cond: torch.Tensor, scheduler: DDIM
 def ddim_sample(unet, latents: torch.Tensor, cond: torch.Tensor, scheduler: DDIMScheduler,
                 num_steps: int = 50, callback: Callback | None = None, progress: bool = True) -> torch.Tensor:
     """Deterministic DDIM sampling (eta 0) from z_T at the top timestep down to z_0, no CFG."""
+    return ddim_sample_with(lambda z, t, i: _eps(unet, z, t, cond), latents, scheduler, num_steps, callback, progress)
+
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (z_t, t, step index i) -> eps
+
+
+@torch.no_grad()
+def ddim_sample_with(eps_fn: EpsFn, latents: torch.Tensor, scheduler: DDIMScheduler, num_steps: int = 50,
+                     callback: Callback | None = None, progress: bool = True, desc: str = "DDIM sampling"
+                     ) -> torch.Tensor:
+    """DDIM sampling (eta 0) with any noise predictor: `eps_fn(z_t, t, i)` (guidance, editing branches...)."""
     timesteps = sampling_timesteps(scheduler, num_steps)
     z = latents
-    for i, t in enumerate(tqdm(timesteps, desc="DDIM sampling", disable=not progress)):
-        eps = _eps(unet, z, t, cond)
+    for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress)):
+        eps = eps_fn(z, t, i)
         t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
         z = ddim_step(z, eps, _alpha(scheduler, t), _alpha(scheduler, t_next))
         if callback is not None:

@@ -46,27 +46,28 @@ def git_revision(repo: str | Path = ".") -> dict:
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
-def write_reconstruction_run(run_dir: str | Path, video, result, metrics: dict, extra: dict | None = None) -> dict:
-    """Write reconstruction.mp4, comparison.mp4 (input | reconstruction), the inverted-latents
-    link, git.json and metrics.json (`metrics` from `stem.evaluation.Evaluator.evaluate`, plus
-    run facts) into `run_dir`; return the metrics.json content."""
+def write_run(run_dir: str | Path, video, frames, output: str, inverted, metrics: dict,
+              extra: dict | None = None) -> dict:
+    """Write `<output>.mp4` (the reconstructed or edited `frames`), comparison.mp4 (input | output),
+    the inverted-latents link, git.json and metrics.json (`metrics` from
+    `stem.evaluation.Evaluator.evaluate`, plus run facts and `extra`) into `run_dir`; return the
+    metrics.json content."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_video(run_dir / "reconstruction.mp4", result.frames, video.fps)
-    write_video(run_dir / "comparison.mp4", side_by_side(video.frames, result.frames), video.fps)
-    inv = result.inverted
-    if inv.entry is not None:
+    write_video(run_dir / f"{output}.mp4", frames, video.fps)
+    write_video(run_dir / "comparison.mp4", side_by_side(video.frames, frames), video.fps)
+    if inverted.entry is not None:
         link = run_dir / "inverted_latents"
         if link.is_symlink() or link.exists():
             link.unlink()
-        link.symlink_to(Path(inv.entry).resolve(), target_is_directory=True)
+        link.symlink_to(Path(inverted.entry).resolve(), target_is_directory=True)
     write_json(run_dir / "git.json", git_revision(Path(__file__).resolve().parent))
     metrics = {
         **metrics,
         "video": {"name": video.name, "source": video.source, "prompt": video.prompt,
                   "frames": video.num_frames, "width": video.width, "height": video.height, "fps": video.fps},
-        "inversion_cache": {"key": inv.key, "path": str(inv.entry) if inv.entry else None, "hit": inv.cache_hit},
-        "seconds": {"inversion": inv.seconds, "reconstruction": result.seconds},
+        "inversion_cache": {"key": inverted.key, "path": str(inverted.entry) if inverted.entry else None,
+                            "hit": inverted.cache_hit},
         **(extra or {}),
     }
     write_json(run_dir / "metrics.json", metrics)

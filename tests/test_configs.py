@@ -12,7 +12,7 @@ def options(group):
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "inversion", "metrics", "logger", "debug")
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "inversion", "editing", "metrics", "logger", "debug")
                                           for o in options(g)])
 def test_each_option_composes_resolves_and_targets_exist(tmp_path, group, option):
     cfg = compose_config(tmp_path, f"{group}={option}", fast=False)

@@ -1,0 +1,34 @@
+"""Invert (cached) and edit a video: the editing counterpart of `stem.reconstruction.reconstruct_video`."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from stem.cache import TensorCache
+from stem.editing.base import Edit, Editor
+from stem.reconstruction import Inverted, invert_video
+from stem.vae import decode_latents
+from stem.video import Video
+
+
+@dataclass
+class EditedVideo:
+    inverted: Inverted
+    edit: Edit
+    frames: torch.Tensor              # edited video (N, 3, H, W) in [0, 1]
+    vae_frames: torch.Tensor | None   # VAE round trip of the input, in reconstruction mode only (PSNR vs VAE)
+
+
+def edit_video(model, video: Video, method, editor: Editor, cache: TensorCache | None = None,
+               prompt_overflow: str = "error", progress: bool = True,
+               observer: contextlib.AbstractContextManager | None = None) -> EditedVideo:
+    """Invert `video` with `method` (cached; `observer` as in `invert_video`), edit it with `editor`, decode."""
+    editor.check(video.num_frames)
+    inverted = invert_video(model, video, method, cache, prompt_overflow, progress, observer)
+    edit = editor.edit(model, inverted.trajectory, video.prompt, prompt_overflow, progress)
+    frames = decode_latents(model, edit.latents, progress=progress)
+    vae = decode_latents(model, inverted.trajectory.latents[0], progress=progress) if editor.reconstructs else None
+    return EditedVideo(inverted, edit, frames, vae)
