@@ -1,0 +1,95 @@
+"""Shared pieces of the benchmark scripts (scripts/benchmark_*.py): model and frame loading, the
+machine line, and `measure` (wall time and peak memory increase of one call).
+
+Memory is CUDA's max_memory_allocated on GPU, the resident set size sampled every 2 ms on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage + message
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_model(args):
+    """The diffusion components named by --model on --device/--dtype."""
+    from stem.models import build_sd15_arch, build_tiny, load_pretrained
+
+    if args.model == "sd15":
+        return load_pretrained(args.model_path, device=args.device, dtype=args.dtype)
+    return (build_tiny if args.model == "tiny" else build_sd15_arch)(seed=0, device=args.device, dtype=args.dtype)
+
+
+def load_frames(args) -> torch.Tensor:
+    """(N, 3, H, W) frames: --video, or a synthetic camera pan (256x256 unless --width/--height)."""
+    if args.video:
+        from stem.video import load_video
+
+        return load_video(args.video, "", n_frames=args.frames, width=args.width, height=args.height).frames
+    from stem.synthetic import camera_pan
+
+    return camera_pan(n_frames=args.frames, width=args.width or 256, height=args.height or 256).frames
+
+
+def device_line(device: torch.device) -> str:
+    """GPU name, or CPU model and usable cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor() or "CPU")
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
+
+
+def rss() -> int:
+    """Resident set size of this process in bytes."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE
+
+
+def measure(fn, device: torch.device) -> tuple[float, int]:
+    """(seconds, peak memory increase in bytes) of one call of `fn`."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated(device) - base
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc: give freed heap back, so RSS starts low
+    if trim:
+        trim(0)
+    base = peak = rss()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.wait(0.002):
+            peak = max(peak, rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    done.set()
+    thread.join()
+    return seconds, max(peak, rss()) - base
