@@ -126,17 +126,18 @@ class FrameContextAttnProcessor(SelfAttnProcessor):
         if self.context == "1frame":
             return F.scaled_dot_product_attention(q, k, v)
         if self.context == "2frame":
-            # (G, N, h, S, d) -> gather context frames -> (G*N, h, k*S, d)
-            idx = self.index.to(q.device)
-
-            def gather(y):
-                y = y.view(batch // n, n, h, s, d)[:, idx]  # (G, N, k, h, S, d)
-                return y.permute(0, 1, 3, 2, 4, 5).reshape(batch, h, -1, d)
-
-            return F.scaled_dot_product_attention(q, gather(k), gather(v))
+            return F.scaled_dot_product_attention(q, gather_frames(k, self.index, n), gather_frames(v, self.index, n))
         # allframe: one sequence of N*S tokens per group; every query sees all of them
         out = chunked_attention(*(frames_to_tokens(y, n) for y in (q, k, v)), self.query_chunk)
         return tokens_to_frames(out, n)
+
+
+def gather_frames(y: torch.Tensor, index: torch.Tensor, frames: int) -> torch.Tensor:
+    """Keys/values of the context frames: (G*N, h, S, d) with an (N, L) index table -> (G*N, h, L*S, d),
+    row n holding the tokens of frames index[n, 0], ..., index[n, L-1] one after the other."""
+    b, h, s, d = y.shape
+    y = y.view(b // frames, frames, h, s, d)[:, index.to(y.device)]  # (G, N, L, h, S, d)
+    return y.permute(0, 1, 3, 2, 4, 5).reshape(b, h, -1, d)
 
 
 def frames_to_tokens(y: torch.Tensor, frames: int) -> torch.Tensor:

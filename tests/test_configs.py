@@ -12,8 +12,10 @@ def options(group):
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "inversion", "editing", "metrics", "logger", "debug")
-                                          for o in options(g)])
+GROUPS = ("model", "data", "inversion", "editing", "metrics", "logger", "debug")
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_each_option_composes_resolves_and_targets_exist(tmp_path, group, option):
     cfg = compose_config(tmp_path, f"{group}={option}", fast=False)
     node = cfg[group] if group != "debug" else cfg
