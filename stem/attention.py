@@ -153,19 +153,25 @@ def tokens_to_frames(y: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def self_attention_processors(unet, processor=None, *, per_layer=None) -> Iterator[None]:
+def self_attention_processors(unet, processor=None, *, per_layer=None, cross_per_layer=None) -> Iterator[None]:
     """Install `processor` on every `attn1` of `unet` for the duration of the block.
 
     Or `per_layer(path)`: a function of the attention module's path (e.g.
     "up_blocks.1.attentions.1.transformer_blocks.0.attn1") returning one processor per layer.
-    Cross-attention processors are left as they are; all processors are restored on exit.
+    Cross-attention processors are left as they are, unless `cross_per_layer(path)` returns one
+    for an `attn2` (None keeps it). All processors are restored on exit.
     """
     if (processor is None) == (per_layer is None):
         raise ValueError("self_attention_processors: give either processor or per_layer")
     original = dict(unet.attn_processors)
     per_layer = per_layer or (lambda name: processor)
-    unet.set_attn_processor({name: per_layer(name.removesuffix(".processor")) if ".attn1." in name else proc
-                             for name, proc in original.items()})
+    cross = cross_per_layer or (lambda name: None)
+
+    def choose(name, proc):
+        path = name.removesuffix(".processor")
+        return per_layer(path) if ".attn1." in name else (cross(path) or proc)
+
+    unet.set_attn_processor({name: choose(name, proc) for name, proc in original.items()})
     try:
         yield
     finally:

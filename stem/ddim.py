@@ -105,15 +105,18 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (z_t, t, st
 
 @torch.no_grad()
 def ddim_sample_with(eps_fn: EpsFn, latents: torch.Tensor, scheduler: DDIMScheduler, num_steps: int = 50,
-                     callback: Callback | None = None, progress: bool = True, desc: str = "DDIM sampling"
-                     ) -> torch.Tensor:
-    """DDIM sampling (eta 0) with any noise predictor: `eps_fn(z_t, t, i)` (guidance, editing branches...)."""
+                     callback: Callback | None = None, progress: bool = True, desc: str = "DDIM sampling",
+                     after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
+    """DDIM sampling (eta 0) with any noise predictor: `eps_fn(z_t, t, i)` (guidance, editing branches...);
+    `after_step(z, i)` may replace the latent after step i (e.g. a latent blend)."""
     timesteps = sampling_timesteps(scheduler, num_steps)
     z = latents
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress)):
         eps = eps_fn(z, t, i)
         t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
         z = ddim_step(z, eps, _alpha(scheduler, t), _alpha(scheduler, t_next))
+        if after_step is not None:
+            z = after_step(z, i)
         if callback is not None:
             callback({"i": i, "t": int(t), "latents": z, "eps": eps})
     return z

@@ -17,6 +17,7 @@ import torch
 from stem.attention import FrameContextAttnProcessor, self_attention_processors
 from stem.ddim import Callback, Trajectory, ddim_invert, ddim_sample
 from stem.errors import ConfigError
+from stem.fatezero_attention import fatezero_frames, spatio_temporal_processors
 from stem.stem_attention import STEMAttnProcessor, group_spans
 
 log = logging.getLogger(__name__)
@@ -43,17 +44,22 @@ class InversionMethod:
     def check(self, unet, num_frames: int, latent_height: int, latent_width: int) -> None:
         """Raise ConfigError if the method cannot run on such a video (default: it always can)."""
 
+    def install(self, unet, num_frames: int, reconstruction: bool = False):
+        """Context manager installing this method's attn1 processors (one for all layers by default)."""
+        proc = self.reconstruction_processor(num_frames) if reconstruction else self.processor(num_frames)
+        return self_attention_processors(unet, proc)
+
     def invert(self, model, latents: torch.Tensor, cond: torch.Tensor, callback: Callback | None = None,
                progress: bool = True) -> Trajectory:
         """Invert clean latents (N, 4, h, w) under the source prompt embedding `cond`."""
         self.check(model.unet, *latents.shape[:1], *latents.shape[-2:])
-        with self_attention_processors(model.unet, self.processor(len(latents))):
+        with self.install(model.unet, len(latents)):
             return ddim_invert(model.unet, latents, cond, model.scheduler, self.num_steps, callback, progress)
 
     def reconstruct(self, model, noise: torch.Tensor, cond: torch.Tensor, callback: Callback | None = None,
                     progress: bool = True) -> torch.Tensor:
         """DDIM-sample z_0 back from z_T with the same prompt and guidance 1."""
-        with self_attention_processors(model.unet, self.reconstruction_processor(len(noise))):
+        with self.install(model.unet, len(noise), reconstruction=True):
             return ddim_sample(model.unet, noise, cond, model.scheduler, self.num_steps, callback, progress)
 
 
@@ -109,6 +115,29 @@ def self_attention_tokens(unet, latent_height: int, latent_width: int) -> dict[s
             level = int(index) if part == "down_blocks" else levels - 1 - int(index)
         grid[name.removesuffix(".processor")] = sizes[level]
     return grid
+
+
+class FateZeroInversion(InversionMethod):
+    """DDIM inversion with FateZero's spatio-temporal self-attention (`stem.fatezero_attention`):
+    layers with at least `min_channels` channels attend to `frames` (default the middle frame,
+    replacing the frame's own keys as released), narrower layers per frame."""
+
+    def __init__(self, frames=("mid",), mode: str = "replace", min_channels: int = 640, num_steps: int = 50):
+        super().__init__(num_steps)
+        fatezero_frames(2, frames, mode)  # validates the knobs now
+        self.frames, self.mode, self.min_channels = list(frames), mode, min_channels
+
+    @property
+    def name(self) -> str:
+        return "fatezero"
+
+    def settings(self) -> dict:
+        return {"method": "fatezero", "num_steps": self.num_steps, "frames": self.frames, "mode": self.mode,
+                "min_channels": self.min_channels}
+
+    def install(self, unet, num_frames: int, reconstruction: bool = False):
+        return self_attention_processors(unet, per_layer=spatio_temporal_processors(
+            unet, num_frames, self.frames, self.mode, self.min_channels))
 
 
 class STEMInversion(InversionMethod):

@@ -45,19 +45,21 @@ class Reconstruction:
 
 
 def invert_video(model, video: Video, method, cache: TensorCache | None = None, prompt_overflow: str = "error",
-                 progress: bool = True, observer: contextlib.AbstractContextManager | None = None) -> Inverted:
+                 progress: bool = True, observer: contextlib.AbstractContextManager | None = None,
+                 cache_extra: dict | None = None) -> Inverted:
     """The inverted trajectory of `video` under `video.prompt` with `method` (cached).
 
     `observer` (e.g. a `stem.metrics.feature_similarity.FeatureRecorder`) is entered around the
     inversion. It needs the UNet calls, so with an observer the inversion runs even on a cache
-    hit; the cached latents are returned then, and nothing is written.
+    hit; the cached latents are returned then, and nothing is written. `cache_extra`: anything else
+    that changes the inversion (e.g. hooks an observer installs that alter the UNet), added to the key.
     """
     cond = encode_prompt(model, video.prompt, prompt_overflow)  # refuses a bad prompt before any work
     method.check(model.unet, video.num_frames, video.height // 8, video.width // 8)
     key = content_key(frames=video.frames, model=model.fingerprint, dtype=str(model.dtype),
                       device=model.device.type, prompt=video.prompt, method=method.settings(),
                       scheduler={k: model.scheduler.config[k] for k in sorted(model.scheduler.config)
-                                 if not k.startswith("_")})
+                                 if not k.startswith("_")}, **({"extra": cache_extra} if cache_extra else {}))
     hit = cache.load(key) if cache is not None else None
     if hit is not None and observer is None:
         log.info("inversion cache hit %s", cache.path(key))

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from stem.attention import FrameContextAttnProcessor, self_attention_processors
-from stem.editing.fatezero_attention import (
+from stem.errors import ConfigError
+from stem.fatezero_attention import (
     SpatioTemporalAttnProcessor,
     fatezero_frames,
     layer_channels,
     spatio_temporal_processors,
 )
-from stem.errors import ConfigError
 
 LAYER = "up_blocks.1.attentions.1.transformer_blocks.0.attn1"
 

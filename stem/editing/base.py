@@ -43,13 +43,14 @@ class Prompts:
     target: torch.Tensor
     negative: torch.Tensor
     target_text: str
+    source_text: str
 
 
 def encode_prompts(model, source: str, target: str | None, negative: str, overflow: str = "error") -> Prompts:
     """Embeddings of the three prompts; `target=None` edits towards the source prompt (reconstruction)."""
     target = source if target is None else target
     return Prompts(encode_prompt(model, source, overflow), encode_prompt(model, target, overflow),
-                   encode_prompt(model, negative, overflow), target)
+                   encode_prompt(model, negative, overflow), target, source)
 
 
 def guided(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -115,15 +116,25 @@ class Editor:
     def check(self, num_frames: int) -> None:
         """Refuse, before model work, settings that cannot run on `num_frames` frames."""
 
+    def inversion_observer(self, model, num_frames: int, latent_hw: tuple[int, int]):
+        """A context manager to enter around the inversion (e.g. recording attention maps), or None."""
+        return None
+
+    def inversion_key(self) -> dict | None:
+        """What the observer changes in the inversion itself (goes into the inversion cache key), or None."""
+        return None
+
     def edit(self, model, trajectory: Trajectory, source_prompt: str, prompt_overflow: str = "error",
-             progress: bool = True) -> Edit:
-        """Edit the video whose inverted trajectory is `trajectory` (inverted under `source_prompt`)."""
+             progress: bool = True, observed=None) -> Edit:
+        """Edit the video whose inverted trajectory is `trajectory` (inverted under `source_prompt`;
+        `observed`: the `inversion_observer` that was entered around that inversion)."""
         self.check(trajectory.latents.shape[1])
         check_timesteps(model.scheduler, trajectory, self.num_steps)
         prompts = encode_prompts(model, source_prompt, self.prompt, self.negative_prompt, prompt_overflow)
         start = time.perf_counter()
-        latents, info = self._edit(model, trajectory, prompts, progress)
+        latents, info = self._edit(model, trajectory, prompts, progress, observed)
         return Edit(latents, prompts.target_text, time.perf_counter() - start, info)
 
-    def _edit(self, model, trajectory: Trajectory, prompts: Prompts, progress: bool) -> tuple[torch.Tensor, dict]:
+    def _edit(self, model, trajectory: Trajectory, prompts: Prompts, progress: bool,
+              observed) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

@@ -22,13 +22,40 @@ class EditedVideo:
     vae_frames: torch.Tensor | None   # VAE round trip of the input, in reconstruction mode only (PSNR vs VAE)
 
 
+class _Together(contextlib.AbstractContextManager):
+    """Several observers entered and left as one."""
+
+    def __init__(self, observers: list):
+        self.observers, self._stack = observers, None
+
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        for observer in self.observers:
+            self._stack.enter_context(observer)
+        return self
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+
 def edit_video(model, video: Video, method, editor: Editor, cache: TensorCache | None = None,
                prompt_overflow: str = "error", progress: bool = True,
                observer: contextlib.AbstractContextManager | None = None) -> EditedVideo:
-    """Invert `video` with `method` (cached; `observer` as in `invert_video`), edit it with `editor`, decode."""
+    """Invert `video` with `method` (cached; `observer` as in `invert_video`), edit it with `editor`, decode.
+
+    The editor's own observer (e.g. FateZero's attention recorder) is entered around the inversion
+    too, and closed (its store freed or removed from disk) when the edit is done or fails.
+    """
     editor.check(video.num_frames)
-    inverted = invert_video(model, video, method, cache, prompt_overflow, progress, observer)
-    edit = editor.edit(model, inverted.trajectory, video.prompt, prompt_overflow, progress)
+    recorder = editor.inversion_observer(model, video.num_frames, (video.height // 8, video.width // 8))
+    observers = [o for o in (observer, recorder) if o is not None]
+    try:
+        inverted = invert_video(model, video, method, cache, prompt_overflow, progress,
+                                _Together(observers) if observers else None, editor.inversion_key())
+        edit = editor.edit(model, inverted.trajectory, video.prompt, prompt_overflow, progress, recorder)
+    finally:
+        if recorder is not None and hasattr(recorder, "close"):
+            recorder.close()
     frames = decode_latents(model, edit.latents, progress=progress)
     vae = decode_latents(model, inverted.trajectory.latents[0], progress=progress) if editor.reconstructs else None
     return EditedVideo(inverted, edit, frames, vae)

@@ -220,7 +220,8 @@ class TokenFlowEditor(Editor):
             return TokenFlowAttnProcessor(state, path, inject, self.query_chunk)
         return make
 
-    def _edit(self, model, trajectory: Trajectory, prompts: Prompts, progress: bool) -> tuple[torch.Tensor, dict]:
+    def _edit(self, model, trajectory: Trajectory, prompts: Prompts, progress: bool,
+              observed=None) -> tuple[torch.Tensor, dict]:
         unet, steps = model.unet, self.num_steps
         self.check_layers(unet)
         n = trajectory.latents.shape[1]
