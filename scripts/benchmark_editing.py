@@ -13,17 +13,14 @@ writes it, and the raw numbers as JSON beside it). Bad options: one line `error:
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from stem.atomic import atomic_file
-from stem.benchmarking import Parser, device_line, load_frames, load_model, measure
+from stem.benchmarking import Parser, device_line, finish_report, load_frames, load_model, measure
 from stem.device import resolve_device, resolve_dtype
 from stem.editing import TokenFlowEditor
 from stem.errors import StemError
@@ -96,18 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                          cache_mib=info["keyframe_cache_bytes"] / 2**20, size=list(frames.shape[-2:]),
                          runs_seconds=[s for s, _ in runs], runs_peak_mib=[m / 2**20 for _, m in runs]))
     header.append(f"video: {rows[0]['size'][1]}x{rows[0]['size'][0]} ({args.video or 'synthetic camera pan'})")
-    if device.type == "cpu":
-        header.append(f"load average (1 min) at start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f} "
-                      f"on {len(os.sched_getaffinity(0))} cores")
-    md = table(rows, header)
-    print("\n" + md, end="")
-    if args.output:
-        out = Path(args.output)
-        with atomic_file(out) as tmp:
-            tmp.write_text(md)
-        with atomic_file(out.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps({"header": header, "args": vars(args), "rows": rows}, indent=2) + "\n")
-        print(f"wrote {out} and {out.with_suffix('.json')}", file=sys.stderr)
+    finish_report(table, rows, header, args, device, load_start)
     return 0
 
 

@@ -12,7 +12,6 @@ markdown plus raw numbers as JSON with --output). Bad options: one line `error: 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -22,8 +21,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from stem.atomic import atomic_file
-from stem.benchmarking import Parser, device_line, load_frames, load_model, measure
+from stem.benchmarking import Parser, device_line, finish_report, load_frames, load_model, measure
 from stem.device import resolve_device, resolve_dtype
 from stem.errors import StemError
 from stem.inversion import DDIMInversion, STEMInversion, self_attention_tokens
@@ -145,18 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = max(m for _, m in runs) / 2**20
         rows.append(dict(method=name, seconds=seconds, seconds_per_frame=seconds / n, peak_mib=peak,
                          runs_seconds=[s for s, _ in runs], runs_peak_mib=[m / 2**20 for _, m in runs]))
-    if device.type == "cpu":  # other processes on these cores slow every number down
-        header.append(f"load average (1 min) at start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f} "
-                      f"on {len(os.sched_getaffinity(0))} cores")
-    md = table(rows, header)
-    print("\n" + md, end="")
-    if args.output:
-        out = Path(args.output)
-        with atomic_file(out) as tmp:
-            tmp.write_text(md)
-        with atomic_file(out.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps({"header": header, "args": vars(args), "rows": rows}, indent=2) + "\n")
-        print(f"wrote {out} and {out.with_suffix('.json')}", file=sys.stderr)
+    finish_report(table, rows, header, args, device, load_start)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import os
 import platform
 import sys
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from stem.atomic import atomic_file
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -93,3 +96,22 @@ def measure(fn, device: torch.device) -> tuple[float, int]:
     done.set()
     thread.join()
     return seconds, max(peak, rss()) - base
+
+
+def finish_report(md_table, rows: list[dict], header: list[str], args, device: torch.device,
+                  load_start: float) -> str:
+    """Add the CPU load line to `header`, print the markdown table, write it (and the raw numbers as
+    JSON beside it) to `args.output` when given; return the markdown."""
+    if device.type == "cpu":  # other processes on these cores slow every number down
+        header.append(f"load average (1 min) at start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f} "
+                      f"on {len(os.sched_getaffinity(0))} cores")
+    md = md_table(rows, header)
+    print("\n" + md, end="")
+    if args.output:
+        out = Path(args.output)
+        with atomic_file(out) as tmp:
+            tmp.write_text(md)
+        with atomic_file(out.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps({"header": header, "args": vars(args), "rows": rows}, indent=2) + "\n")
+        print(f"wrote {out} and {out.with_suffix('.json')}", file=sys.stderr)
+    return md

@@ -88,3 +88,30 @@ def read_wandb_records(run_dir: Path) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def run_script(name: str, *args, timeout: int = 180) -> subprocess.CompletedProcess:
+    """`python scripts/<name> <args>` in a subprocess from the repository root."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cfg_ddim_reference(model, latents: torch.Tensor, steps: int, negative: str, target: str,
+                       guidance: float) -> torch.Tensor:
+    """Classifier-free-guided DDIM sampling from `latents` with diffusers' DDIMScheduler and the UNet's
+    current processors: the reference editing methods reduce to when they inject nothing."""
+    from diffusers import DDIMScheduler
+
+    from stem.prompts import encode_prompt
+
+    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler.set_timesteps(steps)
+    neg, tgt = (encode_prompt(model, p).expand(len(latents), -1, -1) for p in (negative, target))
+    x = latents
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps_u = model.unet(x, t, encoder_hidden_states=neg).sample
+            eps_c = model.unet(x, t, encoder_hidden_states=tgt).sample
+            x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+    return x

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
-
-SCRIPT = ROOT / "scripts" / "benchmark_editing.py"
+from conftest import run_script
 
 
-def bench(*args, timeout=180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def bench(*args, timeout=180):
+    return run_script("benchmark_editing.py", *args, timeout=timeout)
 
 
 def test_benchmark_writes_one_row_per_frame_count(tmp_path):

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 SCRIPT = ROOT / "scripts" / "benchmark_inversion.py"
 
 
-def bench(*args, timeout=120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def bench(*args, timeout=180):
+    return run_script("benchmark_inversion.py", *args, timeout=timeout)
 
 
 def test_benchmark_writes_one_row_per_method(tmp_path):

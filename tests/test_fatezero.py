@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
-from diffusers import DDIMScheduler
+from conftest import cfg_ddim_reference, compose_config
 
 from stem.editing.fatezero import FateZeroEditor, FusionAttnProcessor, FusionState, blend_mask, clip_groupnorm
 from stem.editing.pipeline import edit_video
@@ -95,16 +94,7 @@ def test_recorded_maps_equal_explicit_softmax_and_do_not_change_the_inversion(ti
 def test_no_fusion_equals_plain_cfg_sampling(tiny_model, pan):
     ed = editor(cross_replace_steps=0, self_replace_steps=0, min_channels=10**6)  # per-frame attention everywhere
     result = edit_video(tiny_model, pan, DDIMInversion("1frame", num_steps=3), ed, progress=False)
-    traj = result.inverted.trajectory
-    scheduler = DDIMScheduler.from_config(tiny_model.scheduler.config)
-    scheduler.set_timesteps(3)
-    neg, tgt = (encode_prompt(tiny_model, p).expand(4, -1, -1) for p in ("", TARGET))
-    x = traj.latents[-1]
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            eps_u = tiny_model.unet(x, t, encoder_hidden_states=neg).sample
-            eps_c = tiny_model.unet(x, t, encoder_hidden_states=tgt).sample
-            x = scheduler.step(eps_u + 7.5 * (eps_c - eps_u), t, x).prev_sample
+    x = cfg_ddim_reference(tiny_model, result.inverted.trajectory.latents[-1], 3, "", TARGET, 7.5)
     torch.testing.assert_close(result.edit.latents, x, atol=1e-4, rtol=1e-4)
 
 

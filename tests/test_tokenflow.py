@@ -5,8 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, compose_config, run_cli
-from diffusers import DDIMScheduler
+from conftest import FAST, cfg_ddim_reference, compose_config, run_cli
 
 from stem.attention import self_attention_processors
 from stem.editing.base import check_timesteps, start_latents
@@ -167,15 +166,7 @@ def test_no_injection_no_propagation_equals_plain_cfg_ddim_sampling(tiny_model, 
     editor = TokenFlowEditor("a portrait photo of a robot", num_steps=3, pnp_attn_t=0, pnp_f_t=0,
                              start_from="inverted", propagate=False, batch_size=2, guidance_scale=7.5)
     edit = editor.edit(tiny_model, trajectory, pan.prompt, progress=False)
-    scheduler = DDIMScheduler.from_config(tiny_model.scheduler.config)
-    scheduler.set_timesteps(3)
-    neg, tgt = (encode_prompt(tiny_model, p).expand(5, -1, -1) for p in (editor.negative_prompt, editor.prompt))
-    x = trajectory.latents[-1]
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            eps_u = tiny_model.unet(x, t, encoder_hidden_states=neg).sample
-            eps_c = tiny_model.unet(x, t, encoder_hidden_states=tgt).sample
-            x = scheduler.step(eps_u + 7.5 * (eps_c - eps_u), t, x).prev_sample
+    x = cfg_ddim_reference(tiny_model, trajectory.latents[-1], 3, editor.negative_prompt, editor.prompt, 7.5)
     torch.testing.assert_close(edit.latents, x, atol=1e-4, rtol=1e-4)
 
 
