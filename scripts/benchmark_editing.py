@@ -20,7 +20,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from stem.benchmarking import Parser, device_line, finish_report, load_frames, load_model, measure
+from stem.benchmarking import Parser, add_common_args, device_line, finish_report, load_frames, load_model, measure
 from stem.device import resolve_device, resolve_dtype
 from stem.editing import TokenFlowEditor
 from stem.errors import StemError
@@ -40,18 +40,10 @@ def table(rows: list[dict], header: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("tiny", "sd15_arch", "sd15"), default="tiny")
-    p.add_argument("--model-path", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="for --model sd15")
-    p.add_argument("--video", help="video file or frame folder (default: synthetic camera pan)")
+    add_common_args(p)
     p.add_argument("--frames", default="8,16,32", help="comma list of frame counts")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int, default=2, help="DDIM steps of inversion and editing")
     p.add_argument("--batch-size", type=int, default=8, help="editing.batch_size (frames per keyframe chunk)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per frame count (median reported)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16")
-    p.add_argument("--output", help="also write the table here (markdown) and raw numbers to <output>.json")
     args = p.parse_args(argv)
     try:
         counts = [int(n) for n in args.frames.split(",") if n.strip()]

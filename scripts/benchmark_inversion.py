@@ -21,7 +21,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from stem.benchmarking import Parser, device_line, finish_report, load_frames, load_model, measure
+from stem.benchmarking import Parser, add_common_args, device_line, finish_report, load_frames, load_model, measure
 from stem.device import resolve_device, resolve_dtype
 from stem.errors import StemError
 from stem.inversion import DDIMInversion, STEMInversion, self_attention_tokens
@@ -89,20 +89,12 @@ def table(rows: list[dict], header: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("tiny", "sd15_arch", "sd15"), default="tiny")
-    p.add_argument("--model-path", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="for --model sd15")
-    p.add_argument("--video", help="video file or frame folder (default: synthetic camera pan)")
+    add_common_args(p)
     p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (paper: 50)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma list; stem_k<K> for any K")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16")
     p.add_argument("--excess-bases", choices=("error", "clamp"), default="clamp",
                    help="K above a layer's tokens: clamp (use as many bases as tokens) or error")
-    p.add_argument("--output", help="also write the table here (markdown) and raw numbers to <output>.json")
     args = p.parse_args(argv)
     try:
         for key in ("frames", "steps", "repeats"):

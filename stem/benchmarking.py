@@ -115,3 +115,16 @@ def finish_report(md_table, rows: list[dict], header: list[str], args, device: t
             tmp.write_text(json.dumps({"header": header, "args": vars(args), "rows": rows}, indent=2) + "\n")
         print(f"wrote {out} and {out.with_suffix('.json')}", file=sys.stderr)
     return md
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark script shares: model, video, size, device, dtype, repeats, output."""
+    p.add_argument("--model", choices=("tiny", "sd15_arch", "sd15"), default="tiny")
+    p.add_argument("--model-path", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="for --model sd15")
+    p.add_argument("--video", help="video file or frame folder (default: synthetic camera pan)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16")
+    p.add_argument("--output", help="also write the table here (markdown) and raw numbers to <output>.json")
