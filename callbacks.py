@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from stem.tables import collect_runs, sweep_table, to_markdown, varying_keys, write_tables
+from stem.tables import collect_runs, varying_keys, write_sweep_outputs
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,24 @@ def _swept_keys(config: DictConfig) -> list[str]:
     return [str(k).lstrip("+") for k in params] if params else []
 
 
+def _plain(node):
+    """A DictConfig/ListConfig from the callback's config as plain Python (None stays None)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
 class SweepTableCallback(Callback):
     """Table of a finished sweep: `<sweep dir>/<name>.md` and `.csv`, and a W&B table."""
 
-    def __init__(self, name: str = "table", columns: list[str] | None = None, metrics: list | None = None):
+    def __init__(self, name: str = "table", columns: list[str] | None = None, metrics: list | None = None,
+                 average_over: list | None = None, paper: dict | None = None, plot: dict | None = None,
+                 ratio_to: str | None = None):
         self.name = name
         self.columns = list(columns) if columns is not None else None
         self.metrics = [tuple(m) for m in metrics] if metrics is not None else None
+        self.average_over = list(average_over or [])
+        self.paper = _plain(paper)
+        self.plot = _plain(plot)
+        self.ratio_to = ratio_to
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -44,13 +55,13 @@ class SweepTableCallback(Callback):
         if columns is None:  # the declared sweep first, then whatever else differs (command-line sweeps)
             swept = _swept_keys(config)
             columns = swept + [k for k in varying_keys(runs) if k not in swept]
-        table = sweep_table(runs, columns, self.metrics)
-        md, _ = write_tables(table, sweep_dir, self.name)
-        log.info("sweep table of %d jobs -> %s\n%s", len(runs), md, to_markdown(table))
+        out = write_sweep_outputs(sweep_dir, self.name, columns, self.metrics, self.average_over, self.paper,
+                                  self.plot, self.ratio_to)
+        log.info("sweep table of %d jobs -> %s\n%s", len(runs), out["files"][0], out["markdown"])
         if str(OmegaConf.select(config, "logger._target_", default="")).endswith("WandbLogger"):
-            self._log_wandb(config, sweep_dir, table)
+            self._log_wandb(config, sweep_dir, out)
 
-    def _log_wandb(self, config: DictConfig, sweep_dir: Path, table: dict) -> None:
+    def _log_wandb(self, config: DictConfig, sweep_dir: Path, out: dict) -> None:
         import wandb  # imported only when W&B is on
 
         logger = config.logger
@@ -59,7 +70,10 @@ class SweepTableCallback(Callback):
                          dir=str(sweep_dir))
         failed = True
         try:
-            run.log({self.name: wandb.Table(columns=table["header"], data=table["rows"], allow_mixed_types=True)})
+            table = out["table"]
+            record = {self.name: wandb.Table(columns=table["header"], data=table["rows"], allow_mixed_types=True)}
+            record.update({f"{self.name}_plot": wandb.Image(str(f)) for f in out["files"] if f.suffix == ".png"})
+            run.log(record)
             failed = False
         finally:
             run.finish(exit_code=1 if failed else 0)

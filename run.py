@@ -132,6 +132,10 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             facts.update(editing=editor.settings(), edit_prompt=prompt, inversion_method=method.name,
                          edit_info=result.edit.info,
                          seconds={"inversion": inverted.seconds, "editing": result.edit.seconds})
+        facts["seconds"]["inversion_per_frame"] = inverted.seconds / video.num_frames
+        facts["memory"] = {"inversion_peak_mib": inverted.peak_mib,  # None when the inversion came from the cache
+                           "measured_as": "CUDA max_memory_allocated increase" if model.device.type == "cuda"
+                           else "process RSS peak increase (sampled every 2 ms)"}
         start = time.perf_counter()
         scores = evaluator.evaluate(frames, video, prompt, label, references=references, recorder=recorder,
                                     run_dir=run_dir, timesteps=inverted.trajectory.timesteps.tolist())

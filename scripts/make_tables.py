@@ -4,18 +4,46 @@
     python scripts/make_tables.py <sweep dir> --name table6 --columns inversion,inversion.num_bases \
         --metrics "PSNR=vs_input.psnr:.3f" "SSIM=vs_input.ssim:.4f" "Method=method"
 
-Writes `<sweep dir>/<name>.md` and `.csv` and prints the markdown. Columns default to the
-override keys that vary between jobs; failed jobs are rows of "failed". Bad input: one line
-`error: ...` on stderr and exit status 2.
+Writes `<sweep dir>/<name>.md` and `.csv` (and `<name>.png` when the sweep's table spec has a
+plot) and prints the markdown. A sweep launched from an experiment file carries its table spec
+(name, columns, metrics, averaging, the paper's values, plot) in `<sweep dir>/multirun.yaml`
+under `hydra.callbacks.sweep_table`: it is used unless options here override it. Otherwise
+columns default to the override keys that vary between jobs. Failed jobs are rows of
+"failed". Bad input: one line `error: ...` on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from stem.errors import StemError
-from stem.tables import build_sweep_table, to_markdown, write_tables
+from stem.errors import StemError, TableError
+from stem.tables import write_sweep_outputs
+
+SPEC_KEYS = ("name", "columns", "metrics", "average_over", "paper", "plot", "ratio_to")
+
+
+def sweep_spec(sweep_dir: str) -> dict:
+    """The table spec the sweep was launched with (hydra.callbacks.sweep_table of multirun.yaml), if any."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf  # a script may use omegaconf; the stem library may not
+
+    try:
+        cfg = OmegaConf.load(path)
+        node = OmegaConf.select(cfg, "hydra.callbacks.sweep_table")
+        if node is None:
+            return {}
+        container = OmegaConf.to_container(node, resolve=True)
+        spec = {k: container[k] for k in SPEC_KEYS if k in container}
+    except Exception as e:  # an unresolvable or broken multirun.yaml
+        raise TableError(f"cannot read the table spec of {path}: {type(e).__name__}: {e}".replace("\n", " ")) from e
+    swept = OmegaConf.select(cfg, "hydra.sweeper.params")
+    if spec.get("columns") is None and swept:
+        spec["columns"] = [str(k).lstrip("+") for k in swept]
+    return {k: v for k, v in spec.items() if v is not None}
 
 
 def parse_metric(text: str) -> tuple[str, ...]:
@@ -30,7 +58,7 @@ def parse_metric(text: str) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="the sweep folder (hydra.sweep.dir) holding <job num>/ folders")
-    parser.add_argument("--name", default="table", help="file name of the table, without suffix (default: table)")
+    parser.add_argument("--name", help="file name of the table, without suffix (default: the sweep's, else table)")
     parser.add_argument("--columns", type=lambda s: [c for c in s.split(",") if c],
                         help="comma-separated override keys (default: the keys that vary between jobs)")
     parser.add_argument("--metrics", nargs="+", type=parse_metric, metavar="LABEL=PATH[:FMT]",
@@ -38,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: those of stem.tables.DEFAULT_METRICS that the runs have)")
     args = parser.parse_args(argv)
     try:
-        table = build_sweep_table(args.sweep_dir, args.columns, args.metrics or None)
-        md, csv_path = write_tables(table, args.sweep_dir, args.name)
+        spec = {"name": "table", **sweep_spec(args.sweep_dir)}
+        spec.update({k: v for k, v in (("name", args.name), ("columns", args.columns), ("metrics", args.metrics))
+                     if v})
+        out = write_sweep_outputs(args.sweep_dir, **spec)
     except StemError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(to_markdown(table), end="")
-    print(f"wrote {md} and {csv_path}", file=sys.stderr)
+    print(out["markdown"], end="")
+    print(f"wrote {', '.join(map(str, out['files']))}", file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from stem.benchmarking import measure
 from stem.cache import TensorCache, content_key
 from stem.ddim import Trajectory
 from stem.prompts import encode_prompt
@@ -33,7 +34,8 @@ class Inverted:
     key: str                  # cache key
     entry: Path | None        # cache entry folder (None without a cache)
     cache_hit: bool
-    seconds: float            # time spent inverting (0 on a cache hit)
+    seconds: float            # time spent encoding and inverting (0 on a cache hit)
+    peak_mib: float | None = None  # peak memory increase while inverting (CUDA allocated / CPU RSS); None if cached
 
 
 @dataclass
@@ -64,14 +66,18 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     if hit is not None and observer is None:
         log.info("inversion cache hit %s", cache.path(key))
         return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, 0.0)
-    start = time.perf_counter()
-    latents = encode_frames(model, video.frames, progress=progress)
-    with observer if observer is not None else contextlib.nullcontext():
-        traj = method.invert(model, latents, cond, progress=progress)
-    seconds = time.perf_counter() - start
+    out = {}
+
+    def run():
+        latents = encode_frames(model, video.frames, progress=progress)
+        with observer if observer is not None else contextlib.nullcontext():
+            out["trajectory"] = method.invert(model, latents, cond, progress=progress)
+
+    seconds, peak = measure(run, model.device)
+    traj, peak_mib = out["trajectory"], peak / 2**20
     if hit is not None:
         log.info("inversion cache hit %s (inverted again for %s)", cache.path(key), type(observer).__name__)
-        return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, seconds)
+        return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, seconds, peak_mib)
     entry = None
     if cache is not None:
         meta = {"video": video.name, "source": video.source, "prompt": video.prompt, "model": model.name,
@@ -79,7 +85,7 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
                 "frames": list(video.frames.shape), "seconds": seconds}
         entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
         log.info("inverted latents cached in %s", entry)
-    return Inverted(traj, cond, key, entry, False, seconds)
+    return Inverted(traj, cond, key, entry, False, seconds, peak_mib)
 
 
 def _trajectory(tensors: dict, model) -> Trajectory:

@@ -49,6 +49,7 @@ def camera_pan(
     prompt: str = "a portrait photo of an astronaut",
     fps: float = 10,
     image: str = "astronaut",
+    edit_prompt: str | None = None,
 ) -> Video:
     """A camera pan over `skimage.data.<image>()` with exact flow `(-dx, -dy)` in `Video.flow`.
 
@@ -59,6 +60,7 @@ def camera_pan(
         prompt: source prompt describing the photo.
         fps: frame rate recorded in the video.
         image: an RGB photo shipped with `skimage.data` (see `PHOTOS`), e.g. "astronaut" (512x512).
+        edit_prompt: a target prompt for editing experiments (kept in `Video.edit_prompt`).
     """
     width = check_multiple_of_8(width, name="width")
     height = check_multiple_of_8(height, name="height")
@@ -82,4 +84,5 @@ def camera_pan(
         source=f"skimage.data.{image}() camera pan: {width}x{height} window from ({x0}, {y0}), "
         f"dx={dx}, dy={dy} px/frame",
         flow=flow,
+        edit_prompt=edit_prompt,
     )

@@ -93,9 +93,18 @@ def varying_keys(runs: list[dict]) -> list[str]:
     return varying or keys
 
 
-def _metric_spec(metric) -> tuple[str, str, str]:
-    label, path, *fmt = metric
-    return label, path, fmt[0] if fmt else DEFAULT_FORMAT
+def _metric_spec(metric) -> tuple[str, str, str, float]:
+    """(label, dotted path[, format[, scale]]) -> all four; scale multiplies numbers (e.g. 1/60: minutes)."""
+    label, path, *rest = metric
+    fmt = rest[0] if rest and rest[0] is not None else DEFAULT_FORMAT
+    return label, path, fmt, float(rest[1]) if len(rest) > 1 else 1.0
+
+
+def _value(metrics: dict, path: str, scale: float):
+    value = _lookup(metrics, path)
+    if scale != 1.0 and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value * scale
+    return value
 
 
 def _lookup(metrics: dict, path: str):
@@ -123,31 +132,122 @@ def default_metrics(runs: list[dict]) -> list[tuple]:
     return [m for m in DEFAULT_METRICS if any(_lookup(r, m[1]) is not None for r in ok)]
 
 
-def sweep_table(runs: list[dict], columns: list[str], metrics=None) -> dict:
-    """Rows of `columns` (override keys) then `metrics` ((label, dotted path[, format]) into
+def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over=(), paper=None,
+                ratio_to: str | None = None) -> dict:
+    """Rows of `columns` (override keys) then `metrics` ((label, dotted path[, format[, scale]]) into
     metrics.json; None: `default_metrics(runs)`), sorted by the column values; a failed run is a
-    row of "failed" cells."""
+    row of "failed" cells.
+
+    average_over: override keys (e.g. ["data"]) averaged out: one row per value of the other
+        columns, each metric the mean over its runs, a "runs" column with their count, and
+        "failed" cells when any of them failed (never a silently smaller average).
+    paper: {row key: {metric label: value}} with row key the row's column values joined by "/"
+        (e.g. "stem_k128"); adds a "<label> (paper)" column after the metrics for each label given.
+    ratio_to: a row key (e.g. "ddim_1frame"): adds "<first metric> ratio", each row's first metric
+        divided by that row's (paper Table 1's "x 1-frame").
+    """
     specs = [_metric_spec(m) for m in (default_metrics(runs) if metrics is None else metrics)]
-    for label, _, fmt in specs:
+    for label, _, fmt, _ in specs:
         try:
             format(1.0, fmt)
         except ValueError:
             raise TableError(f"metric {label!r}: {fmt!r} is not a float format spec (e.g. .2f)") from None
     ok = [run["metrics"] for run in runs if run["status"] == "ok"]
-    for label, path, _ in specs:
+    for label, path, _, _ in specs:
         if ok and all(_lookup(m, path) is None for m in ok):
             raise TableError(f"metric {label!r}: no metrics.json has {path!r} (top-level keys: {sorted(ok[0])})")
-    rows = []
+    columns = [c for c in columns if c not in average_over]
+    groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        cells = [run["overrides"].get(c) for c in columns]
-        if run["status"] == "ok":
-            cells += [_lookup(run["metrics"], path) for _, path, _ in specs]
-        else:
-            cells += [FAILED] * len(specs)
-        rows.append((tuple(_sort_key(v) for v in cells[:len(columns)]), _sort_key(run["job"]), cells))
+        key = tuple(repr(run["overrides"].get(c)) for c in columns)
+        groups.setdefault(key if average_over else (run["job"],), []).append(run)
+    rows = []
+    for members in groups.values():
+        cells = [members[0]["overrides"].get(c) for c in columns]
+        cells += [_combine([_value(r["metrics"], path, scale) if r["status"] == "ok" else FAILED for r in members])
+                  for _, path, _, scale in specs]
+        if average_over:
+            cells.append(len(members))
+        rows.append((tuple(_sort_key(v) for v in cells[:len(columns)]), _sort_key(members[0]["job"]), cells))
     rows.sort(key=lambda r: r[:2])
-    return {"header": [*columns, *(label for label, _, _ in specs)], "rows": [r[2] for r in rows],
-            "formats": [None] * len(columns) + [fmt for _, _, fmt in specs]}
+    header = [*columns, *(label for label, _, _, _ in specs)] + (["runs"] if average_over else [])
+    formats = [None] * len(columns) + [fmt for _, _, fmt, _ in specs] + ([None] if average_over else [])
+    table = {"header": header, "rows": [r[2] for r in rows], "formats": formats}
+    if ratio_to is not None:
+        table = add_ratio_column(table, len(columns), ratio_to)
+    return add_paper_columns(table, len(columns), paper) if paper else table
+
+
+def add_ratio_column(table: dict, n_columns: int, ratio_to: str) -> dict:
+    """Append "<first metric> ratio": each row's first metric over that of the row keyed `ratio_to`."""
+    first = n_columns
+    refs = [row[first] for row in table["rows"] if row_key(row, n_columns) == ratio_to]
+    ref = refs[0] if refs and isinstance(refs[0], (int, float)) and refs[0] else None
+
+    def ratio(value):
+        return value / ref if ref is not None and isinstance(value, (int, float)) else FAILED if value == FAILED \
+            else None
+
+    return {"header": table["header"] + [f"{table['header'][first]} ratio"],
+            "rows": [row + [ratio(row[first])] for row in table["rows"]], "formats": table["formats"] + [".2f"]}
+
+
+def _combine(values: list):
+    """One cell from the values of a row's runs: the value, the mean of numbers, or "failed"."""
+    if len(values) == 1 or FAILED in values:
+        return FAILED if FAILED in values else values[0]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return sum(values) / len(values)
+    return values[0] if len({repr(v) for v in values}) == 1 else None
+
+
+def row_key(cells: list, n_columns: int) -> str:
+    """The key of a row in `paper` dicts: its column values joined by "/"."""
+    return "/".join(_text(v) for v in cells[:n_columns])
+
+
+def add_paper_columns(table: dict, n_columns: int, paper: dict) -> dict:
+    """Append "<label> (paper)" columns with the paper's values of each row (blank where it has none)."""
+    labels = [h for h in table["header"][n_columns:] if any(h in (v or {}) for v in paper.values())]
+    unknown = sorted({lab for v in paper.values() for lab in (v or {})} - set(table["header"]))
+    if unknown:
+        raise TableError(f"paper values for {unknown}: not metric labels of the table ({table['header'][n_columns:]})")
+    fmts = dict(zip(table["header"], table["formats"]))
+    rows = [row + [(paper.get(row_key(row, n_columns)) or {}).get(lab) for lab in labels] for row in table["rows"]]
+    return {"header": table["header"] + [f"{lab} (paper)" for lab in labels], "rows": rows,
+            "formats": table["formats"] + [fmts[lab] for lab in labels]}
+
+
+def sweep_plot(runs: list[dict], columns: list[str], spec: dict, path: str | Path) -> Path | None:
+    """The figure of a sweep as PNG (None when no run finished).
+
+    spec: {"y": dotted path, "x": dotted path (for per-step/per-frame lists) or null, "title", "xlabel",
+    "ylabel"}. A list-valued y draws one curve per finished run, labelled by its column values
+    (paper Figs. 4, 9); a number draws one curve over the first column's values, one per value
+    of the other columns (Fig. 3, Tables 4 and 5).
+    """
+    from stem.plots import plot_curves  # matplotlib only when a figure is asked for
+
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return None
+    y, x = spec["y"], spec.get("x")
+    curves, xs = {}, None
+    if isinstance(_lookup(ok[0]["metrics"], y), list):
+        for run in ok:
+            label = row_key([run["overrides"].get(c) for c in columns], len(columns)) or str(run["job"])
+            curves[label] = _lookup(run["metrics"], y)
+            xs = _lookup(run["metrics"], x) if x else None
+    else:
+        first, rest = columns[0], columns[1:]
+        ordered = sorted(ok, key=lambda r: _sort_key(r["overrides"].get(first)))
+        for run in ordered:
+            label = row_key([run["overrides"].get(c) for c in rest], len(rest)) or spec.get("ylabel", y)
+            curves.setdefault(label, []).append(_lookup(run["metrics"], y))
+        xs = [r["overrides"].get(first) for r in ordered]
+        xs = xs if all(isinstance(v, (int, float)) for v in xs) else None
+    return plot_curves(path, curves, x=xs, xlabel=spec.get("xlabel", x or (columns[0] if columns else "")),
+                       ylabel=spec.get("ylabel", y), title=spec.get("title", ""))
 
 
 def _text(value) -> str:
@@ -190,12 +290,33 @@ def write_tables(table: dict, directory: str | Path, name: str) -> tuple[Path, P
     return md, csv_path
 
 
-def build_sweep_table(sweep_dir: str | Path, columns: list[str] | None = None, metrics=None) -> dict:
+def build_sweep_table(sweep_dir: str | Path, columns: list[str] | None = None, metrics=None, average_over=(),
+                      paper=None) -> dict:
     """collect_runs + sweep_table; columns default to the override keys that vary between jobs."""
+    runs = _runs(sweep_dir)
+    return sweep_table(runs, varying_keys(runs) if columns is None else list(columns), metrics, average_over, paper)
+
+
+def _runs(sweep_dir) -> list[dict]:
     runs = collect_runs(sweep_dir)
     if not runs:
         raise TableError(f"no job folders in {sweep_dir}: expected <job num>/.hydra/ from `python run.py -m ...`")
-    return sweep_table(runs, varying_keys(runs) if columns is None else list(columns), metrics)
+    return runs
+
+
+def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: list[str] | None = None,
+                        metrics=None, average_over=(), paper=None, plot: dict | None = None,
+                        ratio_to: str | None = None) -> dict:
+    """Build the table of `sweep_dir`, write `<name>.md`, `.csv` and, with a `plot` spec, `<name>.png`
+    into it; return {"table", "markdown", "files"}."""
+    runs = _runs(sweep_dir)
+    columns = varying_keys(runs) if columns is None else list(columns)
+    table = sweep_table(runs, columns, metrics, average_over, paper, ratio_to)
+    files = list(write_tables(table, sweep_dir, name))
+    if plot:
+        png = sweep_plot(runs, [c for c in columns if c not in average_over], plot, Path(sweep_dir) / f"{name}.png")
+        files += [png] if png else []
+    return {"table": table, "markdown": to_markdown(table), "files": files}
 
 
 def write_sweep_tables(sweep_dir: str | Path, name: str = "table", columns: list[str] | None = None,

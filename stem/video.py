@@ -46,6 +46,7 @@ class Video:
         source: where it came from (path or generator description).
         flow: `(N-1, 2, H, W)` forward flow `F_{t->t+1}` in pixels (channel 0 = x, 1 = y), such
             that `frame_{t+1}(p + F(p)) = frame_t(p)`; exact ground truth when known, else None.
+        edit_prompt: a target prompt that goes with the clip (paper experiments), or None.
     """
 
     frames: torch.Tensor
@@ -54,6 +55,7 @@ class Video:
     name: str
     source: str = ""
     flow: torch.Tensor | None = None
+    edit_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.frames.ndim != 4 or self.frames.shape[1] != 3:
@@ -277,6 +279,7 @@ def load_video(
     height: int | None = None,
     fps: float | None = None,
     name: str | None = None,
+    edit_prompt: str | None = None,
 ) -> Video:
     """Load a video file (.mp4/.webm/.mov/.avi/.gif) or a folder of frames as a `Video`.
 
@@ -284,18 +287,31 @@ def load_video(
         path: the file or frame folder (png/jpg/jpeg/bmp/webp, natural sort order).
         prompt: source prompt describing the video.
         n_frames: number of frames to keep (None = all available); never silently fewer.
-        stride: keep every `stride`-th frame.
+        stride: keep every `stride`-th frame; "even": `n_frames` frames spread evenly from `start`
+            to the last frame (paper Table 4's "sampled evenly").
         start: index of the first frame kept.
         width, height: output size, positive multiples of 8. Both None: native size rounded
             down to multiples of 8; one None: follows the aspect ratio (nearest multiple of 8).
         fps: frame rate to use (default: the file's; 10 for frame folders).
         name: short name for run directories (default: the file or folder name).
+        edit_prompt: a target prompt that goes with the clip (kept in `Video.edit_prompt`).
 
     A folder holding `flow.npy` (see `save_video_with_flow`) gives `Video.flow` when the frames
     are neither subsampled nor resized.
     """
     path = Path(path)
-    array, file_fps = read_frames(path, start=start, stride=stride, n_frames=n_frames)
+    if stride == "even":
+        if n_frames is None:
+            raise ConfigError("stride='even' spreads n_frames frames over the clip: set n_frames too")
+        array, file_fps = read_frames(path, start=start)
+        if n_frames > len(array):
+            raise VideoError(f"{path} has {len(array)} frames from frame {start}; cannot spread {n_frames} evenly "
+                             f"(use n_frames <= {len(array)})")
+        picked = np.linspace(0, len(array) - 1, n_frames).round().astype(int)
+        stride = int(picked[1] - picked[0]) if n_frames > 1 and len(set(np.diff(picked))) == 1 else None
+        array = array[picked]
+    else:
+        array, file_fps = read_frames(path, start=start, stride=stride, n_frames=n_frames)
     frames = from_uint8(array)
     native_height, native_width = array.shape[1:3]
     target = _target_size(native_width, native_height, width, height)
@@ -311,11 +327,12 @@ def load_video(
             fps = DEFAULT_FOLDER_FPS
             logger.info("%s has no frame rate: using fps=%g (set fps to change it)", path, fps)
     flow = None
-    if path.is_dir():
+    if path.is_dir() and stride is not None:  # uneven picks have no stored flow
         native = (native_width, native_height)
         flow = _load_flow(path, start=start, stride=stride, n_frames=len(frames), resized=resized, size=native)
     name = name or (path.name if path.is_dir() else path.stem)
-    return Video(frames=frames, fps=float(fps), prompt=prompt, name=name, source=str(path), flow=flow)
+    return Video(frames=frames, fps=float(fps), prompt=prompt, name=name, source=str(path), flow=flow,
+                 edit_prompt=edit_prompt)
 
 
 # ----------------------------------------------------------------------------------------- writing

@@ -129,6 +129,21 @@ def test_selection_matches_indexing_the_full_clip(clip_path, start, stride, n_fr
     assert len(full) == 7 and torch.equal(selected, expected)
 
 
+@pytest.mark.parametrize(("start", "n_frames", "picks"), [(0, 3, [0, 3, 6]), (0, 4, [0, 2, 4, 6]), (1, 4, [1, 3, 4, 6]),
+                                                     (0, 7, list(range(7))), (2, 1, [2])])
+def test_even_stride_spreads_frames_over_the_clip(clip_path, start, n_frames, picks):
+    full = load_video(clip_path, prompt="p").frames
+    video = load_video(clip_path, prompt="p", start=start, stride="even", n_frames=n_frames, edit_prompt="q")
+    assert torch.equal(video.frames, full[picks]) and video.edit_prompt == "q"
+
+
+def test_even_stride_needs_a_count_that_fits(clip_path):
+    with pytest.raises(ConfigError, match="set n_frames too"):
+        load_video(clip_path, prompt="p", stride="even")
+    with pytest.raises(VideoError, match=r"has 7 frames from frame 0; cannot spread 8 evenly"):
+        load_video(clip_path, prompt="p", stride="even", n_frames=8)
+
+
 def test_decoding_stops_once_enough_frames_are_read(tmp_path, monkeypatch):
     path = write_video(tmp_path / "a.mp4", clip(12), fps=10)
     pulled = []
