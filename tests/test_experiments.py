@@ -1,9 +1,10 @@
 """Experiment files run end to end on the tiny CPU setting and write their tables."""
 
 import csv
+import json
 
 import pytest
-from conftest import run_cli
+from conftest import read_wandb_records, run_cli, run_script
 
 
 def sweep(tmp_path, experiment, *extra):
@@ -41,10 +42,24 @@ def read_table(folder, name):
     return list(csv.DictReader((folder / f"{name}.csv").open()))
 
 
-def test_ablation_k_draws_psnr_against_k(tmp_path):
-    sweep(tmp_path, "ablation_k", *SMALL, "inversion.num_bases=4,8", "data.n_frames=4")
+def test_ablation_k_plot_w_and_b_summary_and_rebuild_from_run_directories(tmp_path):
+    sweep(tmp_path, "ablation_k", *SMALL, "inversion.num_bases=4,8", "data.n_frames=4", "logger=wandb")
     assert [int(r["inversion.num_bases"]) for r in read_table(tmp_path, "ablation_k")] == [4, 8]
     assert (tmp_path / "ablation_k.png").stat().st_size > 1000
+    # the summary run (offline) holds the table and the plot
+    records = read_wandb_records(tmp_path)
+    logged = {tuple(i.nested_key): json.loads(i.value_json) for r in records
+              if r.WhichOneof("record_type") == "history" for i in r.history.item if i.nested_key}
+    assert logged[("ablation_k", "_type")] == "table-file" and logged[("ablation_k", "nrows")] == 2
+    assert logged[("ablation_k_plot", "_type")] == "image-file"
+    # rebuilt from the job folders alone, with the spec the sweep was launched with (multirun.yaml)
+    md = (tmp_path / "ablation_k.md").read_text()
+    for suffix in (".md", ".csv", ".png"):
+        (tmp_path / f"ablation_k{suffix}").unlink()
+    proc = run_script("make_tables.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ablation_k.md").read_text() == md and proc.stdout == md
+    assert (tmp_path / "ablation_k.png").is_file()
 
 
 def test_table6_averages_over_clips_and_prints_the_paper_beside(tmp_path):
