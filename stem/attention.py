@@ -21,6 +21,7 @@ Contexts (spec/STEM.md section 2), frame indices 0-based:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -66,12 +67,7 @@ class SelfAttnProcessor:
 
     def project(self, attn, x: torch.Tensor, *names: str) -> list[torch.Tensor]:
         """The named projections ("q", "k", "v") of `x`, split into heads (with norm_q/norm_k)."""
-        out = []
-        for name in names:
-            y = split_heads(getattr(attn, f"to_{name}")(x), attn.heads)
-            norm = getattr(attn, f"norm_{name}", None)
-            out.append(norm(y) if norm is not None else y)
-        return out
+        return project_heads(attn, x, None, *names)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
@@ -84,12 +80,33 @@ class SelfAttnProcessor:
         batch, tokens, _ = hidden_states.shape
         if batch % self.num_frames:
             raise ValueError(f"batch {batch} is not a multiple of num_frames={self.num_frames}")
-        out = self.attend(attn, hidden_states)
-        out = out.transpose(1, 2).reshape(batch, tokens, -1).to(hidden_states.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+        return finish_attention(attn, self.attend(attn, hidden_states), hidden_states)
+
+
+def project_heads(attn, x: torch.Tensor, context: torch.Tensor | None = None, *names: str) -> list[torch.Tensor]:
+    """Projections of a diffusers Attention module split into heads (B, h, S, d), with norm_q/norm_k:
+    "q" from `x`, "k" and "v" from `context` (cross-attention) or `x` (self-attention)."""
+    out = []
+    for name in names or ("q", "k", "v"):
+        y = split_heads(getattr(attn, f"to_{name}")(x if name == "q" or context is None else context), attn.heads)
+        norm = getattr(attn, f"norm_{name}", None)
+        out.append(norm(y) if norm is not None else y)
+    return out
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) in float32: (B, h, queries, keys), for processors that read or edit the maps."""
+    return ((q.float() @ k.float().transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]))).softmax(-1)
+
+
+def finish_attention(attn, heads_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Head outputs (B, h, S, d) -> the module's output as diffusers computes it: output projection,
+    dropout, residual connection and rescale."""
+    out = heads_out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1).to(x.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + x
+    return out / attn.rescale_output_factor
 
 
 def context_frames(num_frames: int, context: str, pairing: str = "fatezero") -> torch.Tensor | None:

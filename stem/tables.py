@@ -290,13 +290,6 @@ def write_tables(table: dict, directory: str | Path, name: str) -> tuple[Path, P
     return md, csv_path
 
 
-def build_sweep_table(sweep_dir: str | Path, columns: list[str] | None = None, metrics=None, average_over=(),
-                      paper=None) -> dict:
-    """collect_runs + sweep_table; columns default to the override keys that vary between jobs."""
-    runs = _runs(sweep_dir)
-    return sweep_table(runs, varying_keys(runs) if columns is None else list(columns), metrics, average_over, paper)
-
-
 def _runs(sweep_dir) -> list[dict]:
     runs = collect_runs(sweep_dir)
     if not runs:
@@ -317,9 +310,3 @@ def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: lis
         png = sweep_plot(runs, [c for c in columns if c not in average_over], plot, Path(sweep_dir) / f"{name}.png")
         files += [png] if png else []
     return {"table": table, "markdown": to_markdown(table), "files": files}
-
-
-def write_sweep_tables(sweep_dir: str | Path, name: str = "table", columns: list[str] | None = None,
-                       metrics=None) -> tuple[Path, Path]:
-    """Build the table of `sweep_dir` and write `<sweep_dir>/<name>.md` and `.csv`; return both paths."""
-    return write_tables(build_sweep_table(sweep_dir, columns, metrics), sweep_dir, name)

@@ -19,7 +19,7 @@ from stem.tables import (
     to_csv,
     to_markdown,
     varying_keys,
-    write_sweep_tables,
+    write_sweep_outputs,
 )
 
 
@@ -116,8 +116,8 @@ def test_metric_spec_takes_any_dotted_path_and_format(sweep):
                                                    "| 256 | stem | 1.5 | 24.12 |", "|  | stem | 1.5 | 22.5 |"]
 
 
-def test_write_sweep_tables_writes_markdown_and_csv(sweep):
-    md, csv_path = write_sweep_tables(sweep, "table6", columns=["inversion", "inversion.num_bases"])
+def test_write_sweep_outputs_writes_markdown_and_csv(sweep):
+    md, csv_path = write_sweep_outputs(sweep, "table6", columns=["inversion", "inversion.num_bases"])["files"]
     assert (md, csv_path) == (sweep / "table6.md", sweep / "table6.csv")
     assert md.read_text() == MARKDOWN and csv_path.read_text() == CSV
     assert sorted(p.name for p in sweep.iterdir() if p.name.startswith(".")) == []  # no temporary files left

@@ -21,7 +21,6 @@ computed before anything is recorded, and refused above `budget_gib`.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from stem.attention import gather_frames, split_heads
+from stem.attention import attention_probabilities, gather_frames, project_heads
 from stem.errors import ConfigError, check_choice
 from stem.inversion import self_attention_tokens
 
@@ -114,16 +113,10 @@ def attention_probs(attn, x: torch.Tensor, context: torch.Tensor | None = None,
     Self-attention (`context` None): keys of the frames in `frame_table` (N, L) (None: the frame itself).
     Cross-attention: keys of `context` (the text embedding).
     """
-    q = split_heads(attn.to_q(x), attn.heads)
-    k = split_heads(attn.to_k(x if context is None else context), attn.heads)
-    if getattr(attn, "norm_q", None) is not None:
-        q = attn.norm_q(q)
-    if getattr(attn, "norm_k", None) is not None:
-        k = attn.norm_k(k)
+    q, k = project_heads(attn, x, context, "q", "k")
     if context is None and frame_table is not None:
         k = gather_frames(k, frame_table, frame_table.shape[0])
-    scores = (q.float() @ k.float().transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]))
-    return scores.softmax(-1)
+    return attention_probabilities(q, k)
 
 
 class AttentionRecorder:

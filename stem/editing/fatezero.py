@@ -38,7 +38,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stem.attention import gather_frames, self_attention_processors, split_heads
+from stem.attention import (
+    attention_probabilities,
+    finish_attention,
+    gather_frames,
+    project_heads,
+    self_attention_processors,
+)
 from stem.ddim import Trajectory, ddim_sample_with
 from stem.editing.attention_store import AttentionRecorder, AttentionStore, stored_layers
 from stem.editing.base import Editor, Prompts, guided
@@ -60,29 +66,6 @@ class FusionState:
         self.cross_edit = None                     # callable (A_src, A_edit) -> A
 
 
-def _finish(attn, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B, h, S, d) head outputs -> the module's output (to_out, residual, rescale) as diffusers does."""
-    out = out.transpose(1, 2).reshape(x.shape[0], -1, out.shape[1] * out.shape[-1]).to(x.dtype)
-    out = attn.to_out[1](attn.to_out[0](out))
-    if attn.residual_connection:
-        out = out + x
-    return out / attn.rescale_output_factor
-
-
-def _project(attn, x: torch.Tensor, context: torch.Tensor):
-    q = split_heads(attn.to_q(x), attn.heads)
-    k, v = split_heads(attn.to_k(context), attn.heads), split_heads(attn.to_v(context), attn.heads)
-    if getattr(attn, "norm_q", None) is not None:
-        q = attn.norm_q(q)
-    if getattr(attn, "norm_k", None) is not None:
-        k = attn.norm_k(k)
-    return q, k, v
-
-
-def _probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return ((q.float() @ k.float().transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]))).softmax(-1)
-
-
 class FusionAttnProcessor:
     """attn1 or attn2 of a recorded layer: FateZero's fusion of the conditional branch with A_src."""
 
@@ -93,16 +76,16 @@ class FusionAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         x = hidden_states
-        q, k, v = _project(attn, x, encoder_hidden_states if self.cross else x)
+        q, k, v = project_heads(attn, x, encoder_hidden_states if self.cross else None)
         if not self.cross and self.table is not None:
             k, v = gather_frames(k, self.table, self.num_frames), gather_frames(v, self.table, self.num_frames)
         on = self.state.cross_on if self.cross else self.state.self_on
         if not on:
-            return _finish(attn, F.scaled_dot_product_attention(q, k, v), x)
+            return finish_attention(attn, F.scaled_dot_product_attention(q, k, v), x)
         b = x.shape[0] - self.num_frames  # the conditional branch is the last N of the batch
         uncond = F.scaled_dot_product_attention(q[:b], k[:b], v[:b])
         src = self.state.maps[self.key].to(q.device, torch.float32)
-        edit = _probs(q[b:], k[b:])
+        edit = attention_probabilities(q[b:], k[b:])
         if self.cross:
             probs = self.state.cross_edit(src, edit)
         elif self.state.mask is not None:
@@ -111,7 +94,7 @@ class FusionAttnProcessor:
         else:
             probs = src
         cond = (probs @ v[b:].float()).to(v.dtype)
-        return _finish(attn, torch.cat([uncond, cond]), x)
+        return finish_attention(attn, torch.cat([uncond, cond]), x)
 
 
 @contextlib.contextmanager
