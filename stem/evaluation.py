@@ -128,12 +128,18 @@ class Evaluator:
                               f"video is {video.width}x{video.height}; use metrics.flow.backend=dis")
         if self.features and num_steps is not None:
             self._pca_calls(num_steps)
-        if self.clip and self._scorer is None:
+        if self.clip:
+            self._clip_scorer()
+
+    def _clip_scorer(self) -> ClipScorer:
+        """The CLIP scorer, loaded once (missing weights fail here, with how to provide them)."""
+        if self._scorer is None:
             self._scorer = ClipScorer(self.clip.model, self.clip.pretrained, self.device, self.clip.batch_size,
                                       cache_dir=self.clip.cache_dir, progress=self.progress)
             if self.clip.pretrained is None:
                 log.warning("clip_score: randomly initialised CLIP (metrics.clip.pretrained=null): the numbers "
                             "test the mechanics only")
+        return self._scorer
 
     def _pca_calls(self, num_steps: int) -> list[int]:
         steps = list(self.features.pca_steps)
@@ -185,8 +191,7 @@ class Evaluator:
         elif self.reconstruction:
             log.info("PSNR/SSIM skipped: this run has no reference video (an edit)")
         if self.clip:
-            self.prepare(video)
-            score = self._scorer.score(frames, prompt if prompt is not None else video.prompt)
+            score = self._clip_scorer().score(frames, prompt if prompt is not None else video.prompt)
             out["clip"] = {"model": self.clip.model, "pretrained": self.clip.pretrained,
                            "prompt": prompt if prompt is not None else video.prompt, **score}
         if self.warp_error:

@@ -62,14 +62,21 @@ def layer_channels(unet, path: str) -> int:
     return unet.get_submodule(path).to_q.in_features
 
 
+def layer_frame_tables(unet, num_frames: int, frames=("mid",), mode: str = "replace", min_channels: int = 640):
+    """attn1 module path -> its (N, L) frame table: `fatezero_frames(...)` in layers with at least
+    `min_channels` channels, None (per-frame attention) in the narrower ones."""
+    table = fatezero_frames(num_frames, frames, mode)  # validates now
+    return lambda path: table if layer_channels(unet, path) >= min_channels else None
+
+
 def spatio_temporal_processors(unet, num_frames: int, frames=("mid",), mode: str = "replace",
                                min_channels: int = 640):
     """Per-layer factory for `self_attention_processors(per_layer=...)`: spatio-temporal attention in
     layers with at least `min_channels` channels, per-frame attention in the others."""
-    fatezero_frames(num_frames, frames, mode)  # validate now
+    tables = layer_frame_tables(unet, num_frames, frames, mode, min_channels)
 
     def make(path: str):
-        if layer_channels(unet, path) >= min_channels:
+        if tables(path) is not None:
             return SpatioTemporalAttnProcessor(num_frames, frames, mode)
         return FrameContextAttnProcessor(num_frames, "1frame")
     return make

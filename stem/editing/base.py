@@ -12,6 +12,7 @@ inverted latent z_t^inv exists at every editing step.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -83,6 +84,33 @@ def start_latents(scheduler, trajectory: Trajectory, num_steps: int, start_from:
     eps = (z_top.float() - a_top.sqrt() * z0.float()) / (1 - a_top).sqrt()
     first = sampling_timesteps(scheduler, num_steps)[:1]
     return scheduler.add_noise(z0.float(), eps, first).to(z0.dtype)
+
+
+class Observers(contextlib.AbstractContextManager):
+    """Several observers (context managers around an inversion) entered and left as one.
+
+    `close()` closes every member that can be closed; `find(cls)` returns the first member of a type.
+    """
+
+    def __init__(self, observers: list):
+        self.observers, self._stack = list(observers), None
+
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        for observer in self.observers:
+            self._stack.enter_context(observer)
+        return self
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+    def find(self, cls):
+        return next((o for o in self.observers if isinstance(o, cls)), None)
+
+    def close(self) -> None:
+        for observer in self.observers:
+            if hasattr(observer, "close"):
+                observer.close()
 
 
 class Editor:

@@ -47,10 +47,10 @@ from stem.attention import (
 )
 from stem.ddim import Trajectory, ddim_sample_with
 from stem.editing.attention_store import AttentionRecorder, AttentionStore, stored_layers
-from stem.editing.base import Editor, Prompts, guided
+from stem.editing.base import Editor, Observers, Prompts, guided
 from stem.editing.p2p import refine_mapper, replace_mapper, reweight_equalizer, word_tokens
 from stem.errors import ConfigError, check_choice
-from stem.fatezero_attention import fatezero_frames, layer_channels, spatio_temporal_processors
+from stem.fatezero_attention import fatezero_frames, layer_frame_tables, spatio_temporal_processors
 
 CROSS_EDITS = ("refine", "replace")
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -192,8 +192,8 @@ class FateZeroEditor(Editor):
     # ---- inversion side --------------------------------------------------------------------
     def frame_table(self, unet, num_frames: int):
         """Block path -> the (N, L) frame table of its editing self-attention (None: per frame)."""
-        table = fatezero_frames(num_frames, self.attention_frames, self.attention_mode)
-        return lambda block: table if layer_channels(unet, f"{block}.attn1") >= self.min_channels else None
+        tables = layer_frame_tables(unet, num_frames, self.attention_frames, self.attention_mode, self.min_channels)
+        return lambda block: tables(f"{block}.attn1")
 
     def inversion_observer(self, model, num_frames: int, latent_hw: tuple[int, int]):
         layers = stored_layers(model.unet, latent_hw, self.store_max_tokens)
@@ -211,7 +211,7 @@ class FateZeroEditor(Editor):
             raise
         if not self.clip_groupnorm:
             return recorder
-        return _WithGroupNorm(recorder, model.unet, num_frames)
+        return Observers([clip_groupnorm(model.unet, num_frames), recorder])  # GroupNorm hooks first
 
     def inversion_key(self) -> dict | None:
         return {"groupnorm": "clip"} if self.clip_groupnorm else None
@@ -234,7 +234,7 @@ class FateZeroEditor(Editor):
 
     def _edit(self, model, trajectory: Trajectory, prompts: Prompts, progress: bool,
               observed=None) -> tuple[torch.Tensor, dict]:
-        recorder = observed.recorder if isinstance(observed, _WithGroupNorm) else observed
+        recorder = observed.find(AttentionRecorder) if isinstance(observed, Observers) else observed
         if not isinstance(recorder, AttentionRecorder):
             raise ConfigError("FateZero needs the attention maps of the inversion: edit through "
                               "stem.editing.pipeline.edit_video (or enter editor.inversion_observer(...) "
@@ -280,12 +280,14 @@ class FateZeroEditor(Editor):
             m = state.mask.to(z.dtype)
             return z_inv + m * (z - z_inv)
 
+        unrecorded = spatio_temporal_processors(unet, n, self.attention_frames, self.attention_mode,
+                                                self.min_channels)
+
         def per_layer(path: str):
             block = path.removesuffix(".attn1")
             if block in recorder.layers:
                 return FusionAttnProcessor(path, state, n, tables(block), recorder.layers[block])
-            return spatio_temporal_processors(unet, n, self.attention_frames, self.attention_mode,
-                                              self.min_channels)(path)
+            return unrecorded(path)
 
         def cross_per_layer(path: str):
             block = path.removesuffix(".attn2")
@@ -299,22 +301,3 @@ class FateZeroEditor(Editor):
                                        progress=progress, desc="FateZero editing", after_step=after_step)
         return latents, {"recorded_layers": sorted(recorder.layers), "recorded_timesteps": recorder.store.timesteps(),
                          "mask_fraction_per_step": masks}
-
-
-class _WithGroupNorm(contextlib.AbstractContextManager):
-    """The attention recorder plus clip-level GroupNorm hooks, entered around the inversion."""
-
-    def __init__(self, recorder: AttentionRecorder, unet, num_frames: int):
-        self.recorder, self._gn = recorder, clip_groupnorm(unet, num_frames)
-
-    def __enter__(self):
-        self._gn.__enter__()
-        self.recorder.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.recorder.__exit__(*exc)
-        return self._gn.__exit__(*exc)
-
-    def close(self) -> None:
-        self.recorder.close()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from stem.cache import TensorCache
-from stem.editing.base import Edit, Editor
+from stem.editing.base import Edit, Editor, Observers
 from stem.reconstruction import Inverted, invert_video
 from stem.vae import decode_latents
 from stem.video import Video
@@ -20,22 +20,6 @@ class EditedVideo:
     edit: Edit
     frames: torch.Tensor              # edited video (N, 3, H, W) in [0, 1]
     vae_frames: torch.Tensor | None   # VAE round trip of the input, in reconstruction mode only (PSNR vs VAE)
-
-
-class _Together(contextlib.AbstractContextManager):
-    """Several observers entered and left as one."""
-
-    def __init__(self, observers: list):
-        self.observers, self._stack = observers, None
-
-    def __enter__(self):
-        self._stack = contextlib.ExitStack()
-        for observer in self.observers:
-            self._stack.enter_context(observer)
-        return self
-
-    def __exit__(self, *exc):
-        return self._stack.__exit__(*exc)
 
 
 def edit_video(model, video: Video, method, editor: Editor, cache: TensorCache | None = None,
@@ -51,7 +35,7 @@ def edit_video(model, video: Video, method, editor: Editor, cache: TensorCache |
     observers = [o for o in (observer, recorder) if o is not None]
     try:
         inverted = invert_video(model, video, method, cache, prompt_overflow, progress,
-                                _Together(observers) if observers else None, editor.inversion_key())
+                                Observers(observers) if observers else None, editor.inversion_key())
         edit = editor.edit(model, inverted.trajectory, video.prompt, prompt_overflow, progress, recorder)
     finally:
         if recorder is not None and hasattr(recorder, "close"):
