@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from stem.cache import TensorCache
 from stem.editing.pipeline import edit_video
 from stem.errors import ConfigError, StemError
-from stem.evaluation import per_frame_columns, summary_scalars
-from stem.reconstruction import reconstruct_video
+from stem.evaluation import inversion_reconstruction_sections, per_frame_columns, summary_scalars
+from stem.reconstruction import invert_video, reconstruct_video
 from stem.rundir import write_run
 
 log = logging.getLogger("run")
@@ -109,6 +109,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         video = _build("data", cfg.data)
         if editor is not None:
             editor.check(video.num_frames)
+        elif not cfg.reconstruct:
+            evaluator.check_without_output()   # an inversion-only run has no video to score
         evaluator.prepare(video, method.num_steps)    # bad metric settings and missing CLIP weights, before the model
         model = _build("model", cfg.model)
         log.info("video %s: %d frames %dx%d, prompt %r; %s; metrics: %s", video.name, video.num_frames, video.width,
@@ -118,20 +120,33 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         recorder = evaluator.feature_recorder(model, video, method.num_steps)
         facts = {"inversion": method.settings(), "model": model.name, "model_fingerprint": model.fingerprint,
                  "device": str(model.device), "dtype": str(model.dtype)}
-        if editor is None:
-            result = reconstruct_video(model, video, method, cache, cfg.prompt_overflow, cfg.progress, recorder)
+        videos = {}
+        if editor is None and not cfg.reconstruct:   # inversion only (Table 1 timing jobs): no sampling back
+            inverted = invert_video(model, video, method, cache, cfg.prompt_overflow, cfg.progress, recorder,
+                                    warmup_steps=cfg.warmup_steps)
+            frames, output, prompt, label, references = None, "reconstruction", None, method.name, None
+            facts["seconds"] = {"inversion": inverted.seconds}
+        elif editor is None:
+            result = reconstruct_video(model, video, method, cache, cfg.prompt_overflow, cfg.progress, recorder,
+                                       warmup_steps=cfg.warmup_steps)
             inverted, frames, output, prompt = result.inverted, result.frames, "reconstruction", None
             label = method.name
             references = {"input": video.frames, "vae": result.vae_frames}
             facts["seconds"] = {"inversion": inverted.seconds, "reconstruction": result.seconds}
         else:
-            result = edit_video(model, video, method, editor, cache, cfg.prompt_overflow, cfg.progress, recorder)
+            result = edit_video(model, video, method, editor, cache, cfg.prompt_overflow, cfg.progress, recorder,
+                                report_reconstruction=cfg.report_reconstruction)
             inverted, frames, output, prompt = result.inverted, result.frames, "edited", result.edit.prompt
             label = editor.label(method.name)
             references = {"input": video.frames, "vae": result.vae_frames} if editor.reconstructs else None
             facts.update(editing=editor.settings(), edit_prompt=prompt, inversion_method=method.name,
                          edit_info=result.edit.info,
                          seconds={"inversion": inverted.seconds, "editing": result.edit.seconds})
+            if result.reconstruction is not None:   # how faithful the edited latents are (plain reconstruction)
+                facts.update(inversion_reconstruction_sections(
+                    result.reconstruction, {"input": video.frames, "vae": result.vae_frames}))
+                videos["reconstruction"] = result.reconstruction
+        facts["seconds"]["vae_encode"] = inverted.encode_seconds
         facts["seconds"]["inversion_per_frame"] = inverted.seconds / video.num_frames
         facts["memory"] = {"inversion_peak_mib": inverted.peak_mib,  # None when the inversion came from the cache
                            "measured_as": "CUDA max_memory_allocated increase" if model.device.type == "cuda"
@@ -140,7 +155,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         scores = evaluator.evaluate(frames, video, prompt, label, references=references, recorder=recorder,
                                     run_dir=run_dir, timesteps=inverted.trajectory.timesteps.tolist())
         facts["seconds"]["metrics"] = time.perf_counter() - start
-        metrics = write_run(run_dir, video, frames, output, inverted, scores, extra={"method": label, **facts})
+        metrics = write_run(run_dir, video, frames, output, inverted, scores, extra={"method": label, **facts},
+                            videos=videos)
         logger.log_run(metrics, run_dir)
         log.info("%s -> %s", ", ".join(f"{k} {v:.4g}" for k, v in summary_scalars(scores).items()
                                        if k.count("/") == 1 and k.split("/")[1] in HEADLINE), run_dir)

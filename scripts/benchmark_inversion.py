@@ -3,9 +3,10 @@
     python scripts/benchmark_inversion.py --model sd15_arch --frames 8 --width 256 --height 256 --steps 3
     python scripts/benchmark_inversion.py --model sd15 --video taylor.mp4 --frames 48 --steps 50   # Table 1, GPU
 
-Encodes the video once, then times only `method.invert(model, latents, cond)` for every
-method in one process: one untimed warm-up run per method, then --repeats timed runs (the
-median is reported). Memory is the peak increase during a run: CUDA's max_memory_allocated
+Encodes the video once, then times only the inversion loop for every method in one process
+(`stem.benchmarking.time_inversion`, the same definition of "inversion time" as
+`experiment=table1_time`: VAE encoding excluded): one untimed warm-up run per method, then
+--repeats timed runs (the median is reported). Memory is the peak increase during a run: CUDA's max_memory_allocated
 on GPU, the resident set size sampled every 2 ms on CPU. Prints the table (and writes it as
 markdown plus raw numbers as JSON with --output). Bad options: one line `error: ...`, exit 2.
 """
@@ -21,7 +22,16 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from stem.benchmarking import Parser, add_common_args, device_line, finish_report, load_frames, load_model, measure
+from stem.benchmarking import (
+    Parser,
+    add_common_args,
+    device_line,
+    finish_report,
+    load_frames,
+    load_model,
+    time_inversion,
+    warm_up,
+)
 from stem.device import resolve_device, resolve_dtype
 from stem.errors import StemError
 from stem.inversion import DDIMInversion, STEMInversion, self_attention_tokens
@@ -126,11 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(header), flush=True)
     rows = []
     for name, method in tqdm(methods.items(), desc="methods"):
-        def run():
-            method.invert(model, latents, cond, progress=False)
-
-        measure(run, device)  # warm-up
-        runs = [measure(run, device) for _ in range(args.repeats)]
+        warm_up(method, model, latents, cond, method.num_steps)  # a whole untimed run
+        runs = [time_inversion(method, model, latents, cond)[1:] for _ in range(args.repeats)]
         seconds = statistics.median(s for s, _ in runs)
         peak = max(m for _, m in runs) / 2**20
         rows.append(dict(method=name, seconds=seconds, seconds_per_frame=seconds / n, peak_mib=peak,

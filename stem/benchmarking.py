@@ -7,6 +7,8 @@ Memory is CUDA's max_memory_allocated on GPU, the resident set size sampled ever
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import ctypes
 import gc
 import json
@@ -96,6 +98,34 @@ def measure(fn, device: torch.device) -> tuple[float, int]:
     done.set()
     thread.join()
     return seconds, max(peak, rss()) - base
+
+
+def time_inversion(method, model, latents: torch.Tensor, cond: torch.Tensor, progress: bool = False,
+                   observer=None) -> tuple:
+    """(trajectory, seconds, peak memory increase in bytes) of `method.invert` on clean `latents`.
+
+    The one definition of "inversion time" (paper Table 1) that `experiment=table1_time` (through
+    `stem.reconstruction.invert_video`) and `scripts/benchmark_inversion.py` share: the DDIM inversion
+    loop only, from clean latents to z_T, under the already encoded prompt; VAE encoding is excluded
+    (reported on its own as `seconds.vae_encode`). `observer` (a context manager) is entered around it.
+    """
+    out = {}
+
+    def run():
+        with observer if observer is not None else contextlib.nullcontext():
+            out["trajectory"] = method.invert(model, latents, cond, progress=progress)
+
+    seconds, peak = measure(run, model.device)
+    return out["trajectory"], seconds, peak
+
+
+def warm_up(method, model, latents: torch.Tensor, cond: torch.Tensor, steps: int) -> None:
+    """Run `steps` untimed inversion steps of `method` at the timed run's shapes (CUDA context, kernel
+    selection, allocator growth), so the first timed job of a sweep is not slower than the others."""
+    if steps > 0:
+        short = copy.copy(method)
+        short.num_steps = steps
+        short.invert(model, latents, cond, progress=False)
 
 
 def finish_report(md_table, rows: list[dict], header: list[str], args, device: torch.device,

@@ -131,6 +131,14 @@ class Evaluator:
         if self.clip:
             self._clip_scorer()
 
+    def check_without_output(self) -> None:
+        """Refuse metrics that score an output video in a run that writes none (`reconstruct=false`);
+        PSNR/SSIM are skipped there, feature similarity (of the inversion itself) still runs."""
+        scoring = [m for m, on in (("clip", self.clip), ("warp_error", self.warp_error)) if on]
+        if scoring:
+            raise ConfigError(f"reconstruct=false writes no video, so {' and '.join(scoring)} cannot be scored; "
+                              f"use metrics=recon or metrics=features, or reconstruct=true")
+
     def _clip_scorer(self) -> ClipScorer:
         """The CLIP scorer, loaded once (missing weights fail here, with how to provide them)."""
         if self._scorer is None:
@@ -186,10 +194,11 @@ class Evaluator:
         `prompt`: the CLIP prompt (default the video's own); `label`: the method, for figure legends.
         """
         out: dict = {}
-        if self.reconstruction and references:
+        if self.reconstruction and references and frames is not None:
             out.update(_reconstruction_sections(frames, references))
         elif self.reconstruction:
-            log.info("PSNR/SSIM skipped: this run has no reference video (an edit)")
+            log.info("PSNR/SSIM skipped: this run has no %s", "reference video (an edit)" if frames is not None
+                     else "output video (reconstruct=false)")
         if self.clip:
             score = self._clip_scorer().score(frames, prompt if prompt is not None else video.prompt)
             out["clip"] = {"model": self.clip.model, "pretrained": self.clip.pretrained,
@@ -241,6 +250,13 @@ def _reconstruction_sections(frames: torch.Tensor, references: dict[str, torch.T
     for name in names[1:]:
         out[f"{name}_vs_{first}"] = reconstruction_metrics(references[name], {first: references[first]})[first]
     return out
+
+
+def inversion_reconstruction_sections(frames: torch.Tensor, references: dict[str, torch.Tensor]) -> dict:
+    """PSNR/SSIM of an editing run's plain reconstruction of its inversion, as sections
+    "reconstruction_vs_<ref>" (and "<ref>_vs_<first ref>"), beside the edit's own metrics."""
+    return {(f"reconstruction_{name}" if name.startswith("vs_") else name): values
+            for name, values in _reconstruction_sections(frames, references).items()}
 
 
 def summary_scalars(metrics: dict) -> dict[str, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from stem.benchmarking import measure
+from stem.benchmarking import time_inversion, warm_up
 from stem.cache import TensorCache, content_key
 from stem.ddim import Trajectory
 from stem.prompts import encode_prompt
@@ -34,8 +34,9 @@ class Inverted:
     key: str                  # cache key
     entry: Path | None        # cache entry folder (None without a cache)
     cache_hit: bool
-    seconds: float            # time spent encoding and inverting (0 on a cache hit)
+    seconds: float            # the inversion loop (`stem.benchmarking.time_inversion`; VAE excluded); 0 on a cache hit
     peak_mib: float | None = None  # peak memory increase while inverting (CUDA allocated / CPU RSS); None if cached
+    encode_seconds: float = 0.0    # VAE encoding of the frames (0 on a cache hit)
 
 
 @dataclass
@@ -48,13 +49,14 @@ class Reconstruction:
 
 def invert_video(model, video: Video, method, cache: TensorCache | None = None, prompt_overflow: str = "error",
                  progress: bool = True, observer: contextlib.AbstractContextManager | None = None,
-                 cache_extra: dict | None = None) -> Inverted:
+                 cache_extra: dict | None = None, warmup_steps: int = 0) -> Inverted:
     """The inverted trajectory of `video` under `video.prompt` with `method` (cached).
 
     `observer` (e.g. a `stem.metrics.feature_similarity.FeatureRecorder`) is entered around the
     inversion. It needs the UNet calls, so with an observer the inversion runs even on a cache
     hit; the cached latents are returned then, and nothing is written. `cache_extra`: anything else
     that changes the inversion (e.g. hooks an observer installs that alter the UNet), added to the key.
+    `warmup_steps`: untimed inversion steps run first (timing jobs, `stem.benchmarking.warm_up`).
     """
     cond = encode_prompt(model, video.prompt, prompt_overflow)  # refuses a bad prompt before any work
     method.check(model.unet, video.num_frames, video.height // 8, video.width // 8)
@@ -66,18 +68,16 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     if hit is not None and observer is None:
         log.info("inversion cache hit %s", cache.path(key))
         return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, 0.0)
-    out = {}
-
-    def run():
-        latents = encode_frames(model, video.frames, progress=progress)
-        with observer if observer is not None else contextlib.nullcontext():
-            out["trajectory"] = method.invert(model, latents, cond, progress=progress)
-
-    seconds, peak = measure(run, model.device)
-    traj, peak_mib = out["trajectory"], peak / 2**20
+    start = time.perf_counter()
+    latents = encode_frames(model, video.frames, progress=progress)
+    encode_seconds = time.perf_counter() - start
+    warm_up(method, model, latents, cond, warmup_steps)
+    traj, seconds, peak = time_inversion(method, model, latents, cond, progress, observer)
+    peak_mib = peak / 2**20
     if hit is not None:
         log.info("inversion cache hit %s (inverted again for %s)", cache.path(key), type(observer).__name__)
-        return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, seconds, peak_mib)
+        return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, seconds, peak_mib,
+                        encode_seconds)
     entry = None
     if cache is not None:
         meta = {"video": video.name, "source": video.source, "prompt": video.prompt, "model": model.name,
@@ -85,7 +85,7 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
                 "frames": list(video.frames.shape), "seconds": seconds}
         entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
         log.info("inverted latents cached in %s", entry)
-    return Inverted(traj, cond, key, entry, False, seconds, peak_mib)
+    return Inverted(traj, cond, key, entry, False, seconds, peak_mib, encode_seconds)
 
 
 def _trajectory(tensors: dict, model) -> Trajectory:
@@ -94,10 +94,12 @@ def _trajectory(tensors: dict, model) -> Trajectory:
 
 def reconstruct_video(model, video: Video, method, cache: TensorCache | None = None,
                       prompt_overflow: str = "error", progress: bool = True,
-                      observer: contextlib.AbstractContextManager | None = None) -> Reconstruction:
-    """Invert (cached; `observer` as in `invert_video`), reconstruct with guidance 1, decode both the
-    reconstruction and the clean latents (the VAE round trip of the input)."""
-    inverted = invert_video(model, video, method, cache, prompt_overflow, progress, observer)
+                      observer: contextlib.AbstractContextManager | None = None,
+                      warmup_steps: int = 0) -> Reconstruction:
+    """Invert (cached; `observer` and `warmup_steps` as in `invert_video`), reconstruct with guidance 1,
+    decode both the reconstruction and the clean latents (the VAE round trip of the input)."""
+    inverted = invert_video(model, video, method, cache, prompt_overflow, progress, observer,
+                            warmup_steps=warmup_steps)
     start = time.perf_counter()
     latents = method.reconstruct(model, inverted.trajectory.latents[-1], inverted.cond, progress=progress)
     frames = decode_latents(model, latents, progress=progress)

@@ -47,15 +47,19 @@ def git_revision(repo: str | Path = ".") -> dict:
 
 
 def write_run(run_dir: str | Path, video, frames, output: str, inverted, metrics: dict,
-              extra: dict | None = None) -> dict:
-    """Write `<output>.mp4` (the reconstructed or edited `frames`), comparison.mp4 (input | output),
+              extra: dict | None = None, videos: dict | None = None) -> dict:
+    """Write `<output>.mp4` (the reconstructed or edited `frames`; none when `frames` is None, an
+    inversion-only run), comparison.mp4 (input | output), `<name>.mp4` for each of `videos`,
     the inverted-latents link, git.json and metrics.json (`metrics` from
     `stem.evaluation.Evaluator.evaluate`, plus run facts and `extra`) into `run_dir`; return the
     metrics.json content."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_video(run_dir / f"{output}.mp4", frames, video.fps)
-    write_video(run_dir / "comparison.mp4", side_by_side(video.frames, frames), video.fps)
+    if frames is not None:
+        write_video(run_dir / f"{output}.mp4", frames, video.fps)
+        write_video(run_dir / "comparison.mp4", side_by_side(video.frames, frames), video.fps)
+    for name, other in (videos or {}).items():
+        write_video(run_dir / f"{name}.mp4", other, video.fps)
     if inverted.entry is not None:
         link = run_dir / "inverted_latents"
         if link.is_symlink() or link.exists():

@@ -19,13 +19,20 @@ class EditedVideo:
     inverted: Inverted
     edit: Edit
     frames: torch.Tensor              # edited video (N, 3, H, W) in [0, 1]
-    vae_frames: torch.Tensor | None   # VAE round trip of the input, in reconstruction mode only (PSNR vs VAE)
+    vae_frames: torch.Tensor | None   # VAE round trip of the input (reconstruction mode or report_reconstruction)
+    reconstruction: torch.Tensor | None = None  # plain reconstruction of the inversion (report_reconstruction)
 
 
 def edit_video(model, video: Video, method, editor: Editor, cache: TensorCache | None = None,
                prompt_overflow: str = "error", progress: bool = True,
-               observer: contextlib.AbstractContextManager | None = None) -> EditedVideo:
+               observer: contextlib.AbstractContextManager | None = None,
+               report_reconstruction: bool = False) -> EditedVideo:
     """Invert `video` with `method` (cached; `observer` as in `invert_video`), edit it with `editor`, decode.
+
+    `report_reconstruction`: also sample the inverted latents back with the inversion's own
+    `method.reconstruct` (DDIM from z_T, source prompt, guidance 1, the inversion's self-attention: the
+    reconstruction of the STEM release's preprocessing), so the run reports how faithful the latents it
+    edited are. It reuses the inverted latents; no second inversion.
 
     The editor's own observer (e.g. FateZero's attention recorder) is entered around the inversion
     too, and closed (its store freed or removed from disk) when the edit is done or fails.
@@ -41,5 +48,10 @@ def edit_video(model, video: Video, method, editor: Editor, cache: TensorCache |
         if recorder is not None and hasattr(recorder, "close"):
             recorder.close()
     frames = decode_latents(model, edit.latents, progress=progress)
-    vae = decode_latents(model, inverted.trajectory.latents[0], progress=progress) if editor.reconstructs else None
-    return EditedVideo(inverted, edit, frames, vae)
+    reconstruction = None
+    if report_reconstruction:
+        latents = method.reconstruct(model, inverted.trajectory.latents[-1], inverted.cond, progress=progress)
+        reconstruction = decode_latents(model, latents, progress=progress)
+    vae = decode_latents(model, inverted.trajectory.latents[0], progress=progress) \
+        if editor.reconstructs or report_reconstruction else None
+    return EditedVideo(inverted, edit, frames, vae, reconstruction)
