@@ -108,21 +108,21 @@ def init_bases(x: torch.Tensor, num_bases: int, init: str = "gaussian", generato
     """Initial bases (B, K, C) in fp32.
 
     - "gaussian" (released code): mu_kc ~ Normal(mean_c, std_c), the per-channel mean and
-      unbiased std (divisor T - 1, as torch.std) of the group's tokens, accumulated over chunks;
-      drawn as mean + std * randn.
+      unbiased std (divisor T - 1, as torch.std) of the group's tokens, accumulated over chunks
+      in two passes; drawn as mean + std * randn.
     - "random_tokens": K distinct tokens of the group.
     - "kmeans++": D^2 seeding (Arthur & Vassilvitskii 2007) on at most 64 K random tokens.
     """
     b, t, c = x.shape
     if init == "gaussian":
         total = torch.zeros(b, c, device=x.device)
-        total_sq = torch.zeros(b, c, device=x.device)
         for s, e in _chunks(t, chunk_size):
-            xc = x[:, s:e].float()
-            total += xc.sum(1)
-            total_sq += (xc * xc).sum(1)
+            total += x[:, s:e].float().sum(1)
         mean = total / t
-        std = ((total_sq - t * mean * mean) / max(t - 1, 1)).clamp_min(0).sqrt()  # one token: std 0
+        squares = torch.zeros(b, c, device=x.device)  # second pass: no cancellation when |mean| >> std
+        for s, e in _chunks(t, chunk_size):
+            squares += ((x[:, s:e].float() - mean[:, None]) ** 2).sum(1)
+        std = (squares / max(t - 1, 1)).sqrt()  # unbiased, as torch.std; one token: std 0
         return mean[:, None] + std[:, None] * _randn((b, num_bases, c), generator, x.device)
     if init == "random_tokens":
         idx = torch.stack([_randperm(t, generator)[:num_bases] for _ in range(b)]).to(x.device)
