@@ -56,14 +56,14 @@ def attn():
     return Attention(query_dim=C, heads=HEADS, dim_head=D, bias=False).eval()
 
 
-def released_attention(attn, x: torch.Tensor, seed: int, group: int = 8) -> torch.Tensor:
+def released_attention(attn, x: torch.Tensor, seed: int, k: int = K, group: int = 8) -> torch.Tensor:
     """The released STEM self-attention on one branch of N frames, EM per group of 8 frames and per head."""
     gen = torch.Generator().manual_seed(seed)
     w = {n: getattr(attn, f"to_{n}").weight.double() for n in "qkv"}
     xd = x.double()
     groups = xd.view(N // group, group * S, C)                              # (m, 8*S, C)
     keys = (groups @ w["k"].T).view(N // group, group * S, HEADS, D).transpose(1, 2)
-    mu0 = released_init(keys.reshape(-1, group * S, D).float(), K, gen).view(N // group, HEADS, K, D)
+    mu0 = released_init(keys.reshape(-1, group * S, D).float(), k, gen).view(N // group, HEADS, k, D)
     out = torch.zeros(N, S, C, dtype=torch.float64)
     for g in range(N // group):
         q, kk, vv = (groups[g] @ w[n].T for n in "qkv")
@@ -121,3 +121,12 @@ def test_gaussian_init_is_mean_plus_unbiased_std_times_normal_noise():
     mu = init_bases(x, 6, "gaussian", torch.Generator().manual_seed(0), chunk_size=3)
     expected = released_init(x, 6, torch.Generator().manual_seed(0))
     torch.testing.assert_close(mu, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stem_official_keeps_k_bases_where_a_group_has_fewer_tokens(attn):
+    """excess_bases=allow (stem_official): 48 bases for 32 keys per group, as released. Catches: allow
+    clamping K to the token count, or stem_official refusing (the 16-frame default-data failure)."""
+    x = torch.randn(N, S, C, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = STEMInversion(**preset("stem_official", num_bases=48, seed=1)).processor(N)(attn, x)
+    torch.testing.assert_close(ours.double(), released_attention(attn, x, seed=1, k=48), rtol=1e-5, atol=1e-6)
