@@ -9,11 +9,16 @@ Notation (paper symbols in brackets):
 
 E-step (Eq. 8/9):   z_ik = softmax_k( <x_i, mu_k> / tau )
                     (mu_k l2-normalised first, mu_k / (|mu_k| + 1e-4), when normalize_bases)
-M-step (Eq. 10/11): mu_k = sum_i z_ik x_i / sum_i z_ik
+M-step (Eq. 10/11): mu_k = sum_i z_ik x_i / (sum_i z_ik + mass_eps)
+
+`mass_eps` keeps the division finite for a basis without responsibility. The paper writes no
+epsilon; the paper preset uses 1e-6, the released code 1e-4 (`m_step`: z / (sum z + 1e-4)).
+With tau = 0.01 many bases hold little mass, so the choice changes the bases (issue #11).
 
 One iteration is an E-step then an M-step; the result is mu after R iterations. Optional
-`values` (B, T, Cv) get bases from the responsibilities of the last E-step,
-mu^v_k = sum_i z_ik v_i / sum_i z_ik (the released code's V-bases in key space).
+`values` (B, T, Cv) get bases from the responsibilities of the last E-step, normalised the
+same way, mu^v_k = sum_i z_ik v_i / (sum_i z_ik + mass_eps) (the released code's V-bases in
+key space reuse its normalised Z).
 
 As tau -> 0 the responsibilities become one-hot and EM is Lloyd's k-means with the E-step's
 similarity as assignment rule (tested).
@@ -40,7 +45,7 @@ from stem.errors import ConfigError, check_choice, check_token_count
 INITS = ("gaussian", "random_tokens", "kmeans++")
 DEAD_POLICIES = ("keep", "reseed")
 NORM_EPS = 1e-4   # released code: mu / (|mu| + 1e-4)
-MASS_EPS = 1e-6   # M-step denominator
+MASS_EPS = 1e-6   # M-step denominator, default (paper preset); the released code uses 1e-4
 DEAD_MASS = 1e-3  # a basis with less total responsibility than this is dead
 KMEANSPP_SAMPLE = 64  # k-means++ seeds from at most 64 * K tokens (a random subset)
 
@@ -53,8 +58,10 @@ class EMResult:
 
 
 def check_em_settings(num_bases: int, n_iters: int, tau: float, init: str, dead_bases: str,
-                      chunk_size: int | None) -> None:
+                      chunk_size: int | None, mass_eps: float = MASS_EPS) -> None:
     """Raise ConfigError for settings EM cannot run with (before any model work)."""
+    if not mass_eps > 0:
+        raise ConfigError(f"mass_eps={mass_eps} must be > 0 (paper preset: 1e-6, released code: 1e-4)")
     if num_bases < 1:
         raise ConfigError(f"num_bases={num_bases} must be at least 1 (paper: 256)")
     if n_iters < 1:
@@ -100,21 +107,22 @@ def init_bases(x: torch.Tensor, num_bases: int, init: str = "gaussian", generato
                chunk_size: int | None = None) -> torch.Tensor:
     """Initial bases (B, K, C) in fp32.
 
-    - "gaussian" (released code): mu_kc ~ Normal(mean_c, std_c), the per-channel mean and std
-      of the group's tokens (accumulated over chunks).
+    - "gaussian" (released code): mu_kc ~ Normal(mean_c, std_c), the per-channel mean and
+      unbiased std (divisor T - 1, as torch.std) of the group's tokens, accumulated over chunks
+      in two passes; drawn as mean + std * randn.
     - "random_tokens": K distinct tokens of the group.
     - "kmeans++": D^2 seeding (Arthur & Vassilvitskii 2007) on at most 64 K random tokens.
     """
     b, t, c = x.shape
     if init == "gaussian":
         total = torch.zeros(b, c, device=x.device)
-        total_sq = torch.zeros(b, c, device=x.device)
         for s, e in _chunks(t, chunk_size):
-            xc = x[:, s:e].float()
-            total += xc.sum(1)
-            total_sq += (xc * xc).sum(1)
+            total += x[:, s:e].float().sum(1)
         mean = total / t
-        std = (total_sq / t - mean * mean).clamp_min(0).sqrt()
+        squares = torch.zeros(b, c, device=x.device)  # second pass: no cancellation when |mean| >> std
+        for s, e in _chunks(t, chunk_size):
+            squares += ((x[:, s:e].float() - mean[:, None]) ** 2).sum(1)
+        std = (squares / max(t - 1, 1)).sqrt()  # unbiased, as torch.std; one token: std 0
         return mean[:, None] + std[:, None] * _randn((b, num_bases, c), generator, x.device)
     if init == "random_tokens":
         idx = torch.stack([_randperm(t, generator)[:num_bases] for _ in range(b)]).to(x.device)
@@ -139,7 +147,8 @@ def init_bases(x: torch.Tensor, num_bases: int, init: str = "gaussian", generato
 def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float = 0.05,
              normalize_bases: bool = True, init: str = "gaussian", dead_bases: str = "keep",
              generator: torch.Generator | None = None, chunk_size: int | None = None,
-             values: torch.Tensor | None = None, bases: torch.Tensor | None = None) -> EMResult:
+             values: torch.Tensor | None = None, bases: torch.Tensor | None = None,
+             mass_eps: float = MASS_EPS) -> EMResult:
     """Run R EM iterations on tokens `x` (B, T, C); see the module docstring.
 
     Args:
@@ -149,8 +158,9 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
         chunk_size: tokens per accumulation chunk (None = all at once).
         values: optional (B, T, Cv) tensor whose bases follow the last responsibilities.
         bases: optional initial bases (B, K, C).
+        mass_eps: the M-step's denominator is sum_i z_ik + mass_eps (released code: 1e-4).
     """
-    check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size)
+    check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size, mass_eps)
     b, t, c = x.shape
     mu = init_bases(x, num_bases, init, generator, chunk_size) if bases is None else bases.float()
     k = mu.shape[1]
@@ -172,9 +182,9 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
                 num_v += z.transpose(1, 2) @ vc
             if dead_bases == "reseed":
                 worst_score, worst_x, worst_v = _keep_worst(sim.amax(-1), xc, vc, worst_score, worst_x, worst_v, k)
-        mu = num / (mass[..., None] + MASS_EPS)
+        mu = num / (mass[..., None] + mass_eps)
         if num_v is not None:
-            value_bases = num_v / (mass[..., None] + MASS_EPS)
+            value_bases = num_v / (mass[..., None] + mass_eps)
         if dead_bases == "reseed":
             mu, value_bases = _reseed(mu, value_bases, mass, worst_x, worst_v)
     return EMResult(mu, value_bases, mass)

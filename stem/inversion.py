@@ -16,6 +16,7 @@ import torch
 
 from stem.attention import FrameContextAttnProcessor, self_attention_processors
 from stem.ddim import Callback, Trajectory, ddim_invert, ddim_sample
+from stem.em import MASS_EPS
 from stem.errors import ConfigError
 from stem.fatezero_attention import fatezero_frames, spatio_temporal_processors
 from stem.stem_attention import STEMAttnProcessor, group_spans
@@ -143,16 +144,21 @@ class FateZeroInversion(InversionMethod):
 class STEMInversion(InversionMethod):
     """STEM inversion (paper Sec. 4, Alg. 1): DDIM inversion with STEM self-attention.
 
-    Args (defaults: the paper's text; `configs/inversion/stem_official.yaml` has the released code's):
+    Args (defaults: the `stem` preset, `configs/inversion/stem.yaml`: the paper's numbers, with the
+    released code's normalised bases and reseeded dead bases; `stem_literal.yaml` is Eq. 8 to the
+    letter, `stem_official.yaml` the released code; docs/STEM.md):
         num_bases: K (paper: 256). n_iters: R EM iterations (paper: 3). tau: E-step temperature (0.05).
         space: "features" (EM on the attention input, one mu for all heads, as written in the
             paper) or "keys" (per-head EM on projected keys, value bases from the last
             responsibilities, as the released code does).
         group: frames per EM group; None = the whole video (the paper's global bases).
         init: "gaussian" | "random_tokens" | "kmeans++". normalize_bases: l2-normalise the
-            bases in the E-step. dead_bases: "keep" | "reseed". seed: initialisation seed.
+            bases in the E-step (Eq. 8 has exp(mu X^T / tau), unnormalised; the released code
+            normalises). dead_bases: "keep" (Eq. 10 as written, released code) | "reseed". seed: initialisation seed.
         excess_bases: a layer whose EM group has fewer tokens than K: "error" (checked
-            before any model work) or "clamp" (use as many bases as tokens there, logged).
+            before any model work), "clamp" (use as many bases as tokens there, logged) or
+            "allow" (K bases anyway, as the released code; logged).
+        mass_eps: M-step denominator sum Z + mass_eps (paper: none written; released code: 1e-4).
         stem_in_reconstruction: also use STEM self-attention when sampling back (as the
             released code); False samples back with plain per-frame attention.
         num_steps: DDIM steps. chunk_size, query_chunk: memory bounds (no effect on results
@@ -161,13 +167,13 @@ class STEMInversion(InversionMethod):
 
     def __init__(self, num_bases: int = 256, n_iters: int = 3, tau: float = 0.05, space: str = "features",
                  group: int | None = None, init: str = "gaussian", normalize_bases: bool = True,
-                 dead_bases: str = "keep", seed: int = 0, excess_bases: str = "error",
-                 stem_in_reconstruction: bool = True,
+                 dead_bases: str = "reseed", seed: int = 0, excess_bases: str = "error",
+                 mass_eps: float = MASS_EPS, stem_in_reconstruction: bool = True,
                  num_steps: int = 50, chunk_size: int | None = 16384, query_chunk: int | None = 65536):
         super().__init__(num_steps)
         self.kwargs = dict(num_bases=num_bases, n_iters=n_iters, tau=tau, space=space, group=group, init=init,
                            normalize_bases=normalize_bases, dead_bases=dead_bases, seed=seed,
-                           excess_bases=excess_bases)
+                           excess_bases=excess_bases, mass_eps=mass_eps)
         self.memory = dict(chunk_size=chunk_size, query_chunk=query_chunk)
         self.stem_in_reconstruction = stem_in_reconstruction
         self.processor(num_frames=1)  # validates every knob now, before model work
@@ -198,10 +204,11 @@ class STEMInversion(InversionMethod):
         if tokens >= k:
             return
         where = f"{layer} ({frames} frame{'s' if frames > 1 else ''} x {h}x{w} tokens)"
-        if self.kwargs["excess_bases"] == "clamp":
-            log.info("num_bases=%d > %d tokens per EM group at %s: fewer bases where tokens are fewer",
-                     k, tokens, where)
+        if self.kwargs["excess_bases"] != "error":
+            log.info("num_bases=%d > %d tokens per EM group at %s: %s", k, tokens, where,
+                     "fewer bases where tokens are fewer" if self.kwargs["excess_bases"] == "clamp"
+                     else "K bases anyway (excess_bases=allow, as released)")
             return
         raise ConfigError(f"num_bases={k} exceeds the {tokens} tokens of an EM group at {where}: lower num_bases "
                           "to at most {tokens}, or use more frames per group (group), more frames, a larger "
-                          "resolution, or excess_bases=clamp".replace("{tokens}", str(tokens)))
+                          "resolution, or excess_bases=clamp|allow".replace("{tokens}", str(tokens)))

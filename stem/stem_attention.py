@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 
 from stem.attention import SelfAttnProcessor, chunked_attention
-from stem.em import check_em_settings, em_bases
+from stem.em import MASS_EPS, check_em_settings, em_bases
 from stem.errors import ConfigError, check_choice, check_token_count
 
 SPACES = ("features", "keys")
-EXCESS_POLICIES = ("error", "clamp")
+EXCESS_POLICIES = ("error", "clamp", "allow")
 
 
 def group_spans(num_frames: int, group: int | None) -> list[tuple[int, int, int]]:
@@ -60,11 +60,13 @@ class STEMAttnProcessor(SelfAttnProcessor):
         num_bases: K. n_iters: R. tau: E-step temperature.
         space: "features" (EM on X, as the paper writes) or "keys" (per-head EM on keys, as released).
         group: frames per EM group; None = the whole video (global bases).
-        init, normalize_bases, dead_bases: see `stem.em.em_bases`.
+        init, normalize_bases, dead_bases, mass_eps: see `stem.em.em_bases`.
         seed: seeds the generator for the bases' initialisation (one generator per processor,
             so a run is reproducible call for call).
-        excess_bases: a layer whose EM group has fewer tokens than K: "error", or "clamp" to
-            use as many bases as there are tokens there.
+        excess_bases: a layer whose EM group has fewer tokens than K: "error", "clamp" to
+            use as many bases as there are tokens there, or "allow" to run EM with K bases
+            anyway, as the released code does (surplus bases duplicate others or die; needs
+            init="gaussian", the only init that does not pick K distinct tokens).
         chunk_size: tokens per EM accumulation chunk (memory O(chunk x K)); None = all at once.
         query_chunk: query tokens per attention call; None = all at once.
     """
@@ -72,24 +74,29 @@ class STEMAttnProcessor(SelfAttnProcessor):
     def __init__(self, num_frames: int, num_bases: int = 256, n_iters: int = 3, tau: float = 0.05,
                  space: str = "features", group: int | None = None, init: str = "gaussian",
                  normalize_bases: bool = True, dead_bases: str = "keep", seed: int = 0,
-                 excess_bases: str = "error", chunk_size: int | None = 16384, query_chunk: int | None = 65536):
+                 excess_bases: str = "error", mass_eps: float = MASS_EPS, chunk_size: int | None = 16384,
+                 query_chunk: int | None = 65536):
         super().__init__(num_frames)
-        check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size)
+        check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size, mass_eps)
         check_choice("space", space, SPACES)
         if group is not None and group < 1:
             raise ConfigError(f"group={group} must be at least 1 frame, or null for the whole video")
         check_choice("excess_bases", excess_bases, EXCESS_POLICIES)
+        if excess_bases == "allow" and init != "gaussian":
+            raise ConfigError(f"excess_bases=allow needs init=gaussian (init={init} picks K distinct tokens, "
+                              "which a group with fewer tokens lacks): use init=gaussian or excess_bases=clamp")
         check_token_count("query_chunk", query_chunk)
         self.num_bases, self.n_iters, self.tau, self.space, self.group = num_bases, n_iters, tau, space, group
         self.init, self.normalize_bases, self.dead_bases = init, normalize_bases, dead_bases
-        self.excess_bases = excess_bases
+        self.excess_bases, self.mass_eps = excess_bases, mass_eps
         self.chunk_size, self.query_chunk = chunk_size, query_chunk
         self.generator = torch.Generator().manual_seed(seed)
 
     def em(self, x: torch.Tensor, values: torch.Tensor | None = None):
-        k = min(self.num_bases, x.shape[1])  # fewer only with excess_bases="clamp" (checked in attend)
+        # fewer only with excess_bases="clamp" (checked in attend)
+        k = self.num_bases if self.excess_bases == "allow" else min(self.num_bases, x.shape[1])
         return em_bases(x, k, self.n_iters, self.tau, self.normalize_bases, self.init,
-                        self.dead_bases, self.generator, self.chunk_size, values)
+                        self.dead_bases, self.generator, self.chunk_size, values, mass_eps=self.mass_eps)
 
     def attend(self, attn, x):
         n, heads = self.num_frames, attn.heads

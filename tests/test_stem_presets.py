@@ -1,0 +1,57 @@
+"""The STEM presets (configs/inversion) against STEMInversion's defaults and the paper (issue #11, point 20)."""
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stem.errors import ConfigError
+from stem.inversion import STEMInversion
+from stem.stem_attention import STEMAttnProcessor
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / "inversion" / f"{name}.yaml").read_text())
+
+
+def test_python_defaults_equal_the_stem_preset():
+    """Catches: a constructor default drifting from configs/inversion/stem.yaml (dead_bases was keep vs
+    reseed: seen failing with it restored), a knob missing from the preset or the constructor."""
+    preset = load("stem")
+    assert preset.pop("_target_") == "stem.inversion.STEMInversion"
+    assert preset.pop("seed") == "${seed}"
+    defaults = {n: p.default for n, p in inspect.signature(STEMInversion).parameters.items()}
+    assert defaults.pop("seed") == yaml.safe_load((CONFIGS / "config.yaml").read_text())["seed"]
+    assert defaults == preset
+
+
+def test_literal_preset_is_the_paper_preset_with_raw_bases_and_no_reseeding():
+    """Catches: stem_literal normalising the bases (Eq. 8 has exp(mu X^T / tau)) or reseeding, or
+    differing from the paper preset in anything else."""
+    literal = load("stem_literal")
+    assert literal.pop("defaults") == ["stem", "_self_"]
+    assert literal == {"normalize_bases": False, "dead_bases": "keep"}
+    assert load("stem")["normalize_bases"] is True and load("stem")["dead_bases"] == "reseed"
+
+
+def test_released_preset_settings():
+    """Catches: stem_official losing one of the released code's constants."""
+    official = load("stem_official")
+    assert {k: official[k] for k in ("n_iters", "tau", "space", "group", "init", "normalize_bases", "dead_bases",
+                                     "mass_eps", "excess_bases")} == dict(
+        n_iters=5, tau=0.01, space="keys", group=8, init="gaussian", normalize_bases=True, dead_bases="keep",
+        mass_eps=1e-4, excess_bases="allow")
+
+
+def test_allow_runs_where_error_refuses_and_needs_gaussian_init(tiny_model):
+    # 16 frames of 256x256, groups of 8: 8 x 4x4 = 128 tokens at the tiny UNet's mid block
+    with pytest.raises(ConfigError, match="exceeds the 128 tokens"):
+        STEMInversion(group=8).check(tiny_model.unet, 16, 32, 32)
+    STEMInversion(group=8, excess_bases="allow").check(tiny_model.unet, 16, 32, 32)
+    with pytest.raises(ConfigError, match="excess_bases=allow needs init=gaussian"):
+        STEMAttnProcessor(4, excess_bases="allow", init="random_tokens")
+    with pytest.raises(ConfigError, match="mass_eps"):
+        STEMInversion(mass_eps=0)
