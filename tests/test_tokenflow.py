@@ -47,7 +47,31 @@ def _heads(x, heads):  # (F, S, C) -> (F, h, S, d)
     return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
-def test_pivot_pass_is_extended_attention_among_keyframes_of_each_branch(tiny_model):
+def reference_pivot(attn, x: torch.Tensor, inject: bool) -> torch.Tensor:
+    """attn1 of the pivot pass, written out as the TokenFlow release computes it, for (3C, S, D) keyframe
+    tokens of the source/uncond/cond branches: source keyframe f attends to itself only; uncond/cond
+    keyframe f attends to the keys/values of all C keyframes of its branch; with `inject` the uncond and
+    cond branches use the source branch's Q and K (their own V). A loop over branches, frames and heads."""
+    c = x.shape[0] // 3
+    q, k, v = (_heads(f(x), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+    if inject:
+        q, k = (torch.cat([y[:c]] * 3) for y in (q, k))
+    d = q.shape[-1]
+    heads_out = torch.empty(x.shape[0], x.shape[1], attn.heads * d)
+    for b in range(3):
+        for f in range(c):
+            context = [f] if b == 0 else list(range(c))  # keyframes whose keys/values keyframe f sees
+            keys = torch.cat([k[b * c + j] for j in context], dim=1)  # (h, len(context)*S, d)
+            values = torch.cat([v[b * c + j] for j in context], dim=1)
+            for h in range(attn.heads):
+                w = torch.softmax(q[b * c + f, h] @ keys[h].T / math.sqrt(d), dim=-1)
+                heads_out[b * c + f, :, h * d:(h + 1) * d] = w @ values[h]
+    return attn.to_out[1](attn.to_out[0](heads_out))
+
+
+def test_pivot_pass_is_extended_attention_for_uncond_and_cond_and_per_frame_for_the_source(tiny_model):
+    """Catches: extended attention on the source branch too (the source must attend per keyframe), or
+    Q/K injected into the wrong branches."""
     attn = _attn(tiny_model)
     c, s, dim = 3, 6, attn.to_q.in_features
     x = torch.randn(3 * c, s, dim, generator=torch.Generator().manual_seed(0))
@@ -56,19 +80,7 @@ def test_pivot_pass_is_extended_attention_among_keyframes_of_each_branch(tiny_mo
         with torch.no_grad():
             proc = TokenFlowAttnProcessor(state, LAYER, inject_qk=True)
             out = proc(attn, x)
-            expected = torch.empty_like(out)
-            q, k, v = (_heads(f(x), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
-            if inject:  # PnP: both guided branches use the source branch's Q and K (their own V)
-                q, k = (torch.cat([y[:c]] * 3) for y in (q, k))
-            d = q.shape[-1]
-            for b in range(3):
-                keys = torch.cat(list(k[b * c:(b + 1) * c]), dim=1)      # (h, c*S, d): all keyframes of branch b
-                values = torch.cat(list(v[b * c:(b + 1) * c]), dim=1)
-                for f in range(c):
-                    for h in range(attn.heads):
-                        w = torch.softmax(q[b * c + f, h] @ keys[h].T / math.sqrt(d), dim=-1)
-                        expected[b * c + f, :, h * d:(h + 1) * d] = w @ values[h]
-            expected = attn.to_out[1](attn.to_out[0](expected))
+            expected = reference_pivot(attn, x, inject)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         assert torch.equal(proc.kf_out, out.view(3, c, s, dim)) and torch.equal(proc.kf_in, x[:c])  # the caches
         assert state.cache_bytes[LAYER] == (proc.kf_in.numel() + proc.kf_out.numel()) * 4
@@ -229,7 +241,7 @@ def test_unknown_layers_and_mismatched_steps_are_refused(tiny_model, trajectory,
     with pytest.raises(ConfigError, match=r"editing.qk_layers: \['up_blocks.9.attentions.0'\] not in the UNet"):
         TokenFlowEditor("x", num_steps=3, qk_layers=["up_blocks.9.attentions.0"]).edit(
             tiny_model, trajectory, pan.prompt, progress=False)
-    with pytest.raises(ConfigError, match=r"editing.num_steps=5 does not match the inversion's 3 steps"):
+    with pytest.raises(ConfigError, match=r"editing.num_steps=5 needs timesteps .* the inversion's 3 steps"):
         check_timesteps(tiny_model.scheduler, trajectory, 5)
 
 

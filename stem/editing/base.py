@@ -6,8 +6,16 @@ with classifier-free guidance (Ho & Salimans 2022):
 
     eps = eps_uncond + g (eps_cond - eps_uncond)
 
-The sampling timesteps are the inversion's own (50 DDIM steps: 981, 961, ..., 1), so the
-inverted latent z_t^inv exists at every editing step.
+The editing timesteps (`num_steps` DDIM steps, e.g. 981, 961, ..., 1 for 50) must each be one of
+the inversion's, so the inverted latent z_t^inv exists at every editing step: the same schedule
+(the paper and the STEM release: 50/50) or a subset of it (TokenFlow's release inverts with 500
+steps, 1, 3, ..., 999, and edits with 50, whose timesteps 1, 21, ..., 981 are among them with
+SD's "leading" spacing and steps_offset=1). `editing_indices` maps each editing step to the
+inverted latent saved at that same timestep.
+
+FreeU (Si et al. 2024; diffusers' `unet.enable_freeu`) can be switched on for the edit only
+(`freeu`): the STEM release edits with it (b1 1.2, b2 1.4, s1 0.9, s2 0.2), TokenFlow's release
+does not, and the paper does not mention it (default off).
 """
 
 from __future__ import annotations
@@ -59,31 +67,75 @@ def guided(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> to
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
+def editing_indices(scheduler, trajectory: Trajectory, num_steps: int) -> list[int]:
+    """For each of the `num_steps` editing steps (descending timesteps t), the index into `trajectory.latents`
+    of the inverted latent z_t^inv saved at that same timestep t.
+
+    ConfigError (one line: both step counts and the fix) when an editing timestep is not an inversion
+    timestep, e.g. 3 editing steps (667, 334, 1) on a 4-step inversion (1, 251, 501, 751).
+    """
+    wanted = sampling_timesteps(scheduler, num_steps).tolist()
+    index = {int(t): i + 1 for i, t in enumerate(trajectory.timesteps.tolist())}  # latents[0] is z_0
+    missing = [t for t in wanted if t not in index]
+    if missing:
+        have = len(index)
+        raise ConfigError(f"editing.num_steps={num_steps} needs timesteps {missing[:3]} that the inversion's "
+                          f"{have} steps (timesteps {sorted(index)[:3]}...) did not save; set editing.num_steps="
+                          f"inversion.num_steps={have}, or a count whose timesteps are a subset of the inversion's "
+                          f"(e.g. 50 of 500)")
+    return [index[t] for t in wanted]
+
+
 def check_timesteps(scheduler, trajectory: Trajectory, num_steps: int) -> None:
-    """ConfigError unless the editing schedule is the inversion's, reversed (z_t^inv needed at every step)."""
-    wanted = sampling_timesteps(scheduler, num_steps)
-    have = trajectory.timesteps.flip(0).to(wanted.device)
-    if len(wanted) != len(have) or not torch.equal(wanted, have):
-        raise ConfigError(f"editing.num_steps={num_steps} does not match the inversion's {len(have)} steps "
-                          f"(timesteps {have[:3].tolist()}...); set editing.num_steps=inversion.num_steps")
+    """ConfigError unless every editing timestep is an inversion timestep (z_t^inv needed at every step)."""
+    editing_indices(scheduler, trajectory, num_steps)
 
 
 def start_latents(scheduler, trajectory: Trajectory, num_steps: int, start_from: str = "renoise") -> torch.Tensor:
     """x_T, the latent editing starts from.
 
-    - "inverted": the inverted z_T itself.
+    - "inverted": the inverted latent at the first editing timestep (z_T itself when the editing
+      schedule is the inversion's; z_981 of a 500-step inversion edited with 50 steps).
     - "renoise" (the TokenFlow release): eps = (z_T - sqrt(a_T) z_0) / sqrt(1 - a_T) from the last
-      inverted latent and the clean one, then z_0 noised with it to the first sampling timestep
-      (`scheduler.add_noise`). Equal to "inverted" when both schedules end at the same timestep.
+      (noisiest) inverted latent, at the inversion's top timestep T (999 for 500 steps), and the clean
+      one, then z_0 noised with it to the first editing timestep t_1 (981 for 50 steps):
+      sqrt(a_t1) z_0 + sqrt(1 - a_t1) eps (`scheduler.add_noise`). Equal to "inverted" when T = t_1.
     """
     check_choice("editing.start_from", start_from, START_FROM)
     z0, z_top = trajectory.latents[0], trajectory.latents[-1]
     if start_from == "inverted":
-        return z_top.clone()
+        return trajectory.latents[editing_indices(scheduler, trajectory, num_steps)[0]].clone()
     a_top = scheduler.alphas_cumprod[int(trajectory.timesteps[-1])].to(torch.float32)
     eps = (z_top.float() - a_top.sqrt() * z0.float()) / (1 - a_top).sqrt()
     first = sampling_timesteps(scheduler, num_steps)[:1]
     return scheduler.add_noise(z0.float(), eps, first).to(z0.dtype)
+
+
+FREEU_KEYS = ("b1", "b2", "s1", "s2")
+
+
+def check_freeu(freeu) -> dict | None:
+    """None (off) or {b1, b2, s1, s2} as floats; ConfigError naming the problem otherwise."""
+    if freeu is None:
+        return None
+    if not hasattr(freeu, "keys") or set(freeu.keys()) != set(FREEU_KEYS):
+        raise ConfigError(f"editing.freeu={freeu!r} must be null (off) or give exactly b1, b2, s1, s2, "
+                          "e.g. {b1: 1.2, b2: 1.4, s1: 0.9, s2: 0.2} (the STEM release)")
+    return {k: float(freeu[k]) for k in FREEU_KEYS}
+
+
+@contextlib.contextmanager
+def freeu_enabled(unet, freeu: dict | None):
+    """FreeU on the UNet's up blocks (diffusers' `enable_freeu`) inside the block, removed on exit
+    (`disable_freeu`), also when the block raises; `freeu=None` changes nothing."""
+    if freeu is None:
+        yield
+        return
+    unet.enable_freeu(**freeu)
+    try:
+        yield
+    finally:
+        unet.disable_freeu()
 
 
 class Observers(contextlib.AbstractContextManager):
@@ -119,7 +171,7 @@ class Editor:
     name = "edit"
 
     def __init__(self, prompt: str | None = None, negative_prompt: str = DEFAULT_NEGATIVE,
-                 guidance_scale: float = 7.5, num_steps: int = 50, seed: int = 0):
+                 guidance_scale: float = 7.5, num_steps: int = 50, seed: int = 0, freeu: dict | None = None):
         if num_steps < 1:
             raise ConfigError(f"editing.num_steps={num_steps} must be at least 1")
         if prompt is not None and not str(prompt).strip():
@@ -127,6 +179,7 @@ class Editor:
                               "or null to edit towards the source prompt (reconstruction)")
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.guidance_scale, self.num_steps, self.seed = float(guidance_scale), num_steps, seed
+        self.freeu = check_freeu(freeu)
 
     @property
     def reconstructs(self) -> bool:
@@ -139,7 +192,8 @@ class Editor:
 
     def settings(self) -> dict:
         return {"method": self.name, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
-                "guidance_scale": self.guidance_scale, "num_steps": self.num_steps, "seed": self.seed}
+                "guidance_scale": self.guidance_scale, "num_steps": self.num_steps, "seed": self.seed,
+                "freeu": self.freeu}
 
     def check(self, num_frames: int) -> None:
         """Refuse, before model work, settings that cannot run on `num_frames` frames."""
@@ -160,7 +214,8 @@ class Editor:
         check_timesteps(model.scheduler, trajectory, self.num_steps)
         prompts = encode_prompts(model, source_prompt, self.prompt, self.negative_prompt, prompt_overflow)
         start = time.perf_counter()
-        latents, info = self._edit(model, trajectory, prompts, progress, observed)
+        with freeu_enabled(model.unet, self.freeu):
+            latents, info = self._edit(model, trajectory, prompts, progress, observed)
         return Edit(latents, prompts.target_text, time.perf_counter() - start, info)
 
     def _edit(self, model, trajectory: Trajectory, prompts: Prompts, progress: bool,

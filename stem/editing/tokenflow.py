@@ -11,11 +11,13 @@ Notation (N frames, chunk size B = `batch_size`, S tokens per frame in a layer, 
     X^b_n          input of an attn1 (the block's norm1 output) for frame n of branch b, (S, D)
     O^b_n          output of that attn1 (after to_out), (S, D)
 
-Per DDIM step t (eps from the uncond/cond branches with guidance g; the source branch only feeds
-the injections):
- 1. Pivot pass on the C keyframes: in every attn1, the queries of keyframe k_c of branch b attend to
-    the keys/values of all C keyframes of branch b (extended attention); each layer caches
-    X^0_{k_c} (C x S x D) and O^b_{k_c} (3 x C x S x D): sized by the keyframes, not by N.
+Per DDIM step t (eps from the uncond/cond branches with guidance g; the source branch, on the
+inverted latent z_t^inv saved at the same timestep t, only feeds the injections and the nearest
+neighbours):
+ 1. Pivot pass on the C keyframes: in every attn1, the queries of keyframe k_c of the uncond and
+    cond branches (b = 1, 2) attend to the keys/values of all C keyframes of branch b (extended
+    attention); the source branch (b = 0) attends per frame, each keyframe to itself, as released.
+    Each layer caches X^0_{k_c} (C x S x D) and O^b_{k_c} (3 x C x S x D): sized by the keyframes, not by N.
  2. Chunk passes: for the frames n of chunk c, attn1 is not computed. Each token p takes
     O^b_{k_c}[q*] with q* = argmax_q cos(X^0_n[p], X^0_{k_c}[q]) (nearest neighbour in the source
     branch, the same index for all branches), and for c > 0 blends it with the same from k_{c-1}:
@@ -45,7 +47,7 @@ from stem.attention import (
     tokens_to_frames,
 )
 from stem.ddim import Trajectory, ddim_sample_with
-from stem.editing.base import DEFAULT_NEGATIVE, Editor, Prompts, guided, start_latents
+from stem.editing.base import DEFAULT_NEGATIVE, Editor, Prompts, editing_indices, guided, start_latents
 from stem.errors import ConfigError, check_choice, check_token_count
 
 BRANCHES = 3  # source, uncond, cond
@@ -127,9 +129,11 @@ class TokenFlowAttnProcessor(SelfAttnProcessor):
             q, k = (y[:b].repeat(BRANCHES, 1, 1, 1) for y in (q, k))
         if self.state.mode == "plain":
             return F.scaled_dot_product_attention(q, k, v)
-        # pivot: per branch, the b keyframes' tokens form one sequence every keyframe query sees
-        out = chunked_attention(*(frames_to_tokens(y, b) for y in (q, k, v)), self.query_chunk)
-        return tokens_to_frames(out, b)
+        # pivot: the source branch attends per keyframe (each to itself); for uncond and cond, the b keyframes'
+        # tokens of the branch form one sequence every keyframe query of that branch sees (extended attention)
+        source = F.scaled_dot_product_attention(q[:b], k[:b], v[:b])
+        guided_out = chunked_attention(*(frames_to_tokens(y[b:], b) for y in (q, k, v)), self.query_chunk)
+        return torch.cat([source, tokens_to_frames(guided_out, b)])
 
     def propagate(self, x: torch.Tensor) -> torch.Tensor:
         """Chunk pass: each token takes the cached keyframe output at its nearest source-branch token."""
@@ -170,7 +174,8 @@ class TokenFlowEditor(Editor):
 
     Args:
         prompt: target prompt; None edits towards the source prompt ("TokenFlow reconstruction", Figs. 4/10).
-        negative_prompt, guidance_scale (7.5), num_steps (50, the inversion's), seed: see `Editor`.
+        negative_prompt, guidance_scale (7.5), num_steps (50; the inversion's, or a subset of its timesteps),
+        seed, freeu (None: off): see `Editor`.
         batch_size: frames per chunk, one keyframe each (8, as released).
         pnp_attn_t: fraction of the steps with Q/K injection (0.5); pnp_f_t: with conv injection (0.8).
         start_from: "renoise" (as released) or "inverted" (start from the inverted z_T).
@@ -184,8 +189,9 @@ class TokenFlowEditor(Editor):
     def __init__(self, prompt: str | None = None, negative_prompt: str = DEFAULT_NEGATIVE,
                  guidance_scale: float = 7.5, num_steps: int = 50, batch_size: int = 8, pnp_attn_t: float = 0.5,
                  pnp_f_t: float = 0.8, start_from: str = "renoise", seed: int = 0, propagate: bool = True,
-                 qk_layers=QK_LAYERS, conv_layers=CONV_LAYERS, query_chunk: int | None = 65536):
-        super().__init__(prompt, negative_prompt, guidance_scale, num_steps, seed)
+                 qk_layers=QK_LAYERS, conv_layers=CONV_LAYERS, query_chunk: int | None = 65536,
+                 freeu: dict | None = None):
+        super().__init__(prompt, negative_prompt, guidance_scale, num_steps, seed, freeu)
         if batch_size < 1:
             raise ConfigError(f"editing.batch_size={batch_size} must be at least 1")
         for name, value in (("pnp_attn_t", pnp_attn_t), ("pnp_f_t", pnp_f_t)):
@@ -229,6 +235,7 @@ class TokenFlowEditor(Editor):
         generator = torch.Generator().manual_seed(self.seed)
         qk_steps, conv_steps = int(steps * self.pnp_attn_t), int(steps * self.pnp_f_t)  # as released: int(T * p)
         keyframes: list[list[int]] = []
+        source_index = editing_indices(model.scheduler, trajectory, steps)  # step i -> z^inv at its timestep
 
         def unet_call(src: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             b = len(z)
@@ -237,7 +244,7 @@ class TokenFlowEditor(Editor):
 
         def eps_fn(z: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
             state.inject_qk, state.inject_conv = i < qk_steps, i < conv_steps
-            src = trajectory.at(int(t)).to(z.device, z.dtype)
+            src = trajectory.latents[source_index[i]].to(z.device, z.dtype)
             if self.propagate:
                 keys = draw_keyframes(state.chunks, generator)
                 keyframes.append(keys.tolist())
