@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from conftest import cfg_ddim_reference, compose_config
 
-from stem.editing.fatezero import FateZeroEditor, FusionAttnProcessor, FusionState, blend_mask, clip_groupnorm
+from stem.editing.fatezero import (
+    FateZeroEditor,
+    FusionAttnProcessor,
+    FusionState,
+    blend_mask,
+    clip_groupnorm,
+    pooled_blend_map,
+    token_map,
+)
 from stem.editing.pipeline import edit_video
 from stem.errors import ConfigError
 from stem.inversion import DDIMInversion, FateZeroInversion, self_attention_tokens
@@ -111,6 +119,9 @@ def test_disk_store_reproduces_memory_bitwise_and_is_removed(tiny_model, pan, tm
 def test_store_over_budget_is_refused_with_the_ways_out(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match=r"attention store would hold .* GiB .*editing.attention_store=disk.*"
                                           r"editing.store_max_tokens"):
+        editor(store_budget_gib=1e-6).inversion_observer(tiny_model, 4, (8, 8))
+    with pytest.raises(ConfigError, match=r"attention store would hold .* GiB .*store_budget_gib=1e-06; lower "
+                                          r"editing.store_max_tokens"):
         editor(store_budget_gib=1e-6, attention_store="disk", store_dir=tmp_path).inversion_observer(
             tiny_model, 4, (8, 8))
     assert list(tmp_path.iterdir()) == []
@@ -134,7 +145,7 @@ def test_fusion_processor_against_explicit_formulas(tiny_model):
         uncond = F.scaled_dot_product_attention(q[:n], k[:n], v[:n]).transpose(1, 2).reshape(n, s, dim)
         expected = attn.to_out[0](torch.cat([uncond, cond]))
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)  # no mask: A = A_src
-        state.mask = torch.ones(n, 1, 4, 4)  # M = 1 everywhere: the edit's own attention
+        state.set_blend(torch.ones(n, 1, 4, 4))  # M = 1 everywhere: the edit's own attention
         plain = attn.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2 * n, s, dim))
         torch.testing.assert_close(proc(attn, x), plain, atol=1e-5, rtol=1e-5)
 
@@ -143,13 +154,30 @@ def test_blend_mask_thresholds_and_region():
     maps = {"a.attn2": torch.zeros(2, 2, 16, 77)}
     maps["a.attn2"][:, :, 5, 3] = 1.0  # token 3 attends from query 5 = cell (1, 1) of a 4x4 grid
     maps["a.attn2"][:, :, :, 3] += 0.01
-    keep_all = blend_mask(maps, ["a.attn2"], {"a.attn2": (4, 4)}, [3], (8, 8), 0.0)
-    keep_none = blend_mask(maps, ["a.attn2"], {"a.attn2": (4, 4)}, [3], (8, 8), 1.01)
+    pooled = pooled_blend_map({k: token_map(v, [3]) for k, v in maps.items()}, {"a.attn2": (4, 4)})
+    keep_all = blend_mask(pooled, (8, 8), 0.0)
+    keep_none = blend_mask(pooled, (8, 8), 1.0)  # `>`: the maximum itself is not above 1
     assert keep_all.shape == (2, 1, 8, 8) and (keep_all == 1).all() and (keep_none == 0).all()
-    region = blend_mask(maps, ["a.attn2"], {"a.attn2": (4, 4)}, [3], (4, 4), 0.5)
+    region = blend_mask(pooled, (4, 4), 0.5)
     expected = torch.zeros(4, 4)
     expected[0:3, 0:3] = 1  # the 3x3 max-pool around cell (1, 1)
     assert torch.equal(region[0, 0], expected)
+
+
+def test_blend_mask_geometry_against_a_written_out_reference():
+    """The pooled 4x4 map goes straight to each grid by nearest neighbour (grid cell y takes row
+    floor(y * 4 / g)), is divided by its per-frame maximum after the resize, and kept where `>` the
+    threshold. Catches a bilinear resize, a resize through the latent size, normalising before the
+    resize (8x8 -> 2x2 drops the peak) and `>=`."""
+    s = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.2, 0.2, 0.2, 0.2], [0.9, 1.0, 0.0, 0.3]])
+    pooled = torch.stack([s, s.flip(0) * 2])[:, None]  # 2 frames
+    up = blend_mask(pooled, (8, 8), 0.6)
+    expected = (s / 1.0 > 0.6).float().repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(up[0, 0], expected)
+    assert torch.equal(up[1, 0], (s.flip(0) > 0.6).float().repeat_interleave(2, 0).repeat_interleave(2, 1))
+    down = blend_mask(pooled, (2, 2), 0.5)  # nearest keeps rows/columns 0 and 2: [[0.1, 0.3], [0.2, 0.2]]
+    assert torch.equal(down[0, 0], torch.tensor([[0.0, 1.0], [1.0, 1.0]]))  # / 0.3: [[1/3, 1], [2/3, 2/3]]
+    assert torch.equal(blend_mask(pooled, (4, 4), 0.7)[0, 0], (s > 0.7).float())  # 0.7 itself is not kept
 
 
 def test_clip_groupnorm_pools_statistics_over_frames():
@@ -203,7 +231,7 @@ def test_runs_write_the_edit_directory_for_fatezero_stem_fatezero_and_reconstruc
     saved = json.loads((tmp_path / "fz" / "metrics.json").read_text())
     assert saved["method"] == "FateZero" and saved["inversion_method"] == "fatezero"
     assert {"clip", "warp_error"} <= set(saved) and saved["editing"]["cross_edit"] == "refine"
-    assert len(saved["edit_info"]["mask_fraction_per_step"]) == 5 and fz["video"]["frames"] == 8
+    assert len(saved["edit_info"]["fusion_schedule"]) == 5 and fz["video"]["frames"] == 8
     assert not (tmp_path / "cache" / "attention").exists() or not list((tmp_path / "cache" / "attention").iterdir())
     stem = run_job(compose_config(tmp_path, "editing=stem_fatezero", "inversion.num_bases=16", *common),
                    tmp_path / "stem")

@@ -13,14 +13,19 @@ its timestep), the attention probabilities
 as (N, heads, queries, keys). The hooks only observe: the inversion's result is unchanged.
 
 Layers: those whose query length is at most `max_tokens` (FateZero: 32x32 at 512^2, i.e. all
-but the outermost blocks). `AttentionStore` keeps the maps in memory or, with `where="disk"`,
-one safetensors file per timestep in a temporary folder removed by `close()`. Its size is
-computed before anything is recorded, and refused above `budget_gib`.
+but the outermost blocks). `AttentionStore` keeps the maps in host memory (pinned when CUDA is
+available, so each step's maps go to the GPU by an asynchronous copy when the edit reads them;
+the release keeps its 32x32 maps, 93% of the store, in CPU RAM) or, with `where="disk"`, one
+safetensors file per timestep in a temporary folder removed by `close()`. Only the maps of the
+step being edited are on the UNet's device. The store's size is computed before anything is
+recorded and refused above `budget_gib` or above the host RAM available (memory store), and
+one step's maps are refused when they do not fit in the device's free memory.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -45,12 +50,35 @@ def stored_layers(unet, latent_hw: tuple[int, int], max_tokens: int) -> dict[str
     return {path.removesuffix(".attn1"): grid for path, grid in grids.items() if grid[0] * grid[1] <= max_tokens}
 
 
-class AttentionStore:
-    """Attention probabilities per (timestep, "<block>.attn1|attn2"), in memory or on disk."""
+def available_host_bytes() -> int | None:
+    """Host RAM available to new allocations (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
-    def __init__(self, where: str = "memory", folder: str | Path | None = None, budget_gib: float = 16.0):
+
+class AttentionStore:
+    """Attention probabilities per (timestep, "<block>.attn1|attn2"), in host memory or on disk.
+
+    Args:
+        where: "memory" (CPU tensors, pinned when `pin`) or "disk" (a fresh folder under `folder`).
+        budget_gib: the largest store accepted (host RAM for "memory", disk space for "disk").
+        pin: page-lock the in-memory maps (default: when CUDA is available; pinning needs CUDA).
+    """
+
+    def __init__(self, where: str = "memory", folder: str | Path | None = None, budget_gib: float = 48.0,
+                 pin: bool | None = None):
         check_choice("editing.attention_store", where, WHERE)
         self.where, self.budget_gib = where, budget_gib
+        self.pin = torch.cuda.is_available() if pin is None else bool(pin)
         self._maps: dict[int, dict[str, torch.Tensor]] = {}
         self._folder: Path | None = None
         if where == "disk":
@@ -59,26 +87,47 @@ class AttentionStore:
             self._folder = Path(tempfile.mkdtemp(dir=root, prefix="attention-"))
         self._loaded: tuple[int, dict] | None = None
 
-    def check_size(self, nbytes: int, what: str) -> None:
-        """Log the size the store will reach; ConfigError above the budget, naming the ways out."""
+    def check_size(self, nbytes: int, what: str, step_bytes: int = 0, device=None) -> None:
+        """Log the size the store will reach; ConfigError above the budget or the host RAM available
+        (memory store), or when one step's maps (`step_bytes`, on the UNet's `device` while that step
+        is edited) do not fit in the device's free memory. Each error names the ways out."""
         gib = nbytes / 2**30
-        log.info("attention store: %.2f GiB (%s) in %s", gib, what, self.where if self.where == "memory"
-                 else self._folder)
+        log.info("attention store: %.2f GiB (%s) in %s", gib, what,
+                 ("pinned " if self.pin else "") + "host memory" if self.where == "memory" else self._folder)
+        ways_out = ("use editing.attention_store=disk, lower editing.store_max_tokens, use fewer frames"
+                    if self.where == "memory" else "lower editing.store_max_tokens, use fewer frames")
         if gib > self.budget_gib:
-            raise ConfigError(
-                f"the attention store would hold {gib:.1f} GiB ({what}), over editing.store_budget_gib="
-                f"{self.budget_gib:g}; use editing.attention_store=disk, lower editing.store_max_tokens, "
-                "use fewer frames, or raise the budget")
+            raise ConfigError(f"the attention store would hold {gib:.1f} GiB ({what}), over "
+                              f"editing.store_budget_gib={self.budget_gib:g}; {ways_out}, or raise the budget")
+        host = available_host_bytes() if self.where == "memory" else None
+        if host is not None and nbytes > host:
+            raise ConfigError(f"the attention store would hold {gib:.1f} GiB ({what}) in host memory, which "
+                              f"has {host / 2**30:.1f} GiB available; {ways_out}")
+        device = torch.device(device) if device is not None else None
+        if device is not None and device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            if step_bytes > free:
+                raise ConfigError(f"one step's attention maps ({step_bytes / 2**30:.1f} GiB) do not fit in the "
+                                  f"{free / 2**30:.1f} GiB free on {device}; lower editing.store_max_tokens or "
+                                  "use fewer frames")
+
+    def place(self, maps: torch.Tensor) -> torch.Tensor:
+        """A host copy of `maps` to keep (pinned when `self.pin`), wherever they were computed."""
+        if not self.pin:
+            return maps.detach().to("cpu", copy=True)
+        out = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
+        return out.copy_(maps.detach())
 
     def put_step(self, t: int, maps: dict[str, torch.Tensor]) -> None:
-        """Store the maps of the UNet call at timestep t (all layers at once)."""
+        """Store the maps of the UNet call at timestep t (all layers at once, host tensors from `place`)."""
         if self.where == "memory":
             self._maps[int(t)] = maps
         else:
             save_file({k: v.contiguous() for k, v in maps.items()}, str(self._folder / f"t{int(t):04d}.safetensors"))
 
-    def step(self, t: int, device=None) -> dict[str, torch.Tensor]:
-        """All maps of timestep t (from disk: the file of that timestep, loaded once)."""
+    def step(self, t: int, device=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """All maps of timestep t (looked up by the timestep's value; from disk: the file of that timestep,
+        loaded once), moved to `device` and `dtype` when given (the stored host maps stay where they are)."""
         t = int(t)
         if self.where == "memory":
             if t not in self._maps:
@@ -91,7 +140,9 @@ class AttentionStore:
                     raise KeyError(f"no attention maps recorded at timestep {t}")
                 self._loaded = (t, load_file(str(path)))
             maps = self._loaded[1]
-        return maps if device is None else {k: v.to(device) for k, v in maps.items()}
+        if device is None and dtype is None:
+            return maps
+        return {k: v.to(device=device, dtype=dtype, non_blocking=self.pin) for k, v in maps.items()}
 
     def timesteps(self) -> list[int]:
         if self.where == "memory":
@@ -137,6 +188,10 @@ class AttentionRecorder:
 
     def size_bytes(self, num_frames: int, num_steps: int, text_tokens: int = 77) -> int:
         """Bytes the store will hold after `num_steps` UNet calls on `num_frames` frames."""
+        return self.step_bytes(num_frames, text_tokens) * num_steps
+
+    def step_bytes(self, num_frames: int, text_tokens: int = 77) -> int:
+        """Bytes of the maps of one UNet call on `num_frames` frames (what the edit holds on the device)."""
         per_step = 0
         item = torch.tensor([], dtype=self.dtype).element_size()
         for block, (h, w) in self.layers.items():
@@ -145,7 +200,7 @@ class AttentionRecorder:
             context_frames = 1 if table is None else table.shape[1]
             per_step += num_frames * heads * h * w * (h * w * context_frames)  # attn1
             per_step += num_frames * self.unet.get_submodule(f"{block}.attn2").heads * h * w * text_tokens
-        return per_step * item * num_steps
+        return per_step * item
 
     def _pre_unet(self, module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
@@ -164,8 +219,7 @@ class AttentionRecorder:
             else:
                 context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
                 probs = attention_probs(module, x, context=context)
-            self._current[f"{block}.{kind}"] = probs.to(self.dtype).cpu() if self.store.where == "disk" \
-                else probs.to(self.dtype)
+            self._current[f"{block}.{kind}"] = self.store.place(probs.to(self.dtype))
         return hook
 
     def __enter__(self) -> AttentionRecorder:

@@ -8,15 +8,19 @@ each query to token s of the (77-token, BOS first) prompt. From the source promp
   tokens: identity for BOS, unchanged words and the end/padding tail; for a replaced word
   with a source tokens and b target tokens, M[s, t] = 1/a (each target token takes the mean
   of the source word's maps); an unchanged word maps token to token.
-- Refine (any prompts): a global alignment of the two word sequences (Needleman-Wunsch with
-  match +1, mismatch -1, gap -1; words compared case-insensitively) pairs the words the
-  prompts share. A target token of a shared word takes the map of the corresponding source
-  token (`mapper`, `alphas` = 1); tokens of new or changed words keep the edit's own map
-  (`alphas` = 0): A = A_src[..., mapper] * alphas + A_edit * (1 - alphas).
+- Refine (any prompts): prompt-to-prompt's global alignment of the two token sequences (the
+  tokenizer's ids, BOS and EOS included; match +1, mismatch -1, gap 0; tracing back from the
+  ends, a tie leaves the target token unpaired first, then skips a source token, then pairs
+  them). Tokens, not words, so "head" and "head," share the token of "head". A paired target
+  token takes the map of its source token (`mapper`, `alphas` = 1); an unpaired one (a new or
+  changed token) keeps the edit's own map (`alphas` = 0); positions after the target's EOS map to
+  the same position of the source, as released:
+  A = A_src[..., mapper] * alphas + A_edit * (1 - alphas).
 - Reweight: A[..., t] *= scale for the tokens t of the chosen target words (e.g. x10).
 
-Word boundaries come from the tokenizer itself (`tokenizer.tokenize(word)` per word), so the
-same code works for CLIP's BPE and the tiny character-level tokenizer of the tests.
+Word boundaries (Replace, Reweight, blend words) come from the tokenizer itself
+(`tokenizer.tokenize(word)` per word), so the same code works for CLIP's BPE and the tiny
+character-level tokenizer of the tests.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 from stem.errors import ConfigError
 
-MATCH, MISMATCH, GAP = 1, -1, -1
+MATCH, MISMATCH, GAP = 1, -1, 0  # prompt-to-prompt's refinement scores
 
 
 def word_spans(tokenizer, prompt: str, length: int = 77) -> tuple[list[str], list[range]]:
@@ -40,30 +44,35 @@ def word_spans(tokenizer, prompt: str, length: int = 77) -> tuple[list[str], lis
     return words, spans
 
 
-def align_words(source: list[str], target: list[str]) -> list[int | None]:
-    """For each target word, the index of the identical source word it is aligned with, or None."""
+def prompt_ids(tokenizer, prompt: str, length: int = 77) -> list[int]:
+    """Token ids of `prompt`, BOS first and EOS last, at most `length` (a longer prompt keeps its EOS)."""
+    ids = list(tokenizer.encode(prompt))
+    return ids if len(ids) <= length else ids[:length - 1] + ids[-1:]
+
+
+def align_tokens(source: list, target: list) -> list[int | None]:
+    """For each target token, the position of the source token it is paired with, or None
+    (global alignment, module docstring)."""
     n, m = len(source), len(target)
     score = [[0] * (m + 1) for _ in range(n + 1)]
     for i in range(n + 1):
         score[i][0] = i * GAP
     for j in range(m + 1):
         score[0][j] = j * GAP
-    same = lambda i, j: source[i].lower() == target[j].lower()  # noqa: E731
+    pair = lambda i, j: MATCH if source[i] == target[j] else MISMATCH  # noqa: E731
     for i in range(1, n + 1):
         for j in range(1, m + 1):
-            diag = score[i - 1][j - 1] + (MATCH if same(i - 1, j - 1) else MISMATCH)
-            score[i][j] = max(diag, score[i - 1][j] + GAP, score[i][j - 1] + GAP)
+            score[i][j] = max(score[i][j - 1] + GAP, score[i - 1][j] + GAP, score[i - 1][j - 1] + pair(i - 1, j - 1))
     out: list[int | None] = [None] * m
     i, j = n, m
-    while i > 0 and j > 0:  # trace back, preferring the diagonal
-        if score[i][j] == score[i - 1][j - 1] + (MATCH if same(i - 1, j - 1) else MISMATCH):
-            if same(i - 1, j - 1):
-                out[j - 1] = i - 1
-            i, j = i - 1, j - 1
-        elif score[i][j] == score[i - 1][j] + GAP:
+    while i > 0 or j > 0:  # trace back: target unpaired, then source skipped, then the pair
+        if j > 0 and score[i][j] == score[i][j - 1] + GAP:
+            j -= 1
+        elif i > 0 and (j == 0 or score[i][j] == score[i - 1][j] + GAP):
             i -= 1
         else:
-            j -= 1
+            i, j = i - 1, j - 1
+            out[j] = i
     return out
 
 
@@ -93,17 +102,14 @@ def replace_mapper(tokenizer, source: str, target: str, length: int = 77) -> tor
 
 def refine_mapper(tokenizer, source: str, target: str, length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
     """(mapper, alphas), both (length,): A = A_src[..., mapper] * alphas + A_edit * (1 - alphas)."""
-    src_words, src_spans = word_spans(tokenizer, source, length)
-    tgt_words, tgt_spans = word_spans(tokenizer, target, length)
+    src, tgt = prompt_ids(tokenizer, source, length), prompt_ids(tokenizer, target, length)
     mapper = torch.arange(length)
-    alphas = torch.zeros(length, dtype=torch.float64)
-    alphas[0] = 1.0  # BOS
-    for j, i in enumerate(align_words(src_words, tgt_words)):
-        if i is not None:
-            mapper[tgt_spans[j].start:tgt_spans[j].stop] = torch.tensor(list(src_spans[i]))
-            alphas[tgt_spans[j].start:tgt_spans[j].stop] = 1.0
-    for s, t in _tail(src_spans[-1].stop if src_spans else 1, tgt_spans[-1].stop if tgt_spans else 1, length):
-        mapper[t], alphas[t] = s, 1.0
+    alphas = torch.ones(length, dtype=torch.float64)  # after the target's EOS: the same position, as released
+    for j, i in enumerate(align_tokens(src, tgt)):
+        if i is None:
+            alphas[j] = 0.0
+        else:
+            mapper[j] = i
     return mapper, alphas
 
 

@@ -1,0 +1,34 @@
+"""The FateZero presets carry the settings the paper (appendix D) and the release state."""
+
+import pytest
+from conftest import compose_config
+from omegaconf import OmegaConf
+
+
+def resolved(tmp_path, *overrides):
+    return OmegaConf.to_container(compose_config(tmp_path, *overrides, fast=False), resolve=True)
+
+
+@pytest.mark.parametrize("preset, cross, self_, inversion", [
+    ("fatezero_paper", 0.5, 0.5, "FateZeroInversion"),       # appendix D: FateZero fuses t in [0.5T, T]
+    ("fatezero", 0.8, 0.8, "FateZeroInversion"),             # the released teaser config
+    ("stem_fatezero", 0.8, 0.5, "STEMInversion"),            # reading A: cross [0.2T, T], self [0.5T, T]
+    ("stem_fatezero_smaller", 0.2, 0.5, "STEMInversion"),    # reading B: a "smaller" cross ratio, [0.8T, T]
+])
+def test_fusion_presets(tmp_path, preset, cross, self_, inversion):
+    cfg = resolved(tmp_path, f"editing={preset}")
+    editing = cfg["editing"]
+    assert (editing["cross_replace_steps"], editing["self_replace_steps"]) == (cross, self_)
+    assert cfg["inversion"]["_target_"] == f"stem.inversion.{inversion}"
+    assert editing["reweight"] == {} and editing["cross_edit"] == "refine" and editing["guidance_scale"] == 7.5
+    assert (editing["latent_blend_steps"], editing["latent_blend_mask"], editing["latent_blend_reference"]) == \
+        ([0.2, 0.8], "source_or_edit", "step_start")
+
+
+def test_spatio_temporal_channel_threshold_is_the_models(tmp_path):
+    """640 for SD (the release's least_sc_channel); 64 for the tiny UNet, whose attention layers have 32 or 64
+    channels, so tests and debug=fast exercise spatio-temporal attention next to per-frame layers."""
+    assert resolved(tmp_path, "editing=stem_fatezero")["editing"]["min_channels"] == 64
+    assert resolved(tmp_path, "editing=stem_fatezero", "debug=fast")["editing"]["min_channels"] == 64
+    for model in ("sd15", "sd15_arch"):
+        assert resolved(tmp_path, "editing=stem_fatezero", f"model={model}")["editing"]["min_channels"] == 640
