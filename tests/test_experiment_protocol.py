@@ -127,7 +127,8 @@ def test_table2_paper_values_key_on_the_row_names(tmp_path):
     rows = sorted(p.stem for p in (CONFIGS / "table2").glob("*.yaml"))
     assert list(spec.columns) == ["table2"] and sorted(spec.paper) == rows
     assert {k: dict(spec.paper[k]) for k in TABLE2} == {
-        "fatezero": {"CLIP score": 0.29, "Warp error x1e-3": 7.2}, "tokenflow": {"CLIP score": 0.31, "Warp error x1e-3": 4.9},
+        "fatezero": {"CLIP score": 0.29, "Warp error x1e-3": 7.2},
+        "tokenflow": {"CLIP score": 0.31, "Warp error x1e-3": 4.9},
         "stem_fatezero": {"CLIP score": 0.30, "Warp error x1e-3": 4.3},
         "stem_tokenflow": {"CLIP score": 0.31, "Warp error x1e-3": 3.5}}
 
@@ -220,7 +221,8 @@ def test_ablation_k_120_frames_with_128_256_512_bases(tmp_path):
     for combo, cfg in jobs(tmp_path, "ablation_k"):
         data, inv = cfg["data"], cfg["inversion"]
         assert (data["name"], data["n_frames"], data["stride"], data["width"]) == ("woman_running", None, 1, None)
-        assert (target(inv), inv["num_bases"], inv["num_steps"]) == ("STEMInversion", int(combo["inversion.num_bases"]), 50)
+        k = int(combo["inversion.num_bases"])
+        assert (target(inv), inv["num_bases"], inv["num_steps"]) == ("STEMInversion", k, 50)
 
 
 def test_fig9_feature_similarity_of_the_four_inversions(tmp_path):
