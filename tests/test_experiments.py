@@ -91,7 +91,7 @@ def test_table4_and_table5_sweep_length_and_resolution_with_plots(tmp_path):
 
 def test_table2_edits_with_every_method_and_averages_clips(tmp_path):
     sweep(tmp_path, "table2_editing", *FIT_256, "metrics.clip.pretrained=null")
-    rows = {r["editing"]: r for r in read_table(tmp_path, "table2_editing")}
+    rows = {r["table2"]: r for r in read_table(tmp_path, "table2_editing")}
     assert sorted(rows) == ["fatezero", "stem_fatezero", "stem_tokenflow", "tokenflow"]
     assert all(-1 <= float(r["CLIP score"]) <= 1 and float(r["Warp error x1e-3"]) >= 0 for r in rows.values())
     assert rows["stem_tokenflow"]["Warp error x1e-3 (paper)"] == "3.5" and rows["fatezero"]["Flow"] == "exact"
