@@ -234,6 +234,12 @@ def read_frames(
     return np.stack(selected), fps
 
 
+def evenly_spaced(total: int, count: int) -> np.ndarray:
+    """`count` indices into `range(total)` spread evenly, the first and the last included:
+    `round(linspace(0, total - 1, count))` (count <= total)."""
+    return np.linspace(0, total - 1, count).round().astype(int)
+
+
 def _target_size(native_width: int, native_height: int, width: int | None, height: int | None) -> tuple[int, int]:
     if width is None and height is None:
         width, height = native_width // 8 * 8, native_height // 8 * 8
@@ -280,6 +286,7 @@ def load_video(
     fps: float | None = None,
     name: str | None = None,
     edit_prompt: str | None = None,
+    max_frames: int | None = None,
 ) -> Video:
     """Load a video file (.mp4/.webm/.mov/.avi/.gif) or a folder of frames as a `Video`.
 
@@ -295,6 +302,9 @@ def load_video(
         fps: frame rate to use (default: the file's; 10 for frame folders).
         name: short name for run directories (default: the file or folder name).
         edit_prompt: a target prompt that goes with the clip (kept in `Video.edit_prompt`).
+        max_frames: at most this many of the selected frames, spread evenly over them (first and
+            last kept); a selection of at most `max_frames` frames is kept whole, never an error.
+            None = no cap. Paper appendix B.4: FateZero edits at most 20 frames.
 
     A folder holding `flow.npy` (see `save_video_with_flow`) gives `Video.flow` when the frames
     are neither subsampled nor resized.
@@ -307,11 +317,17 @@ def load_video(
         if n_frames > len(array):
             raise VideoError(f"{path} has {len(array)} frames from frame {start}; cannot spread {n_frames} evenly "
                              f"(use n_frames <= {len(array)})")
-        picked = np.linspace(0, len(array) - 1, n_frames).round().astype(int)
+        picked = evenly_spaced(len(array), n_frames)
         stride = int(picked[1] - picked[0]) if n_frames > 1 and len(set(np.diff(picked))) == 1 else None
         array = array[picked]
     else:
         array, file_fps = read_frames(path, start=start, stride=stride, n_frames=n_frames)
+    if max_frames is not None:
+        _check_int(max_frames, name="max_frames", minimum=1, fix="or set it to null to keep every selected frame")
+        if len(array) > max_frames:
+            logger.info("keeping %d of %d frames, spread evenly (max_frames=%d): %s", max_frames, len(array),
+                        max_frames, path)
+            array, stride = array[evenly_spaced(len(array), max_frames)], None  # uneven picks: no stored flow
     frames = from_uint8(array)
     native_height, native_width = array.shape[1:3]
     target = _target_size(native_width, native_height, width, height)

@@ -91,7 +91,7 @@ def test_table4_and_table5_sweep_length_and_resolution_with_plots(tmp_path):
 
 def test_table2_edits_with_every_method_and_averages_clips(tmp_path):
     sweep(tmp_path, "table2_editing", *FIT_256, "metrics.clip.pretrained=null")
-    rows = {r["editing"]: r for r in read_table(tmp_path, "table2_editing")}
+    rows = {r["table2"]: r for r in read_table(tmp_path, "table2_editing")}
     assert sorted(rows) == ["fatezero", "stem_fatezero", "stem_tokenflow", "tokenflow"]
     assert all(-1 <= float(r["CLIP score"]) <= 1 and float(r["Warp error x1e-3"]) >= 0 for r in rows.values())
     assert rows["stem_tokenflow"]["Warp error x1e-3 (paper)"] == "3.5" and rows["fatezero"]["Flow"] == "exact"
@@ -100,8 +100,18 @@ def test_table2_edits_with_every_method_and_averages_clips(tmp_path):
 def test_fig4_and_fig9_draw_per_frame_and_per_step_curves(tmp_path):
     sweep(tmp_path / "f4", "fig4_per_frame", *FIT_256)
     rows = read_table(tmp_path / "f4", "fig4_per_frame")
-    assert {(r["editing"], r["inversion"]) for r in rows} == {
-        (e, i) for e in ("tokenflow_recon", "fatezero_reconstruct") for i in ("ddim_1frame", "stem")}
+    assert [r["fig4"] for r in rows] == ["ddim_i", "ddim_ii", "stem_i", "stem_ii"]
+    # each job ran its row's pair (metrics.json's method label): before, the sweep's inversion=ddim_1frame
+    # replaced fatezero_reconstruct's inversion=fatezero, so "FateZero" ran on 1-frame DDIM latents
+    ran = {}
+    for job in (tmp_path / "f4").iterdir():
+        if (job / "metrics.json").is_file():
+            row = [o for o in (job / ".hydra" / "overrides.yaml").read_text().split() if o.startswith("fig4=")]
+            m = json.loads((job / "metrics.json").read_text())
+            ran[row[0].split("=")[1]] = (m["method"], m.get("inversion_method"))
+    assert ran == {"ddim_i": ("ddim_1frame", None), "stem_i": ("stem_k256", None),
+                   "ddim_ii": ("FateZero", "fatezero"), "stem_ii": ("STEM-FateZero", "stem_k256")}
+    assert all(float(r["PSNR vs VAE"]) > 20 for r in rows)
     sweep(tmp_path / "f9", "fig9_feature_similarity", *FIT_256)
     rows = read_table(tmp_path / "f9", "fig9_feature_similarity")
     assert len(rows) == 4 and all(-1 <= float(r["Feature similarity"]) <= 1 for r in rows)

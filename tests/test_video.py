@@ -144,6 +144,40 @@ def test_even_stride_needs_a_count_that_fits(clip_path):
         load_video(clip_path, prompt="p", stride="even", n_frames=8)
 
 
+@pytest.mark.parametrize(("kwargs", "picks"), [
+    ({"max_frames": 3}, [0, 3, 6]),                               # capped: spread over the clip, ends kept
+    ({"max_frames": 4}, [0, 2, 4, 6]),
+    ({"max_frames": 7}, list(range(7))),                          # exactly the clip: all of it
+    ({"max_frames": 20}, list(range(7))),                         # fewer frames than the cap: all, no error
+    ({"max_frames": 2, "start": 1, "stride": 2}, [1, 5]),         # spread over the selection 1, 3, 5
+    ({"max_frames": 3, "stride": "even", "n_frames": 5}, [0, 3, 6]),  # even picks 0, 2, 3, 5, 6 -> 0, 3, 6
+])
+def test_max_frames_keeps_at_most_that_many_spread_evenly(clip_path, kwargs, picks):
+    """Paper B.4's "at most 20 frames": indices written out by hand. Mutations caught: the first
+    max_frames frames instead of spread (picks [0, 1, 2]); an error or a cap to exactly max_frames when
+    the clip is shorter; the spread over the whole clip instead of the start/stride selection."""
+    full = load_video(clip_path, prompt="p").frames
+    video = load_video(clip_path, prompt="p", **kwargs)
+    assert torch.equal(video.frames, full[picks])
+
+
+def test_max_frames_drops_stored_flow_of_a_capped_folder(tmp_path):
+    """The flow beside a frame folder holds for consecutive frames only: kept when the cap does not
+    bite, dropped when it does (mutation: keeping it, sliced as if the picks were consecutive)."""
+    from stem.synthetic import camera_pan
+    from stem.video import save_video_with_flow
+
+    folder = save_video_with_flow(camera_pan(n_frames=5, width=64, height=64), tmp_path / "pan")
+    assert load_video(folder, prompt="p", max_frames=5).flow is not None
+    assert load_video(folder, prompt="p", max_frames=3).flow is None
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.5, True])
+def test_bad_max_frames_is_a_config_error(clip_path, value):
+    with pytest.raises(ConfigError, match=rf"max_frames={value!r} must be an integer >= 1.*null"):
+        load_video(clip_path, prompt="p", max_frames=value)
+
+
 def test_decoding_stops_once_enough_frames_are_read(tmp_path, monkeypatch):
     path = write_video(tmp_path / "a.mp4", clip(12), fps=10)
     pulled = []

@@ -1,0 +1,251 @@
+"""Each experiment file, composed as `python run.py -m experiment=X` composes every job, runs the
+settings the paper states for its table or figure (issue 11). The expected values are the paper's,
+written out here; each test names the plausible config bug it catches."""
+
+import re
+
+import pytest
+from conftest import ROOT
+from omegaconf import OmegaConf
+
+CONFIGS = ROOT / "configs"
+CLIPS = ["car_turn", "wolf", "taylor", "woman_running"]
+CLIP_FRAMES = {"car_turn": 8, "wolf": 40, "taylor": 48, "woman_running": 120}  # the sample clips, whole
+
+
+def compose(tmp_path, *overrides):
+    """The composed config with Hydra's node (the sweep) kept: {"hydra": ..., job keys ...}."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[f"paths.cache_dir={tmp_path / 'cache'}", "device=cpu", *overrides],
+                            return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def sweep(tmp_path, experiment) -> dict:
+    """The experiment's declared sweep {key: [values]} (hydra.sweeper.params)."""
+    params = compose(tmp_path, f"experiment={experiment}").hydra.sweeper.params
+    return {str(k): [v.strip() for v in str(vals).split(",")] for k, vals in params.items()}
+
+
+def jobs(tmp_path, experiment, **fixed):
+    """(overrides, job config) for every job of the declared sweep (cartesian over its keys, as
+    Hydra's basic sweeper), `fixed` replacing a swept key by one value."""
+    params = {**sweep(tmp_path, experiment), **{k: [v] for k, v in fixed.items()}}
+    combos = [{}]
+    for key, values in params.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    for combo in combos:
+        cfg = compose(tmp_path, f"experiment={experiment}", *(f"{k}={v}" for k, v in combo.items()))
+        yield combo, cfg
+
+
+def target(node):
+    return None if node is None else node["_target_"].rsplit(".", 1)[1]
+
+
+# ------------------------------------------------------------------------------------ Fig. 4
+
+
+FIG4 = {  # paper Fig. 4 rows: DDIM / STEM x fashion (i) plain sampling / (ii) FateZero's fusion
+    "ddim_i": ("DDIMInversion", None),
+    "stem_i": ("STEMInversion", None),
+    "ddim_ii": ("FateZeroInversion", "FateZeroEditor"),   # FateZero with its own inversion
+    "stem_ii": ("STEMInversion", "FateZeroEditor"),       # STEM-FateZero
+}
+
+
+def test_fig4_sweeps_the_paired_rows_of_both_fashions(tmp_path):
+    """Each job gets its row's inversion AND editing. Mutations caught: the old sweep `inversion:
+    ddim_1frame,stem` x `editing: ...` (its inversion overrode fatezero_reconstruct's inversion=fatezero,
+    so "FateZero" reconstructed from 1-frame DDIM latents); fashion (i) through TokenFlow's PnP
+    pipeline (editing=tokenflow_recon: guidance 7.5, injection, propagation)."""
+    assert sweep(tmp_path, "fig4_per_frame") == {"fig4": list(FIG4)}
+    for combo, cfg in jobs(tmp_path, "fig4_per_frame"):
+        inversion, editor = FIG4[combo["fig4"]]
+        assert (target(cfg["inversion"]), target(cfg.get("editing"))) == (inversion, editor), combo
+        assert cfg["inversion"]["num_steps"] == 50 and cfg["data"]["name"] == "car_turn"
+        assert cfg["data"]["n_frames"] is None and cfg["data"]["max_frames"] is None  # all 8 frames
+        if combo["fig4"].endswith("_i"):  # plain DDIM sampling under the source prompt: no editor, no guidance
+            assert cfg.get("editing") is None and cfg["metrics"]["reconstruction"] is True
+        else:  # FateZero's fusion of every recorded map at every step, source prompt, guidance 1
+            e = cfg.get("editing")
+            assert e["prompt"] is None and e["guidance_scale"] == 1.0
+            assert e["cross_replace_steps"] == e["self_replace_steps"] == 1.0
+    stem_i = compose(tmp_path, "experiment=fig4_per_frame", "fig4=stem_i")
+    assert stem_i.inversion.stem_in_reconstruction is True  # as the STEM release reconstructs (paper silent)
+
+
+def test_fig4_pnp_reconstruction_is_a_named_extra_not_in_the_sweep(tmp_path):
+    """TokenFlow's PnP reconstruction stays reachable by name only (mutation: back in the sweep)."""
+    assert not any(v.endswith("_pnp") for v in sweep(tmp_path, "fig4_per_frame")["fig4"])
+    for row, inversion in (("ddim_i_pnp", "DDIMInversion"), ("stem_i_pnp", "STEMInversion")):
+        cfg = compose(tmp_path, "experiment=fig4_per_frame", f"fig4={row}")
+        assert (target(cfg.inversion), target(cfg.editing), cfg.editing.prompt) == (inversion, "TokenFlowEditor", None)
+
+
+# ------------------------------------------------------------------------------------ Table 2
+
+
+TABLE2 = {  # row: (inversion, editor, cross fusion, self fusion, frame cap)
+    "fatezero": ("FateZeroInversion", "FateZeroEditor", 0.5, 0.5, 20),       # appendix D [0.5T, T]; B.4 <= 20
+    "tokenflow": ("DDIMInversion", "TokenFlowEditor", None, None, None),      # full clips
+    "stem_fatezero": ("STEMInversion", "FateZeroEditor", 0.8, 0.5, 20),       # reading A: cross [0.2T, T]
+    "stem_tokenflow": ("STEMInversion", "TokenFlowEditor", None, None, None),
+}
+
+
+def test_table2_rows_run_the_paper_settings_on_every_clip(tmp_path):
+    """Mutations caught: the FateZero row on editing=fatezero (the teaser's 0.8/0.8) or on another
+    inversion; a frame cap dropped (FateZero) or given to TokenFlow; `data.n_frames: 8` (one TokenFlow
+    chunk: propagation never exercised); a reweight or FreeU switched on by default; the target prompt
+    not each clip's own."""
+    assert sweep(tmp_path, "table2_editing") == {"table2": list(TABLE2), "data": CLIPS}
+    for combo, cfg in jobs(tmp_path, "table2_editing"):
+        inversion, editor, cross, self_, cap = TABLE2[combo["table2"]]
+        e, data = cfg.get("editing"), cfg["data"]
+        assert (target(cfg["inversion"]), target(e)) == (inversion, editor), combo
+        assert (e.get("cross_replace_steps"), e.get("self_replace_steps")) == (cross, self_), combo
+        assert (data["n_frames"], data["max_frames"], data["name"]) == (None, cap, combo["data"]), combo
+        assert OmegaConf.to_container(e)["prompt"] == "${data.edit_prompt}" and e.prompt == data.edit_prompt
+        assert e.get("reweight", {}) == {} and e.get("freeu") is None and e.guidance_scale == 7.5
+        assert cfg.inversion.num_steps == e.num_steps == 50
+    smaller = compose(tmp_path, "experiment=table2_editing", "table2=stem_fatezero_smaller").editing
+    assert (smaller.cross_replace_steps, smaller.self_replace_steps) == (0.2, 0.5)  # reading B, named
+
+
+def test_table2_paper_values_key_on_the_row_names(tmp_path):
+    """Every row option has the paper's numbers beside it (mutation: the paper dict still keyed on
+    editing option names, so a renamed row prints no paper column)."""
+    spec = compose(tmp_path, "experiment=table2_editing").hydra.callbacks.sweep_table
+    rows = sorted(p.stem for p in (CONFIGS / "table2").glob("*.yaml"))
+    assert list(spec.columns) == ["table2"] and sorted(spec.paper) == rows
+    assert {k: dict(spec.paper[k]) for k in TABLE2} == {
+        "fatezero": {"CLIP score": 0.29, "Warp error x1e-3": 7.2},
+        "tokenflow": {"CLIP score": 0.31, "Warp error x1e-3": 4.9},
+        "stem_fatezero": {"CLIP score": 0.30, "Warp error x1e-3": 4.3},
+        "stem_tokenflow": {"CLIP score": 0.31, "Warp error x1e-3": 3.5}}
+
+
+def test_table2_released_stem_tokenflow_turns_freeu_on(tmp_path):
+    """The STEM release's editing (FreeU b1 1.2, b2 1.4, s1 0.9, s2 0.2) is a named row, off by default
+    (needs editing/stem_tokenflow_released.yaml and the `editing.freeu` knob)."""
+    cfg = compose(tmp_path, "experiment=table2_editing", "table2=stem_tokenflow_released")
+    assert target(cfg.inversion) == "STEMInversion" and cfg.editing.freeu is not None
+    assert compose(tmp_path, "experiment=table2_editing", "table2=stem_tokenflow").editing.freeu is None
+
+
+def test_table2_clip_lengths_full_for_tokenflow_and_at_most_20_for_fatezero(tmp_path, monkeypatch, shared_videos):
+    """The clips as loaded (frames decoded, resized small to keep the test light): TokenFlow edits
+    8/40/48/120 frames, FateZero min(20, clip) spread evenly (paper B.4). Mutation caught: the cap
+    taken as a count (an error, or padding, on the 8-frame car-turn), or applied to TokenFlow."""
+    from hydra.utils import instantiate
+
+    monkeypatch.setenv("STEM_DATA_ROOT", str(shared_videos))
+    for row, cap in (("tokenflow", None), ("fatezero", 20)):
+        for clip, frames in CLIP_FRAMES.items():
+            cfg = compose(tmp_path, "experiment=table2_editing", f"table2={row}", f"data={clip}",
+                          "data.width=64", "data.height=64")
+            assert instantiate(cfg.data).num_frames == (frames if cap is None else min(cap, frames)), (row, clip)
+
+
+# ------------------------------------------------------------------------------------ reconstruction tables
+
+
+def test_table1_times_48_frames_of_taylor_at_640x360_with_50_steps(tmp_path):
+    """Mutations caught: a shorter clip or a resize, fewer steps, a cached (untimed) inversion, an
+    inversion missing from the sweep."""
+    assert sweep(tmp_path, "table1_time") == {
+        "inversion": ["ddim_1frame", "ddim_2frame", "ddim_allframe", "stem_k128", "stem", "stem_k512"]}
+    for combo, cfg in jobs(tmp_path, "table1_time"):
+        data = cfg["data"]
+        assert (data["name"], data["n_frames"], data["width"], data["height"]) == ("taylor", 48, None, None)
+        assert cfg["inversion"]["num_steps"] == 50 and cfg["use_cache"] is False and cfg.get("editing") is None
+    k = {i: compose(tmp_path, "experiment=table1_time", f"inversion={i}").inversion.num_bases
+         for i in ("stem_k128", "stem", "stem_k512")}
+    assert k == {"stem_k128": 128, "stem": 256, "stem_k512": 512}
+
+
+def test_table1_clip_is_640x360(tmp_path, monkeypatch, shared_videos):
+    from hydra.utils import instantiate
+
+    monkeypatch.setenv("STEM_DATA_ROOT", str(shared_videos))
+    video = instantiate(compose(tmp_path, "experiment=table1_time").data)
+    assert (video.num_frames, video.width, video.height) == (48, 640, 360)
+
+
+def test_table4_spreads_8_to_120_frames_evenly_over_one_clip(tmp_path):
+    """Mutation caught: first-N frames (stride 1) instead of "sampled evenly", or another K."""
+    assert sweep(tmp_path, "table4_length") == {"data.n_frames": ["8", "16", "32", "64", "120"]}
+    for combo, cfg in jobs(tmp_path, "table4_length"):
+        data, inv = cfg["data"], cfg["inversion"]
+        assert (data["name"], data["stride"], data["n_frames"], data["width"]) == (
+            "woman_running", "even", int(combo["data.n_frames"]), None)
+        assert (target(inv), inv["num_bases"], inv["num_steps"], cfg.get("editing")) == ("STEMInversion", 256, 50, None)
+
+
+def test_table5_24_frames_at_four_square_resolutions(tmp_path):
+    """Mutation caught: non-square frames (height not following the swept width), another length or K."""
+    assert sweep(tmp_path, "table5_resolution") == {"data.width": ["384", "512", "768", "1024"]}
+    for combo, cfg in jobs(tmp_path, "table5_resolution"):
+        data, inv = cfg.data, cfg.inversion
+        width = int(combo["data.width"])
+        assert (data.name, data.n_frames, data.width, data.height) == ("woman_running", 24, width, width)
+        assert (target(inv), inv.num_bases, inv.num_steps, cfg.get("editing")) == ("STEMInversion", 256, 50, None)
+
+
+def test_table6_four_inversions_over_the_sample_clips(tmp_path):
+    """Mutation caught: an inversion dropped or replaced (e.g. stem_official for the paper's STEM)."""
+    assert sweep(tmp_path, "table6_inversion") == {
+        "inversion": ["ddim_1frame", "ddim_2frame", "ddim_allframe", "stem"], "data": CLIPS}
+    contexts = {}
+    for combo, cfg in jobs(tmp_path, "table6_inversion", data="car_turn"):
+        inv = cfg["inversion"]
+        contexts[combo["inversion"]] = (target(inv), inv.get("context"), inv.get("num_bases"), inv["num_steps"])
+        assert cfg.get("editing") is None and cfg["data"]["n_frames"] == 8
+    assert contexts == {"ddim_1frame": ("DDIMInversion", "1frame", None, 50),
+                        "ddim_2frame": ("DDIMInversion", "2frame", None, 50),
+                        "ddim_allframe": ("DDIMInversion", "allframe", None, 50),
+                        "stem": ("STEMInversion", None, 256, 50)}
+
+
+def test_ablation_k_120_frames_with_128_256_512_bases(tmp_path):
+    """Mutation caught: a clip cut short (n_frames set) or another K list."""
+    assert sweep(tmp_path, "ablation_k") == {"inversion.num_bases": ["128", "256", "512"]}
+    for combo, cfg in jobs(tmp_path, "ablation_k"):
+        data, inv = cfg["data"], cfg["inversion"]
+        assert (data["name"], data["n_frames"], data["stride"], data["width"]) == ("woman_running", None, 1, None)
+        k = int(combo["inversion.num_bases"])
+        assert (target(inv), inv["num_bases"], inv["num_steps"]) == ("STEMInversion", k, 50)
+
+
+def test_fig9_feature_similarity_of_the_four_inversions(tmp_path):
+    """Mutation caught: the features metric off, or an inversion missing."""
+    assert sweep(tmp_path, "fig9_feature_similarity") == {
+        "inversion": ["ddim_1frame", "ddim_2frame", "ddim_allframe", "stem"]}
+    for combo, cfg in jobs(tmp_path, "fig9_feature_similarity"):
+        assert cfg["metrics"]["features"] is not None and cfg.get("editing") is None
+        assert cfg["inversion"]["num_steps"] == 50 and cfg["data"]["name"] == "car_turn"
+
+
+# ------------------------------------------------------------------------------------ documentation
+
+
+def departures(text: str) -> str:
+    """The "Departures from the paper:" list of an experiment header (comment lines after it)."""
+    match = re.search(r"^# Departures from the paper:\n((?:#  .*\n)+)", text, flags=re.M)
+    return match.group(1) if match else ""
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
+def test_every_experiment_lists_its_departures_here_and_in_reproduce_md(experiment):
+    """Mutation caught: a header without the list, or docs/REPRODUCE.md silent on an experiment."""
+    assert departures((CONFIGS / "experiment" / f"{experiment}.yaml").read_text()), experiment
+    docs = (ROOT / "docs" / "REPRODUCE.md").read_text().split("## Departures from the paper", 1)
+    assert len(docs) == 2 and f"`{experiment}`" in docs[1].split("\n## ", 1)[0], experiment
