@@ -237,8 +237,9 @@ class FateZeroEditor(Editor):
                  latent_blend_mask: str = "source_or_edit", latent_blend_reference: str = "step_start",
                  attention_frames=("mid",), attention_mode: str = "replace", min_channels: int = 640,
                  store_max_tokens: int = 1024, attention_store: str = "memory", store_dir: str | None = None,
-                 store_budget_gib: float = 48.0, store_dtype: str = "float16", clip_groupnorm: bool = False):
-        super().__init__(prompt, negative_prompt, guidance_scale, num_steps, seed)
+                 store_budget_gib: float = 48.0, store_dtype: str = "float16", clip_groupnorm: bool = False,
+                 freeu: dict | None = None):
+        super().__init__(prompt, negative_prompt, guidance_scale, num_steps, seed, freeu)
         check_choice("editing.cross_edit", cross_edit, CROSS_EDITS)
         check_choice("editing.attention_store", attention_store, ("memory", "disk"))
         check_choice("editing.store_dtype", store_dtype, tuple(DTYPES))
