@@ -65,14 +65,19 @@ class Trajectory:
     latents: torch.Tensor    # (num_steps + 1, N, 4, h, w)
     timesteps: torch.Tensor  # (num_steps,) ascending
 
-    def at(self, t: int) -> torch.Tensor:
-        """The inverted latent at timestep t (0 for the clean latent)."""
+    def index(self, t: int) -> int:
+        """Position in `latents` of the inverted latent at timestep t (0 for the clean latent);
+        KeyError when t is not one of the inversion timesteps."""
         if t == 0:
-            return self.latents[0]
+            return 0
         (hits,) = (self.timesteps == t).nonzero(as_tuple=True)
         if len(hits) != 1:
             raise KeyError(f"timestep {t} is not one of the inversion timesteps")
-        return self.latents[int(hits[0]) + 1]
+        return int(hits[0]) + 1
+
+    def at(self, t: int) -> torch.Tensor:
+        """The inverted latent at timestep t (0 for the clean latent)."""
+        return self.latents[self.index(t)]
 
 
 @torch.no_grad()

@@ -74,16 +74,16 @@ def editing_indices(scheduler, trajectory: Trajectory, num_steps: int) -> list[i
     ConfigError (one line: both step counts and the fix) when an editing timestep is not an inversion
     timestep, e.g. 3 editing steps (667, 334, 1) on a 4-step inversion (1, 251, 501, 751).
     """
-    wanted = sampling_timesteps(scheduler, num_steps).tolist()
-    index = {int(t): i + 1 for i, t in enumerate(trajectory.timesteps.tolist())}  # latents[0] is z_0
-    missing = [t for t in wanted if t not in index]
+    wanted = [int(t) for t in sampling_timesteps(scheduler, num_steps)]
+    saved = set(trajectory.timesteps.tolist())
+    missing = [t for t in wanted if t not in saved]
     if missing:
-        have = len(index)
+        have = len(saved)
         raise ConfigError(f"editing.num_steps={num_steps} needs timesteps {missing[:3]} that the inversion's "
-                          f"{have} steps (timesteps {sorted(index)[:3]}...) did not save; set editing.num_steps="
+                          f"{have} steps (timesteps {sorted(saved)[:3]}...) did not save; set editing.num_steps="
                           f"inversion.num_steps={have}, or a count whose timesteps are a subset of the inversion's "
                           f"(e.g. 50 of 500)")
-    return [index[t] for t in wanted]
+    return [trajectory.index(t) for t in wanted]
 
 
 def check_timesteps(scheduler, trajectory: Trajectory, num_steps: int) -> None:
