@@ -174,7 +174,13 @@ def _check_missing(cfg: DictConfig) -> None:
         raise ConfigError(f"no value for {', '.join(missing)}: set it on the command line, e.g. {first}='...'")
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+# configs/ beside this file (a checkout, an editable install); otherwise the installed copy (a wheel: `stem-run`).
+# An absolute path: Hydra would take a relative one as a package path when run.py is imported as a module.
+_REPO_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_PATH = str(_REPO_CONFIGS) if (_REPO_CONFIGS / "config.yaml").is_file() else "pkg://stem_configs"
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         run_job(cfg, HydraConfig.get().runtime.output_dir)
