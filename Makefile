@@ -31,4 +31,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check stem run.py callbacks.py scripts tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info
