@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -112,7 +113,7 @@ def job_tracking(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
     its swept overrides: those whose key the sweep's command line does not fix to one value (e.g.
     "inversion=stem,data=wolf"; experiment-declared sweeps included). A single run is named after all its
     overrides, or `task_name` without any. paths.* and logger* overrides (where results go) are left out."""
-    own = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(("paths.", "logger"))]
+    own = [o for o in hydra_cfg.overrides.task if re.split(r"[.=@]", o.lstrip("+~"))[0] not in ("paths", "logger")]
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return {"name": ",".join(own) or cfg.task_name}
     sweep_dir = Path(hydra_cfg.sweep.dir)
