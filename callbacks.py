@@ -4,17 +4,26 @@
 sweep folder when the sweep ends, and logs it to one W&B "summary" run when `logger=wandb`.
 Single runs never call `on_multirun_end`, so they are untouched. Hydra does not call it when a
 job of the sweep failed (the sweeper re-raises the failure first): rebuild the table then with
-`python scripts/make_tables.py <sweep dir>`, which shows failed jobs as rows of "failed".
+`python scripts/make_tables.py <sweep dir>`, which shows failed jobs as rows of "failed"
+(`--wandb` also logs it as the summary run, with `log_sweep_summary` below).
+
+W&B: the jobs of a sweep and its summary run share the group `sweep_group(task_name, sweep dir)`,
+"<task_name>/<date>/<time>" for Hydra's default sweep folder; an explicit `logger.group=...` wins.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import setup_globals
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from stem.errors import TableError
 from stem.tables import collect_runs, varying_keys, write_sweep_outputs
 
 log = logging.getLogger(__name__)
@@ -58,22 +67,106 @@ class SweepTableCallback(Callback):
         out = write_sweep_outputs(sweep_dir, self.name, columns, self.metrics, self.average_over, self.paper,
                                   self.plot, self.ratio_to)
         log.info("sweep table of %d jobs -> %s\n%s", len(runs), out["files"][0], out["markdown"])
-        if str(OmegaConf.select(config, "logger._target_", default="")).endswith("WandbLogger"):
-            self._log_wandb(config, sweep_dir, out)
+        if _wandb_settings(config):
+            log_sweep_summary(sweep_dir, self.name, out, config)
 
-    def _log_wandb(self, config: DictConfig, sweep_dir: Path, out: dict) -> None:
-        import wandb  # imported only when W&B is on
 
-        logger = config.logger
-        run = wandb.init(project=logger.project, entity=logger.get("entity"), mode=logger.get("mode", "offline"),
-                         group=logger.get("group"), job_type="summary", name=f"{self.name}-summary",
-                         dir=str(sweep_dir))
-        failed = True
+def sweep_group(task_name: str, sweep_dir: str | Path) -> str:
+    """W&B group of a sweep's jobs and summary run: "<task_name>/<parent folder>/<sweep folder>" of the
+    sweep folder, i.e. "<task_name>/<date>/<time>" for Hydra's outputs/<task_name>/multiruns/<date>/<time>
+    (a sweep.dir of your own, e.g. /scratch/k_sweep: "<task_name>/scratch/k_sweep")."""
+    path = Path(sweep_dir).resolve()
+    return f"{task_name}/{path.parent.name}/{path.name}"
+
+
+def _wandb_settings(config: DictConfig) -> dict:
+    """The sweep's W&B logger settings (logger=wandb), or {} when it logged to no tracker."""
+    if not str(OmegaConf.select(config, "logger._target_", default="")).endswith("WandbLogger"):
+        return {}
+    return _plain(config.logger)
+
+
+def sweep_config(config: DictConfig) -> dict:
+    """The sweep's composed config without Hydra's own node, as plain Python, resolved: `${hydra:...}` (paths.*)
+    from the config's own `hydra` node, as in its jobs. A value that still cannot be resolved is kept as written."""
+    raw = OmegaConf.to_container(config, resolve=False)
+    with _hydra_runtime(config):
+        return {key: _resolve_leaves(value, config, str(key)) for key, value in raw.items() if key != "hydra"}
+
+
+@contextmanager
+def _hydra_runtime(config: DictConfig):
+    """`${hydra:...}` resolvable from `config.hydra` where Hydra has set no job config: after the jobs of a
+    multirun (Hydra resets it to none) and in scripts/make_tables.py (multirun.yaml read back)."""
+    if not OmegaConf.has_resolver("hydra"):
+        setup_globals()  # registers the `hydra` and `now` resolvers (Hydra does at start; a script has not)
+    instance = HydraConfig.instance()
+    saved = instance.cfg
+    if saved is None and "hydra" in config:
+        instance.cfg = OmegaConf.masked_copy(config, "hydra")
+    try:
+        yield
+    finally:
+        instance.cfg = saved
+
+
+def _resolve_leaves(raw, config: DictConfig, path: str):
+    if isinstance(raw, dict):
+        return {k: _resolve_leaves(v, config, f"{path}.{k}") for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_resolve_leaves(v, config, f"{path}[{i}]") for i, v in enumerate(raw)]
+    if isinstance(raw, str) and "${" in raw:
         try:
-            table = out["table"]
-            record = {self.name: wandb.Table(columns=table["header"], data=table["rows"], allow_mixed_types=True)}
-            record.update({f"{self.name}_plot": wandb.Image(str(f)) for f in out["files"] if f.suffix == ".png"})
-            run.log(record)
-            failed = False
-        finally:
-            run.finish(exit_code=1 if failed else 0)
+            return _plain(OmegaConf.select(config, path, throw_on_resolution_failure=True))
+        except Exception:  # an interpolation only Hydra's runtime can resolve
+            return raw
+    return raw
+
+
+def read_sweep_config(sweep_dir: str | Path) -> DictConfig:
+    """The config a sweep was launched with: `<sweep dir>/multirun.yaml` (written by `python run.py -m`)."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        raise TableError(f"no multirun.yaml in {sweep_dir}: the W&B summary needs the config the sweep was launched "
+                         "with; pass the folder `python run.py -m ...` wrote (hydra.sweep.dir)")
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:
+        raise TableError(f"cannot read {path}: {type(e).__name__}: {e}".replace("\n", " ")) from e
+
+
+def log_sweep_summary(sweep_dir: str | Path, name: str, out: dict, config: DictConfig | None = None) -> None:
+    """Log a sweep table as one W&B run of job type "summary", named "<name>-summary", in the sweep's group
+    (`logger.group` when set, else `sweep_group`), under `<sweep dir>/wandb/`: the table (and its plot), and as
+    config the sweep's composed config (`sweep_config`) with `provenance` (`out["provenance"]`, the table's
+    facts), `sweep_dir` and `sweep_overrides`.
+
+    The composed config holds the first value of each swept key; `sweep_overrides` is the sweep's command
+    line (e.g. "inversion=ddim_1frame,stem") and the table the value of every job.
+    `out` is what stem.tables.write_sweep_outputs returned; `config` the sweep's config (the callback's),
+    None to read `<sweep dir>/multirun.yaml` (scripts/make_tables.py --wandb). W&B settings (project, entity,
+    mode, tags) are the sweep's `logger=wandb` ones, else project "stem" in offline mode, as
+    configs/logger/wandb.yaml; WANDB_MODE in the environment overrides the mode."""
+    import wandb  # imported only when W&B is on
+
+    sweep_dir = Path(sweep_dir)
+    config = read_sweep_config(sweep_dir) if config is None else config
+    settings = _wandb_settings(config)
+    task_name = OmegaConf.select(config, "task_name", default=None) or name
+    run_config = {**sweep_config(config), "provenance": out.get("provenance", {}), "sweep_dir": str(sweep_dir),
+                  "sweep_overrides": _plain(OmegaConf.select(config, "hydra.overrides.task", default=[]))}
+    run = wandb.init(project=settings.get("project") or "stem", entity=settings.get("entity"),
+                     mode=os.environ.get("WANDB_MODE") or settings.get("mode") or "offline",
+                     group=settings.get("group") or sweep_group(task_name, sweep_dir), job_type="summary",
+                     name=f"{name}-summary", tags=list(settings.get("tags") or []), config=run_config,
+                     dir=str(sweep_dir))
+    failed = True
+    try:
+        table = out["table"]
+        record = {name: wandb.Table(columns=table["header"], data=table["rows"], allow_mixed_types=True)}
+        record.update({f"{name}_plot": wandb.Image(str(f)) for f in out["files"] if Path(f).suffix == ".png"})
+        run.log(record)
+        failed = False
+    finally:
+        run.finish(exit_code=1 if failed else 0)
+

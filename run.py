@@ -13,6 +13,8 @@ Bad input ends with one line `error: ...` on stderr and exit status 2.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,11 +22,13 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks import sweep_group
 from stem.cache import TensorCache
 from stem.editing.pipeline import edit_video
 from stem.errors import ConfigError, StemError
@@ -45,12 +49,17 @@ class NullLogger:
     def log_run(self, metrics: dict, run_dir: Path) -> None:
         pass
 
+    def tag(self, *tags: str) -> None:
+        pass
+
     def finish(self, failed: bool) -> None:
         pass
 
 
 class WandbLogger:
-    """One W&B run per job (offline by default), finished as failed when the job raises."""
+    """One W&B run per job (offline by default; WANDB_MODE in the environment overrides `mode`), tagged
+    with the job's method and data as soon as they are built (`tag`), finished as failed when the job raises.
+    `group` and `name` come from configs/logger/wandb.yaml, else from `job_tracking` (run.py's main)."""
 
     def __init__(self, project: str = "stem", entity: str | None = None, mode: str = "offline",
                  group: str | None = None, tags: list | tuple = (), name: str | None = None,
@@ -58,8 +67,12 @@ class WandbLogger:
         import wandb  # imported only when W&B is on
 
         self.wandb = wandb
-        self.run = wandb.init(project=project, entity=entity, mode=mode, group=group, tags=list(tags),
-                              name=name, config=run_config, dir=dir)
+        self.run = wandb.init(project=project, entity=entity, mode=os.environ.get("WANDB_MODE") or mode,
+                              group=group, tags=list(tags), name=name, config=run_config, dir=dir)
+
+    def tag(self, *tags: str) -> None:
+        """Add tags (kept once each, in order) to the run."""
+        self.run.tags = tuple(dict.fromkeys([*self.run.tags, *tags]))
 
     def log_run(self, metrics: dict, run_dir: Path) -> None:
         """Headline numbers as summary, per-frame values as a table, the run's videos and figures as media."""
@@ -93,20 +106,44 @@ def _build(group: str, node: DictConfig, **kwargs):
         raise
 
 
-def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
+def job_tracking(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
+    """The tracker run's group and name from Hydra's runtime (`HydraConfig.get()`), for `run_job`.
+
+    In a sweep every job is in the group `callbacks.sweep_group` (the summary run's too) and is named after
+    its swept overrides: those whose key the sweep's command line does not fix to one value (e.g.
+    "inversion=stem,data=wolf"; experiment-declared sweeps included). A single run is named after all its
+    overrides, or `task_name` without any. paths.* and logger* overrides (where results go) are left out."""
+    own = [o for o in hydra_cfg.overrides.task if re.split(r"[.=@]", o.lstrip("+~"))[0] not in ("paths", "logger")]
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {"name": ",".join(own) or cfg.task_name}
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    multirun = sweep_dir / "multirun.yaml"  # written by the sweeper before any job starts
+    parser = OverridesParser.create()
+    command_line = list(OmegaConf.load(multirun).hydra.overrides.task) if multirun.is_file() else []
+    fixed = {o.get_key_element() for o in parser.parse_overrides(command_line) if not o.is_sweep_override()}
+    swept = [text for text, o in zip(own, parser.parse_overrides(own)) if o.get_key_element() not in fixed]
+    return {"group": sweep_group(cfg.task_name, sweep_dir), "name": ",".join(swept or own) or cfg.task_name}
+
+
+def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) -> dict:
     """Build model, data, inversion, editing (if any) and metrics from `cfg`; reconstruct or edit the
-    video; write `run_dir`; return the metrics.json content."""
+    video; write `run_dir`; return the metrics.json content. `tracking`: the logger's `group` and `name`
+    where the config leaves them null (`job_tracking`); an explicit logger.group/logger.name wins."""
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     _check_missing(cfg)
     make_logger = _build("logger", cfg.logger, _partial_=True)  # a partial: the config is no node to instantiate
-    logger = make_logger(run_config=OmegaConf.to_container(cfg, resolve=True), dir=str(run_dir))
+    defaults = {k: v for k, v in (tracking or {}).items() if cfg.logger.get(k) is None}
+    logger = make_logger(run_config=OmegaConf.to_container(cfg, resolve=True), dir=str(run_dir), **defaults)
+    tag = getattr(logger, "tag", lambda *tags: None)  # a logger of your own may have no tag()
     failed = True
     try:
         method = _build("inversion", cfg.inversion)   # cheap objects first: bad settings fail fast
         editor = _build("editing", cfg.editing) if cfg.get("editing") is not None else None
+        tag(method.name, *([editor.name] if editor is not None else []))  # e.g. stem_k256, TokenFlow
         evaluator = _build("metrics", cfg.metrics)
         video = _build("data", cfg.data)
+        tag(video.name)
         if editor is not None:
             editor.check(video.num_frames)
         elif not cfg.reconstruct:
@@ -183,7 +220,8 @@ CONFIG_PATH = str(_REPO_CONFIGS) if (_REPO_CONFIGS / "config.yaml").is_file() el
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
-        run_job(cfg, HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        run_job(cfg, hydra_cfg.runtime.output_dir, job_tracking(cfg, hydra_cfg))
     except StemError as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

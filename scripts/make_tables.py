@@ -10,6 +10,12 @@ plot) and prints the markdown. A sweep launched from an experiment file carries 
 under `hydra.callbacks.sweep_table`: it is used unless options here override it. Otherwise
 columns default to the override keys that vary between jobs. Failed jobs are rows of
 "failed". Bad input: one line `error: ...` on stderr and exit status 2.
+
+`--wandb` also logs the table as the sweep's W&B summary run (callbacks.log_sweep_summary: job type
+"summary", the jobs' group, the sweep's config from multirun.yaml and the table's provenance), e.g.
+after a sweep in which a job failed (Hydra then skips the callback). W&B settings are the sweep's
+`logger=wandb` ones from multirun.yaml (else project "stem"), offline unless WANDB_MODE or the
+sweep's logger.mode says otherwise.
 """
 
 from __future__ import annotations
@@ -64,12 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="+", type=parse_metric, metavar="LABEL=PATH[:FMT]",
                         help="metrics as dotted paths into metrics.json "
                              "(default: those of stem.tables.DEFAULT_METRICS that the runs have)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the table as the sweep's W&B summary run (offline unless WANDB_MODE "
+                             "or the sweep's logger.mode say otherwise)")
     args = parser.parse_args(argv)
     try:
         spec = {"name": "table", **sweep_spec(args.sweep_dir)}
         spec.update({k: v for k, v in (("name", args.name), ("columns", args.columns), ("metrics", args.metrics))
                      if v})
+        if args.wandb:  # its config first: bad input fails before any file is written
+            from callbacks import log_sweep_summary, read_sweep_config  # run.py's neighbour (a top-level module)
+
+            sweep_config = read_sweep_config(args.sweep_dir)
         out = write_sweep_outputs(args.sweep_dir, **spec)
+        if args.wandb:
+            log_sweep_summary(args.sweep_dir, spec["name"], out, sweep_config)
     except StemError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
