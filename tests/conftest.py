@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,18 +60,29 @@ def run_cli(*overrides: str, cwd: Path = ROOT, env: dict | None = None, timeout:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def read_wandb_records(run_dir: Path) -> list:
-    """Records of the one offline W&B run under `run_dir`, parsed from its .wandb file.
+def read_wandb_records(run_dir: Path, timeout: float = 30.0) -> list:
+    """Records of the one offline W&B run under `run_dir`, once its exit record is on disk (W&B's
+    service writes the file after `run.finish()` returns, so a run finished in this process may
+    not be there yet; after `timeout` seconds, whatever is there)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        paths = list(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(paths) <= 1, f"more than one W&B run under {run_dir}: {paths}"
+        records = _parse_wandb_log(paths[0]) if paths else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            assert paths, f"no offline W&B run under {run_dir}"
+            return records
+        time.sleep(0.1)
 
-    The file is W&B's transaction log: a 7-byte header, then LevelDB-log framing (32 KiB
-    blocks; records of a 7-byte header: crc32, length, type FULL=1/FIRST=2/MIDDLE=3/LAST=4)
-    around protobuf `Record` messages.
-    """
+
+def _parse_wandb_log(path: Path) -> list:
+    """The records of a .wandb file: W&B's transaction log, a 7-byte header, then LevelDB-log
+    framing (32 KiB blocks; records of a 7-byte header: crc32, length, type
+    FULL=1/FIRST=2/MIDDLE=3/LAST=4) around protobuf `Record` messages."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
     data, block, pos, pending, records = path.read_bytes(), 32768, 7, b"", []
     while pos + 7 <= len(data):
         left = block - pos % block

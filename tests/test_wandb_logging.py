@@ -4,7 +4,6 @@ data, the summary run carries the sweep's config and the table's provenance, and
 `scripts/make_tables.py --wandb` logs a rebuilt table (a failed job included) as that summary run."""
 
 import json
-import time
 
 import pytest
 import yaml
@@ -19,20 +18,9 @@ TINY = [*FAST, "model=tiny", "data=synthetic", "data.n_frames=2", "data.width=64
         "inversion.num_steps=2", "reconstruct=false", "metrics.reconstruction=false", "logger=wandb"]
 
 
-def finished_records(folder, timeout=30.0):
-    """The records of the one W&B run under `folder`, once its exit record is on disk: W&B's service
-    writes the file after `run.finish()` returns, so a run finished in this process may not be there yet."""
-    deadline = time.monotonic() + timeout
-    while True:
-        records = read_wandb_records(folder) if list(folder.glob("wandb/offline-run-*/run-*.wandb")) else []
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.1)
-
-
 def run_record(folder):
     """The last state of the one W&B run under `folder` (tags are added after init: later records win)."""
-    runs = [r.run for r in finished_records(folder) if r.WhichOneof("record_type") == "run"]
+    runs = [r.run for r in read_wandb_records(folder) if r.WhichOneof("record_type") == "run"]
     return runs[-1]
 
 
@@ -42,7 +30,7 @@ def run_config(record) -> dict:
 
 def logged_table(folder, name):
     """The W&B table `name` logged by the run under `folder` (its table file), and its history entry."""
-    records = finished_records(folder)
+    records = read_wandb_records(folder)
     logged = {tuple(i.nested_key): json.loads(i.value_json) for r in records
               if r.WhichOneof("record_type") == "history" for i in r.history.item if i.nested_key}
     (run_dir,) = folder.glob("wandb/offline-run-*")
