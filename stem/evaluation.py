@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from stem.display import display_value
 from stem.errors import ConfigError, MetricError, check_choice
 from stem.metrics import ClipScorer, estimate_flow, reconstruction_metrics, warp_error
 from stem.metrics.clip_score import DEFAULT_MODEL, DEFAULT_PRETRAINED
@@ -191,7 +192,8 @@ class Evaluator:
                  run_dir: str | Path | None = None, timesteps: list[int] | None = None) -> dict:
         """Score `frames` (N, 3, H, W) in [0, 1], the output for `video`; see the module docstring.
 
-        `prompt`: the CLIP prompt (default the video's own); `label`: the method, for figure legends.
+        `prompt`: the CLIP prompt (default the video's own); `label`: the method (its config name, e.g.
+        "stem_k256"), shown by its display name in the figures' legends and titles.
         """
         out: dict = {}
         if self.reconstruction and references and frames is not None:
@@ -222,16 +224,18 @@ class Evaluator:
                    "mean": sum(kept) / len(kept) if kept else float("nan"), "flow_backend": self.source_flow(video)[2]}
         if run_dir is not None:
             run_dir = Path(run_dir)
+            method = display_value("inversion", label) if label else video.name
             x = timesteps if timesteps is not None and len(timesteps) == len(per_step) else None
-            plot_curves(run_dir / SIMILARITY_PLOT, {label or video.name: per_step}, x=x,
+            plot_curves(run_dir / SIMILARITY_PLOT, {method: per_step}, x=x,
                         xlabel="timestep t (inversion runs left to right)" if x else "inversion step",
                         ylabel="feature temporal similarity", title=f"{video.name}: {recorder.layer}")
             rows = {"input": video.frames[recorder.keep_frames]}
             for call in sorted(recorder.kept):
-                label = f"step {call + 1}" + (f" (t={timesteps[call]})" if x else "")
-                rows[label] = feature_pca(recorder.kept[call])
-            image_grid(run_dir / PCA_FIGURE, rows, [f"frame {f}" for f in recorder.keep_frames],
-                       title=f"{label or video.name}: PCA of {recorder.layer} features (3 components as RGB)")
+                step = f"step {call + 1}" + (f" (t={timesteps[call]})" if x else "")
+                rows[step] = feature_pca(recorder.kept[call])
+            numbers = video.frame_numbers  # 1-based in the source video, as in Fig. 4 and metrics.json
+            image_grid(run_dir / PCA_FIGURE, rows, [f"frame {numbers[f]}" for f in recorder.keep_frames],
+                       title=f"{method} on {video.name}: PCA of {recorder.layer} features (3 components as RGB)")
             section.update(plot=SIMILARITY_PLOT, pca=PCA_FIGURE)
         return section
 

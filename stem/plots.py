@@ -1,66 +1,145 @@
-"""Figures people look at: curves (feature similarity per inversion step, paper Fig. 9) and image
-grids (PCA of features, paper Fig. 6).
+"""Figures people look at: curves (a sweep's metric against its setting, paper Fig. 3 and Tables
+4/5; per-frame PSNR/SSIM, Fig. 4; feature similarity per inversion step, Fig. 9) and image grids
+(PCA of features, Fig. 6).
+
+    fig = curves_figure([Panel({"STEM (K=256)": [33.1, 32.9]}, x=[8, 16], ylabel="PSNR (dB)",
+                               points={"paper": ([8, 16], [32.702, 33.279])})],
+                        xlabel="frames", caption="model tiny, random weights: mechanics only")
+    save_png(fig, "table4_length.png")      # or plot_curves(path, curves, ...) in one call
 
 Matplotlib's object API without pyplot: no global figure state and no display backend, so it
 runs on headless cluster nodes. Every PNG is written under a temporary name and renamed.
+Axes never use an offset or scientific multiplier ("1e-5+7.8962"): a flat curve shows its
+values as they are. A caption (how the numbers were made) is drawn in small print below the axes.
 """
 
 from __future__ import annotations
 
+import math
+import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
 from stem.atomic import atomic_file
+from stem.display import display_column, display_value
+from stem.errors import TableError
 
 DPI = 120
+CAPTION_FONTSIZE = 6
+PAPER = "paper"  # legend entry of the paper's values
+MEASURED = "measured"  # legend entry of a sweep's single curve (no other column to name it)
+POINT_STYLE = {"linestyle": "none", "marker": "*", "markersize": 10, "color": "black", "zorder": 3}
+MAX_TICKS = 20  # integer x values up to this many distinct: one tick at each (frames, K, sizes)
+PLOT_KEYS = {"y", "x", "title", "xlabel", "ylabel", "paper_label", "paper_x"}
+
+
+@dataclass
+class Panel:
+    """One axes of a curves figure.
+
+    curves: {legend label: y values}; x: shared x values, {label: x values} per curve, or None
+    (1..len); points: {legend label: (xs, ys)} reference values drawn as markers only (the paper's).
+    """
+
+    curves: Mapping[str, Sequence[float]]
+    x: Sequence[float] | Mapping[str, Sequence[float] | None] | None = None
+    ylabel: str = ""
+    points: Mapping[str, tuple[Sequence[float], Sequence[float]]] = field(default_factory=dict)
 
 
 def save_png(fig: Figure, path: str | Path) -> Path:
-    """Write `fig` to `path` as PNG, atomically."""
+    """Write `fig` to `path` as PNG, atomically (the bounding box grows to hold the caption)."""
     path = Path(path)
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     return path
 
 
-def plot_curves(path: str | Path, curves: Mapping[str, Sequence[float]], x: Sequence[float] | None = None,
-                xlabel: str = "step", ylabel: str = "", title: str = "") -> Path:
-    """One line per entry of `curves` ({label: values}) against `x` (default 1..len), saved as PNG."""
-    if not curves or any(len(v) == 0 for v in curves.values()):
-        raise ValueError(f"plot {Path(path).name}: every curve needs at least one value, got "
-                         f"{ {k: len(v) for k, v in curves.items()} }")
-    fig = Figure(figsize=(6, 3.6))
-    ax = fig.add_subplot()
-    for label, values in curves.items():
-        xs = list(x) if x is not None else list(range(1, len(values) + 1))
-        ax.plot(xs[:len(values)], list(values), marker="o" if len(values) <= 20 else None, markersize=3, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+def add_caption(fig: Figure, caption: str = "") -> None:
+    """Draw `caption` in small print below everything else, wrapped to the figure's width."""
+    if not caption:
+        return
+    width = max(40, int(fig.get_figwidth() * 72 / (CAPTION_FONTSIZE * 0.55)))  # characters per line
+    text = "\n".join(textwrap.fill(line, width) or "" for line in str(caption).splitlines())
+    fig.text(0.01, 0.0, text, fontsize=CAPTION_FONTSIZE, color="0.25", ha="left", va="top")
+
+
+def _floats(values, what: str) -> list[float]:
+    try:
+        return [math.nan if v is None else float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: values must be numbers, got {list(values)[:5]}") from None
+
+
+def _curve_x(panel: Panel, label: str, n: int) -> list[float]:
+    xs = panel.x.get(label) if isinstance(panel.x, Mapping) else panel.x
+    if xs is None:
+        return list(range(1, n + 1))
+    if len(xs) < n:
+        raise ValueError(f"curve {label!r}: {n} values but only {len(xs)} x values")
+    return _floats(list(xs)[:n], f"x of curve {label!r}")
+
+
+def curves_figure(panels: Sequence[Panel], xlabel: str = "step", title: str = "", caption: str = "") -> Figure:
+    """A figure of line plots, one axes per panel (stacked, sharing x), the caption below."""
+    if not panels or any(not p.curves or any(len(v) == 0 for v in p.curves.values()) for p in panels):
+        raise ValueError(f"every curve needs at least one value, got "
+                         f"{[{k: len(v) for k, v in p.curves.items()} for p in panels]}")
+    fig = Figure(figsize=(6, 0.4 + 3.2 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels):
+        xs_all = []
+        for label, values in panel.curves.items():
+            xs = _curve_x(panel, label, len(values))
+            xs_all += xs
+            ax.plot(xs, _floats(values, f"curve {label!r}"), marker="o" if len(values) <= 20 else None, markersize=3,
+                    label=label)
+        for label, (pxs, pys) in panel.points.items():
+            pxs = _floats(pxs, f"points {label!r}")
+            xs_all += pxs
+            ax.plot(pxs, _floats(pys, f"points {label!r}"), label=label, **POINT_STYLE)
+        ticks = sorted({x for x in xs_all if math.isfinite(x)})
+        if 0 < len(ticks) <= MAX_TICKS and all(x == int(x) for x in ticks):
+            ax.set_xticks(ticks, [str(int(x)) for x in ticks])  # frame numbers, K, sizes: each one shown
+        else:
+            ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)  # never "1e-5+7.8962"
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[-1].set_xlabel(xlabel)
+    axes[0].set_title(title)
+    add_caption(fig, caption)
+    return fig
+
+
+def plot_curves(path: str | Path, curves: Mapping[str, Sequence[float]], x=None, xlabel: str = "step",
+                ylabel: str = "", title: str = "", caption: str = "", points=None) -> Path:
+    """One line per entry of `curves` ({label: values}) against `x` (default 1..len; or {label: x}),
+    `points` ({label: (xs, ys)}) as markers, `caption` in small print; saved as PNG."""
+    fig = curves_figure([Panel(curves, x, ylabel, points or {})], xlabel, title, caption)
     return save_png(fig, path)
 
 
-def image_grid(path: str | Path, rows: Mapping[str, torch.Tensor], col_labels: Sequence[str] | None = None,
-               title: str = "") -> Path:
-    """A grid of images: one row per entry of `rows` ({label: (F, 3, h, w) in [0, 1]}), saved as PNG.
+def grid_figure(rows: Mapping[str, torch.Tensor], col_labels: Sequence[str] | None = None, title: str = "",
+                caption: str = "") -> Figure:
+    """A grid of images: one row per entry of `rows` ({label: (F, 3, h, w) in [0, 1]}).
 
     Rows may differ in resolution (input frames beside feature maps); each image is shown at the
     same cell size with nearest-neighbour interpolation, so feature cells stay visible.
     """
     if not rows:
-        raise ValueError(f"image grid {Path(path).name}: no rows to draw")
+        raise ValueError("image grid: no rows to draw")
     cols = max(len(v) for v in rows.values())
     fig = Figure(figsize=(1.8 * cols + 0.6, 1.8 * len(rows) + 0.4))
     axes = fig.subplots(len(rows), cols, squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"image grid {Path(path).name}: row {label!r} must be (F, 3, h, w), got "
-                             f"{tuple(images.shape)}")
+            raise ValueError(f"image grid: row {label!r} must be (F, 3, h, w), got {tuple(images.shape)}")
         for c in range(cols):
             ax = axes[r][c]
             ax.set_xticks([])
@@ -76,4 +155,108 @@ def image_grid(path: str | Path, rows: Mapping[str, torch.Tensor], col_labels: S
                 ax.set_title(col_labels[c], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
+    add_caption(fig, caption)
+    return fig
+
+
+def image_grid(path: str | Path, rows: Mapping[str, torch.Tensor], col_labels: Sequence[str] | None = None,
+               title: str = "", caption: str = "") -> Path:
+    """`grid_figure(rows, col_labels, title, caption)` saved as PNG."""
+    try:
+        fig = grid_figure(rows, col_labels, title, caption)
+    except ValueError as e:
+        raise ValueError(f"{Path(path).name}: {e}") from None
     return save_png(fig, path)
+
+
+# ---- a sweep's figure (stem.tables.sweep_plot) ---------------------------------------------------
+def _legend(run: dict, columns: Sequence[str]) -> str:
+    """Display names of a run's column values ("STEM (K=256)"; an unnamed value as "Frames N=8")."""
+    parts = []
+    for column in columns:
+        value = run["overrides"].get(column)
+        shown = display_value(column, value, run.get("metrics"))
+        parts.append(shown if shown != display_value("", value) else f"{display_column(column)}={shown}")
+    return ", ".join(parts)
+
+
+def _as_list(value, n: int, what: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise TableError(f"plot spec: {what} has {len(values)} entries for {n} y paths; give one per y")
+    return values
+
+
+def _number(value, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TableError(f"{what}: {value!r} is not a number") from None
+
+
+def paper_points(paper: Mapping | None, label: str | None, columns: Sequence[str],
+                 paper_x: Mapping | None = None) -> dict[str, tuple[list[float], list[float]]]:
+    """The paper's values of metric `label` as {legend: (xs, ys)}, x the row key's first column value
+    (`paper_x` maps a row key to another x, e.g. {"120": 128}: the paper's N=128 beside our 120).
+    Values may be numbers or numeric strings; one series per value of the other columns."""
+    if not paper or not label:
+        return {}
+    series: dict[str, list[tuple[float, float]]] = {}
+    for key, values in paper.items():
+        if label not in (values or {}):
+            continue
+        key = str(key)
+        first, *rest = key.split("/")
+        x = _number((paper_x or {}).get(key, first), f"paper row {key!r}: x")
+        y = _number(values[label], f"paper row {key!r}: {label}")
+        run = {"overrides": dict(zip(columns[1:], rest)), "metrics": None}
+        name = ", ".join([PAPER, _legend(run, columns[1:])]) if rest and columns[1:] else PAPER
+        series.setdefault(name, []).append((x, y))
+    return {name: ([x for x, _ in sorted(pts)], [y for _, y in sorted(pts)]) for name, pts in series.items()}
+
+
+def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: str = "",
+                 paper: Mapping | None = None) -> Figure | None:
+    """The figure of a sweep (`stem.tables.collect_runs`), None when no run finished.
+
+    spec: {"y": dotted path into metrics.json, or a list of them (one panel each: Fig. 4's PSNR and
+    SSIM), "x": dotted path of per-frame/per-step x values (e.g. video.frame_numbers) or null,
+    "title", "xlabel", "ylabel" (one per y), "paper_label": the metric label of `paper` that y is
+    (one per y), "paper_x": {paper row key: x}}.
+    A list-valued y draws one curve per finished run, labelled with the display names of its column
+    values (Figs. 4, 9); a number draws one curve over the first column's values per value of the
+    other columns (Fig. 3, Tables 4 and 5), with the paper's values of `paper_label` as markers.
+    """
+    from stem.tables import _lookup, _sort_key
+
+    unknown = sorted(set(spec) - PLOT_KEYS)
+    if unknown:
+        raise TableError(f"plot spec: unknown key(s) {unknown}; known: {sorted(PLOT_KEYS)}")
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return None
+    ys = list(spec["y"]) if isinstance(spec["y"], (list, tuple)) else [spec["y"]]
+    ylabels = _as_list(spec.get("ylabel", ys), len(ys), "ylabel")
+    paper_labels = _as_list(spec.get("paper_label"), len(ys), "paper_label")
+    x = spec.get("x")
+    panels = []
+    for y, ylabel, paper_label in zip(ys, ylabels, paper_labels):
+        if isinstance(_lookup(ok[0]["metrics"], y), list):  # per frame / per step: the paper draws curves only
+            curves, xs = {}, {}
+            for run in ok:
+                label = _legend(run, columns) or str(run["job"])
+                curves[label] = _lookup(run["metrics"], y)
+                xs[label] = _lookup(run["metrics"], x) if x else None
+            panels.append(Panel(curves, xs, ylabel))
+            continue
+        first, rest = columns[0], columns[1:]
+        curves, xs = {}, {}
+        for run in sorted(ok, key=lambda r: _sort_key(r["overrides"].get(first))):
+            label = _legend(run, rest) or MEASURED
+            curves.setdefault(label, []).append(_lookup(run["metrics"], y))
+            xs.setdefault(label, []).append(run["overrides"].get(first))
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sum(xs.values(), []))
+        points = paper_points(paper, paper_label, columns, spec.get("paper_x")) if numeric else {}
+        panels.append(Panel(curves, xs if numeric else None, ylabel, points))
+    return curves_figure(panels, xlabel=spec.get("xlabel", x or (display_column(columns[0]) if columns else "")),
+                         title=spec.get("title", ""), caption=caption)

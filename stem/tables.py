@@ -218,36 +218,22 @@ def add_paper_columns(table: dict, n_columns: int, paper: dict) -> dict:
             "formats": table["formats"] + [fmts[lab] for lab in labels]}
 
 
-def sweep_plot(runs: list[dict], columns: list[str], spec: dict, path: str | Path) -> Path | None:
-    """The figure of a sweep as PNG (None when no run finished).
+def sweep_plot(runs: list[dict], columns: list[str], spec: dict, path: str | Path, caption: str = "",
+               paper: dict | None = None) -> Path | None:
+    """The figure of a sweep as PNG (None when no run finished): `stem.plots.sweep_figure`.
 
-    spec: {"y": dotted path, "x": dotted path (for per-step/per-frame lists) or null, "title", "xlabel",
-    "ylabel"}. A list-valued y draws one curve per finished run, labelled by its column values
-    (paper Figs. 4, 9); a number draws one curve over the first column's values, one per value
-    of the other columns (Fig. 3, Tables 4 and 5).
+    spec: {"y": dotted path or a list of them (one panel each), "x": dotted path (for per-step/per-frame
+    lists) or null, "title", "xlabel", "ylabel", "paper_label": the label of `paper` that y is,
+    "paper_x": {paper row key: x}}. A list-valued y draws one curve per finished run, labelled with
+    the display names of its column values (paper Figs. 4, 9); a number draws one curve over the
+    first column's values, one per value of the other columns (Fig. 3, Tables 4 and 5), with the
+    paper's values (`paper`: {row key: {metric label: value}}) as markers. `caption` is drawn in
+    small print below the axes.
     """
-    from stem.plots import plot_curves  # matplotlib only when a figure is asked for
+    from stem.plots import save_png, sweep_figure  # matplotlib only when a figure is asked for
 
-    ok = [r for r in runs if r["status"] == "ok"]
-    if not ok:
-        return None
-    y, x = spec["y"], spec.get("x")
-    curves, xs = {}, None
-    if isinstance(_lookup(ok[0]["metrics"], y), list):
-        for run in ok:
-            label = row_key([run["overrides"].get(c) for c in columns], len(columns)) or str(run["job"])
-            curves[label] = _lookup(run["metrics"], y)
-            xs = _lookup(run["metrics"], x) if x else None
-    else:
-        first, rest = columns[0], columns[1:]
-        ordered = sorted(ok, key=lambda r: _sort_key(r["overrides"].get(first)))
-        for run in ordered:
-            label = row_key([run["overrides"].get(c) for c in rest], len(rest)) or spec.get("ylabel", y)
-            curves.setdefault(label, []).append(_lookup(run["metrics"], y))
-        xs = [r["overrides"].get(first) for r in ordered]
-        xs = xs if all(isinstance(v, (int, float)) for v in xs) else None
-    return plot_curves(path, curves, x=xs, xlabel=spec.get("xlabel", x or (columns[0] if columns else "")),
-                       ylabel=spec.get("ylabel", y), title=spec.get("title", ""))
+    fig = sweep_figure(runs, columns, spec, caption=caption, paper=paper)
+    return None if fig is None else save_png(fig, path)
 
 
 def _text(value) -> str:

@@ -47,6 +47,9 @@ class Video:
         flow: `(N-1, 2, H, W)` forward flow `F_{t->t+1}` in pixels (channel 0 = x, 1 = y), such
             that `frame_{t+1}(p + F(p)) = frame_t(p)`; exact ground truth when known, else None.
         edit_prompt: a target prompt that goes with the clip (paper experiments), or None.
+        source_indices: 0-based position of each frame in the source (decode order of a file,
+            natural order of a folder) when frames were picked (start, stride, max_frames);
+            None: the frames are the source's 0..N-1. `frame_numbers` gives them 1-based.
     """
 
     frames: torch.Tensor
@@ -56,10 +59,16 @@ class Video:
     source: str = ""
     flow: torch.Tensor | None = None
     edit_prompt: str | None = None
+    source_indices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.frames.ndim != 4 or self.frames.shape[1] != 3:
             raise ValueError(f"Video.frames must be (N, 3, H, W), got {tuple(self.frames.shape)}")
+        if self.source_indices is not None:
+            self.source_indices = tuple(int(i) for i in self.source_indices)
+            if len(self.source_indices) != self.num_frames:
+                raise ValueError(f"Video.source_indices has {len(self.source_indices)} entries for "
+                                 f"{self.num_frames} frames")
         expected = (self.num_frames - 1, 2, self.height, self.width)
         if self.flow is not None and tuple(self.flow.shape) != expected:
             raise ValueError(f"Video.flow must be {expected}, got {tuple(self.flow.shape)}")
@@ -67,6 +76,13 @@ class Video:
     @property
     def num_frames(self) -> int:
         return self.frames.shape[0]
+
+    @property
+    def frame_numbers(self) -> list[int]:
+        """Each frame's number in the source video, 1-based as the paper numbers frames (frame 1 is
+        the source's first frame, e.g. 00000.png of a folder); metrics.json's `video.frame_numbers`."""
+        indices = self.source_indices if self.source_indices is not None else range(self.num_frames)
+        return [i + 1 for i in indices]
 
     @property
     def height(self) -> int:
@@ -319,15 +335,17 @@ def load_video(
                              f"(use n_frames <= {len(array)})")
         picked = evenly_spaced(len(array), n_frames)
         stride = int(picked[1] - picked[0]) if n_frames > 1 and len(set(np.diff(picked))) == 1 else None
-        array = array[picked]
+        array, indices = array[picked], start + picked
     else:
         array, file_fps = read_frames(path, start=start, stride=stride, n_frames=n_frames)
+        indices = start + stride * np.arange(len(array))
     if max_frames is not None:
         _check_int(max_frames, name="max_frames", minimum=1, fix="or set it to null to keep every selected frame")
         if len(array) > max_frames:
             logger.info("keeping %d of %d frames, spread evenly (max_frames=%d): %s", max_frames, len(array),
                         max_frames, path)
-            array, stride = array[evenly_spaced(len(array), max_frames)], None  # uneven picks: no stored flow
+            kept = evenly_spaced(len(array), max_frames)
+            array, indices, stride = array[kept], indices[kept], None  # uneven picks: no stored flow
     frames = from_uint8(array)
     native_height, native_width = array.shape[1:3]
     target = _target_size(native_width, native_height, width, height)
@@ -348,7 +366,7 @@ def load_video(
         flow = _load_flow(path, start=start, stride=stride, n_frames=len(frames), resized=resized, size=native)
     name = name or (path.name if path.is_dir() else path.stem)
     return Video(frames=frames, fps=float(fps), prompt=prompt, name=name, source=str(path), flow=flow,
-                 edit_prompt=edit_prompt)
+                 edit_prompt=edit_prompt, source_indices=tuple(indices.tolist()))
 
 
 # ----------------------------------------------------------------------------------------- writing
