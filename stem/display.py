@@ -20,6 +20,8 @@ _STEM_VARIANTS = {"stem": "STEM", "stem_literal": "STEM, Eq. 8-11 literal", "ste
 _INVERSIONS = {
     "ddim_1frame": "DDIM 1-frame",
     "ddim_2frame": "DDIM 2-frame",
+    "ddim_2frame_fatezero": "DDIM 2-frame",   # the method name of a run (its pairing appended)
+    "ddim_2frame_tuneavideo": "DDIM 2-frame, Tune-A-Video pairing",
     "ddim_allframe": "DDIM all-frame",
     "fatezero": "DDIM, FateZero attention",
 }

@@ -93,4 +93,5 @@ def camera_pan(
         f"dx={dx}, dy={dy} px/frame",
         flow=flow,
         edit_prompt=edit_prompt,
+        source_indices=tuple(int(t) for t in ts),
     )

@@ -17,3 +17,8 @@ def test_unknown_values_and_columns_pass_through():
     assert display_value("data.n_frames", 120) == "120"
     assert display_value("inversion", True) == "true"
     assert display_column("data.n_frames") == "Frames N" and display_column("seed") == "seed"
+
+
+def test_run_method_names_of_2frame_runs():
+    # bug caught: a run's own method name ("ddim_2frame_fatezero", the pairing appended) shown raw in titles
+    assert display_value("inversion", "ddim_2frame_fatezero") == display_value("inversion", "ddim_2frame")

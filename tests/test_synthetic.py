@@ -104,3 +104,14 @@ def test_flow_of_the_wrong_shape_is_an_error(tmp_path):
     np.save(folder / "flow.npy", np.zeros((3, 2, 16, 16), np.float32))  # 3 frames have 2 flows
     with pytest.raises(VideoError, match="flow.npy.*regenerate"):
         load_video(folder, prompt="p")
+
+
+def test_pan_records_which_pan_frames_it_kept():
+    """With max_frames, the kept frames' source indices are the pan times they were cut at (the figures
+    number frames by them). Bug caught: source_indices left out, so frame numbers read 1..N."""
+    kept = camera_pan(n_frames=9, width=64, height=64, dx=3, dy=0, max_frames=3)
+    full = camera_pan(n_frames=9, width=64, height=64, dx=3, dy=0)
+    assert full.source_indices == tuple(range(9))
+    assert len(kept.source_indices) == 3 and kept.source_indices[0] == 0 and kept.source_indices[-1] == 8
+    for frame, t in zip(kept.frames, kept.source_indices):   # each kept frame is the full pan's frame t
+        torch.testing.assert_close(frame, full.frames[t], rtol=0, atol=0)
