@@ -67,8 +67,7 @@ def _clips(metrics: list[dict]) -> str:
     """"car_turn (8 frames, 512x512), wolf (8 frames, 512x512)"; frames and sizes of one clip listed."""
     frames: dict[str, list] = {}
     sizes: dict[str, list] = {}
-    for m in metrics:
-        video = m.get("video") or {}
+    for video in (m["video"] for m in metrics if isinstance(m.get("video"), dict)):
         name, size = _clip(video)
         frames.setdefault(name, []).append(video.get("frames"))
         sizes.setdefault(name, []).append(size)
