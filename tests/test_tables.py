@@ -179,7 +179,8 @@ def caption_line(sweep, finished=2, jobs=2):
     rev = git_revision(ROOT)
     commit = f"{rev['commit'][:10]}{' (dirty)' if rev['dirty'] else ''}"
     return (f"Provenance: Model tiny (random weights: mechanics only), float32, on {device_name('cpu')} (cpu); "
-            f"clips: synthetic_pan (2 frames, 64x64); 5 DDIM steps; commit {commit}; {finished} of {jobs} jobs finished.")
+            f"clips: synthetic_pan (2 frames, 64x64); 5 DDIM steps; commit {commit}; "
+            f"{finished} of {jobs} jobs finished.")
 
 
 def expected_row(label, m):
@@ -272,11 +273,14 @@ def test_rows_follow_the_declared_sweep_not_the_alphabet(tmp_path):
 
 
 def test_without_a_declared_sweep_rows_follow_the_paper_keys(tmp_path):
-    """Mutation caught: the paper's key order ignored (alphabetical: ddim_allframe before ddim_2frame)."""
-    jobs = [([f"inversion={v}"], job_metrics(), "tiny", None) for v in ("ddim_allframe", "stem", "ddim_2frame")]
-    table = sweep_table(collect_runs(make_sweep(tmp_path, jobs)), ["inversion"], [("PSNR", "vs_input.psnr")],
-                        paper={"ddim_2frame": {"PSNR": "25.967"}, "ddim_allframe": {"PSNR": "26.464"}})
-    assert [r[0] for r in table["rows"]] == ["ddim_2frame", "ddim_allframe", "stem"]
+    """Table 2's paper order (FateZero, TokenFlow, STEM-FateZero, STEM-TokenFlow) for a sweep typed on the
+    command line. Mutation caught: the paper's key order ignored (alphabetical: tokenflow last)."""
+    paper = experiment_spec("table2_editing")[0]["paper"]
+    jobs = [([f"table2={v}"], job_metrics(), "tiny", None) for v in ("stem_tokenflow", "tokenflow", "fatezero",
+                                                                      "stem_fatezero", "zzz_extra")]
+    table = sweep_table(collect_runs(make_sweep(tmp_path, jobs)), ["table2"], [("PSNR", "vs_input.psnr")],
+                        paper={k: {"PSNR": "1"} for k in paper})
+    assert [r[0] for r in table["rows"]] == ["fatezero", "tokenflow", "stem_fatezero", "stem_tokenflow", "zzz_extra"]
 
 
 def test_stem_rows_name_the_k_each_run_used(tmp_path):
