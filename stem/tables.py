@@ -153,9 +153,9 @@ def sweep_order(params) -> dict[str, list]:
 
 
 def _paper_number(row: str, label: str, value) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     try:
+        if isinstance(value, bool):
+            raise ValueError
         return float(value)
     except (TypeError, ValueError):
         raise TableError(f"paper value {value!r} of {row!r} / {label!r} is not a number; write the paper's "
