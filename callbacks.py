@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from stem.errors import TableError
-from stem.tables import collect_runs, varying_keys, write_sweep_outputs
+from stem.tables import collect_runs, sweep_order, varying_keys, write_sweep_outputs
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,12 @@ def _plain(node):
 
 
 class SweepTableCallback(Callback):
-    """Table of a finished sweep: `<sweep dir>/<name>.md` and `.csv`, and a W&B table."""
+    """Table of a finished sweep: `<sweep dir>/<name>.md` (provenance caption, then the table), `.csv`,
+    the sidecar `<name>.json`, and a W&B table. Rows follow the order the sweep declares."""
 
     def __init__(self, name: str = "table", columns: list[str] | None = None, metrics: list | None = None,
                  average_over: list | None = None, paper: dict | None = None, plot: dict | None = None,
-                 ratio_to: str | None = None):
+                 ratio_to: str | None = None, paper_rows: dict | None = None):
         self.name = name
         self.columns = list(columns) if columns is not None else None
         self.metrics = [tuple(m) for m in metrics] if metrics is not None else None
@@ -53,6 +54,7 @@ class SweepTableCallback(Callback):
         self.paper = _plain(paper)
         self.plot = _plain(plot)
         self.ratio_to = ratio_to
+        self.paper_rows = _plain(paper_rows)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -64,8 +66,9 @@ class SweepTableCallback(Callback):
         if columns is None:  # the declared sweep first, then whatever else differs (command-line sweeps)
             swept = _swept_keys(config)
             columns = swept + [k for k in varying_keys(runs) if k not in swept]
+        order = sweep_order(_plain(OmegaConf.select(config, "hydra.sweeper.params")))  # rows in the declared order
         out = write_sweep_outputs(sweep_dir, self.name, columns, self.metrics, self.average_over, self.paper,
-                                  self.plot, self.ratio_to)
+                                  self.plot, self.ratio_to, order, self.paper_rows)
         log.info("sweep table of %d jobs -> %s\n%s", len(runs), out["files"][0], out["markdown"])
         if _wandb_settings(config):
             log_sweep_summary(sweep_dir, self.name, out, config)

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks import sweep_group
 from stem.cache import TensorCache
+from stem.device import device_name
 from stem.editing.pipeline import edit_video
 from stem.errors import ConfigError, StemError
 from stem.evaluation import inversion_reconstruction_sections, per_frame_columns, summary_scalars
@@ -156,7 +157,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) 
         cache = TensorCache(Path(cfg.paths.cache_dir) / "inversion") if cfg.use_cache else None
         recorder = evaluator.feature_recorder(model, video, method.num_steps)
         facts = {"inversion": method.settings(), "model": model.name, "model_fingerprint": model.fingerprint,
-                 "device": str(model.device), "dtype": str(model.dtype)}
+                 "device": str(model.device), "device_name": device_name(model.device), "dtype": str(model.dtype)}
         videos = {}
         if editor is None and not cfg.reconstruct:   # inversion only (Table 1 timing jobs): no sampling back
             inverted = invert_video(model, video, method, cache, cfg.prompt_overflow, cfg.progress, recorder,

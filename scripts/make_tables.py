@@ -4,11 +4,14 @@
     python scripts/make_tables.py <sweep dir> --name table6 --columns inversion,inversion.num_bases \
         --metrics "PSNR=vs_input.psnr:.3f" "SSIM=vs_input.ssim:.4f" "Method=method"
 
-Writes `<sweep dir>/<name>.md` and `.csv` (and `<name>.png` when the sweep's table spec has a
-plot) and prints the markdown. A sweep launched from an experiment file carries its table spec
-(name, columns, metrics, averaging, the paper's values, plot) in `<sweep dir>/multirun.yaml`
-under `hydra.callbacks.sweep_table`: it is used unless options here override it. Otherwise
-columns default to the override keys that vary between jobs. Failed jobs are rows of
+Writes `<sweep dir>/<name>.md` (the provenance caption line, then the table), `.csv`, the
+sidecar `<name>.json` (provenance fields and printed names), and `<name>.png` when the sweep's
+table spec has a plot; prints the markdown. A sweep launched from an experiment file carries its
+table spec (name, columns, metrics, averaging, the paper's values, plot) in
+`<sweep dir>/multirun.yaml` under `hydra.callbacks.sweep_table`, and its declared sweep
+(`hydra.sweeper.params`: the row order): both are used unless options here override them.
+Otherwise columns default to the override keys that vary between jobs. The provenance comes
+from the job folders (metrics.json, git.json, .hydra/config.yaml). Failed jobs are rows of
 "failed". Bad input: one line `error: ...` on stderr and exit status 2.
 
 `--wandb` also logs the table as the sweep's W&B summary run (callbacks.log_sweep_summary: job type
@@ -25,9 +28,9 @@ import sys
 from pathlib import Path
 
 from stem.errors import StemError, TableError
-from stem.tables import write_sweep_outputs
+from stem.tables import sweep_order, write_sweep_outputs
 
-SPEC_KEYS = ("name", "columns", "metrics", "average_over", "paper", "plot", "ratio_to")
+SPEC_KEYS = ("name", "columns", "metrics", "average_over", "paper", "plot", "ratio_to", "paper_rows")
 
 
 def sweep_spec(sweep_dir: str) -> dict:
@@ -49,6 +52,8 @@ def sweep_spec(sweep_dir: str) -> dict:
     swept = OmegaConf.select(cfg, "hydra.sweeper.params")
     if spec.get("columns") is None and swept:
         spec["columns"] = [str(k).lstrip("+") for k in swept]
+    if swept:  # rows in the order the sweep declares, as the callback orders them
+        spec["order"] = sweep_order(OmegaConf.to_container(swept, resolve=True))
     return {k: v for k, v in spec.items() if v is not None}
 
 

@@ -42,3 +42,29 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
 def setup_cpu() -> None:
     """Flush denormals: randomly initialised models produce them and run 2-3x slower otherwise."""
     torch.set_flush_denormal(True)
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    """The hardware behind `device`, as a reader of a table needs it: the GPU's name ("NVIDIA H200")
+    for CUDA, the processor's model name (from /proc/cpuinfo, else `platform`) for CPU; the
+    device type itself when nothing better is known."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return _cpu_name()
+    return device.type
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() in ("model name", "Hardware", "Processor") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"

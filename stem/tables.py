@@ -8,10 +8,14 @@ atomically at the very end: a job folder without it is a job that failed, or one
     table = sweep_table(runs, ["inversion"], DEFAULT_METRICS)
     print(to_markdown(table))
 
-A table is a dict: `header` (column keys, then metric labels), `rows` (raw values: override
-values parsed as YAML, metric values as floats, "failed" in every metric cell of a failed job)
-and `formats` (None for a column, the format spec of each metric). Markdown formats metrics
-with their spec (PSNR `.3f`, SSIM `.4f` by default, as the paper prints them); CSV keeps full precision.
+A table is a dict: `header` (column keys, then metric labels: the CSV's header), `labels` (the
+printed headers), `rows` (raw values: override values parsed as YAML, metric values as floats,
+"failed" in every metric cell of a failed job), `row_labels` (the printed column cells: the
+paper's method names, K of STEM rows from each run) and `formats` (None for a column, the format
+spec of each metric). Rows follow the paper's order (the sweep's declared order), each paper value
+sits right after its metric. Markdown formats metrics with their spec (PSNR `.3f`, SSIM `.4f` by
+default, as the paper prints them) and paper values as the config writes them; CSV keeps full
+precision. `write_sweep_outputs` adds the provenance caption (`stem.provenance`) and a sidecar JSON.
 """
 
 from __future__ import annotations
@@ -132,20 +136,88 @@ def default_metrics(runs: list[dict]) -> list[tuple]:
     return [m for m in DEFAULT_METRICS if any(_lookup(r, m[1]) is not None for r in ok)]
 
 
+def sweep_order(params) -> dict[str, list]:
+    """{key: [values in the order the sweep lists them]} from `hydra.sweeper.params` ({"inversion":
+    "ddim_1frame,stem", "data.n_frames": "8,16"}); a "+" is dropped from keys; sweeps written with
+    Hydra's functions (range(), choice(), glob()) give no order."""
+    order = {}
+    for key, value in (params or {}).items():
+        if isinstance(value, (list, tuple)):
+            order[str(key).lstrip("+")] = list(value)
+            continue
+        text = str(value)
+        if "(" in text:
+            continue
+        order[str(key).lstrip("+")] = [parse_overrides([f"v={v.strip()}"])["v"] for v in text.split(",")]
+    return order
+
+
+def _paper_number(row: str, label: str, value) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise TableError(f"paper value {value!r} of {row!r} / {label!r} is not a number; write the paper's "
+                         "number as a string, as printed (e.g. \"0.29\")") from None
+
+
+def paper_numbers(paper: dict | None) -> dict:
+    """The `paper` dict with every value a float ("0.80" -> 0.8), for plots and ratios."""
+    return {str(row): {label: _paper_number(str(row), label, v) for label, v in (values or {}).items()
+                       if v is not None} for row, values in (paper or {}).items()}
+
+
+def _ranker(columns: list[str], order: dict | None, paper: dict | None):
+    """Sort key of a row's column values: the sweep's declared order, then the order of the paper's
+    row keys, then the rest (numbers by value, text alphabetically)."""
+    declared = [[_text(v) for v in (order or {}).get(c, [])] for c in columns]
+    keys = [str(k).split("/") for k in (paper or {})]
+    in_paper = [list(dict.fromkeys(parts[i] for parts in keys if len(parts) == len(columns)))
+                for i in range(len(columns))]
+
+    def rank(cells: list) -> tuple:
+        out = []
+        for i, value in enumerate(cells):
+            text = _text(value)
+            if text in declared[i]:
+                out.append((0, declared[i].index(text), (0, 0, "")))
+            elif text in in_paper[i]:
+                out.append((1, in_paper[i].index(text), (0, 0, "")))
+            else:
+                out.append((2, 0, _sort_key(value)))
+        return tuple(out)
+
+    return rank
+
+
 def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over=(), paper=None,
-                ratio_to: str | None = None) -> dict:
+                ratio_to: str | None = None, order: dict | None = None, paper_rows: dict | None = None) -> dict:
     """Rows of `columns` (override keys) then `metrics` ((label, dotted path[, format[, scale]]) into
-    metrics.json; None: `default_metrics(runs)`), sorted by the column values; a failed run is a
-    row of "failed" cells.
+    metrics.json; None: `default_metrics(runs)`); a failed run is a row of "failed" cells.
+
+    Rows come in the paper's order: `order` ({column: [values]}, the order the sweep declares, see
+    `sweep_order`), then the order of the `paper` keys, then the remaining values (numbers by
+    value, text alphabetically), then by job.
 
     average_over: override keys (e.g. ["data"]) averaged out: one row per value of the other
         columns, each metric the mean over its runs, a "runs" column with their count, and
         "failed" cells when any of them failed (never a silently smaller average).
     paper: {row key: {metric label: value}} with row key the row's column values joined by "/"
-        (e.g. "stem_k128"); adds a "<label> (paper)" column after the metrics for each label given.
+        (e.g. "stem_k128"); puts a "<label> (paper)" column right after each metric the paper has.
+        A value written as a string ("0.29", "7.2") is printed as written, the paper's precision.
     ratio_to: a row key (e.g. "ddim_1frame"): adds "<first metric> ratio", each row's first metric
-        divided by that row's (paper Table 1's "x 1-frame").
+        divided by that row's (paper Table 1's "x 1-frame"), after the first metric (and its paper
+        column), and "<first metric> ratio (paper)" from the paper's values when it has them.
+    paper_rows: {row key: paper row key}: rows compared with a different row of the paper (Table 4:
+        {"120": "128"}, the clip's 120 frames beside the paper's N=128); the markdown says so.
+
+    The table: "header" (column keys and metric labels, the CSV's), "labels" (headers to print,
+    `stem.display.display_column`), "rows" (raw values), "row_labels" (the column cells to print,
+    `stem.display.display_value` with K from each run's metrics), "formats" (None for a column).
     """
+    from stem.display import display_column, display_value
+
     specs = [_metric_spec(m) for m in (default_metrics(runs) if metrics is None else metrics)]
     for label, _, fmt, _ in specs:
         try:
@@ -156,40 +228,77 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
     for label, path, _, _ in specs:
         if ok and all(_lookup(m, path) is None for m in ok):
             raise TableError(f"metric {label!r}: no metrics.json has {path!r} (top-level keys: {sorted(ok[0])})")
+    paper = {str(k): dict(v or {}) for k, v in (paper or {}).items()}
+    numbers = paper_numbers(paper)  # checks every value is a number
+    unknown = sorted({lab for v in paper.values() for lab in v} - {label for label, _, _, _ in specs})
+    if unknown:
+        raise TableError(f"paper values for {unknown}: not metric labels of the table "
+                         f"({[label for label, _, _, _ in specs]})")
+    paper_rows = {str(k): str(v) for k, v in (paper_rows or {}).items()}
     columns = [c for c in columns if c not in average_over]
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         key = tuple(repr(run["overrides"].get(c)) for c in columns)
         groups.setdefault(key if average_over else (run["job"],), []).append(run)
-    rows = []
+    rank = _ranker(columns, order, paper)
+    built = []
     for members in groups.values():
         cells = [members[0]["overrides"].get(c) for c in columns]
-        cells += [_combine([_value(r["metrics"], path, scale) if r["status"] == "ok" else FAILED for r in members])
+        values = [_combine([_value(r["metrics"], path, scale) if r["status"] == "ok" else FAILED for r in members])
                   for _, path, _, scale in specs]
-        if average_over:
-            cells.append(len(members))
-        rows.append((tuple(_sort_key(v) for v in cells[:len(columns)]), _sort_key(members[0]["job"]), cells))
-    rows.sort(key=lambda r: r[:2])
-    header = [*columns, *(label for label, _, _, _ in specs)] + (["runs"] if average_over else [])
-    formats = [None] * len(columns) + [fmt for _, _, fmt, _ in specs] + ([None] if average_over else [])
-    table = {"header": header, "rows": [r[2] for r in rows], "formats": formats}
-    if ratio_to is not None:
-        table = add_ratio_column(table, len(columns), ratio_to)
-    return add_paper_columns(table, len(columns), paper) if paper else table
+        done = [r["metrics"] for r in members if r["status"] == "ok"] or [None]
+        built.append((rank(cells), _sort_key(members[0]["job"]), cells, values, len(members), done[0]))
+    built.sort(key=lambda r: r[:2])
+
+    key_fmt = [None] * len(columns)
+    header, labels, formats = list(columns), [display_column(c) for c in columns], list(key_fmt)
+    getters = []  # one per non-key column: (row key, cells, metric values, runs) -> cell
+    ratio_ref = None
+    if ratio_to is not None and specs:
+        refs = [b[3][0] for b in built if row_key(b[2], len(columns)) == str(ratio_to)]
+        ratio_ref = refs[0] if refs and isinstance(refs[0], (int, float)) and refs[0] else None
+    for i, (label, _, fmt, _) in enumerate(specs):
+        header.append(label)
+        labels.append(label)
+        formats.append(fmt)
+        getters.append(lambda key, vals, i=i: vals[i])
+        if any(label in v for v in paper.values()):
+            header.append(f"{label} (paper)")
+            labels.append(f"{label} (paper)")
+            formats.append("")  # strings print as written; numbers as Python writes them
+            getters.append(lambda key, vals, label=label: paper.get(paper_rows.get(key, key), {}).get(label))
+        if i == 0 and ratio_to is not None:
+            header.append(f"{label} ratio")
+            labels.append(f"{label} ratio")
+            formats.append(".2f")
+            getters.append(lambda key, vals: _ratio(vals[0], ratio_ref))
+            ref_paper = numbers.get(str(ratio_to), {}).get(label)
+            if ref_paper:
+                header.append(f"{label} ratio (paper)")
+                labels.append(f"{label} ratio (paper)")
+                formats.append(".2f")
+                getters.append(lambda key, vals, label=label, ref=ref_paper:
+                               _ratio(numbers.get(paper_rows.get(key, key), {}).get(label), ref))
+    if average_over:
+        header.append("runs")
+        labels.append("runs")
+        formats.append(None)
+    rows, row_labels = [], []
+    for _, _, cells, values, n_runs, run_metrics in built:
+        key = row_key(cells, len(columns))
+        rows.append(cells + [get(key, values) for get in getters] + ([n_runs] if average_over else []))
+        shown = [display_value(c, v, run_metrics) for c, v in zip(columns, cells)]
+        if shown and key in paper_rows and paper_rows[key] != key:
+            shown[-1] += f" (paper: {paper_rows[key]})"
+        row_labels.append(shown)
+    return {"header": header, "labels": labels, "rows": rows, "row_labels": row_labels, "formats": formats}
 
 
-def add_ratio_column(table: dict, n_columns: int, ratio_to: str) -> dict:
-    """Append "<first metric> ratio": each row's first metric over that of the row keyed `ratio_to`."""
-    first = n_columns
-    refs = [row[first] for row in table["rows"] if row_key(row, n_columns) == ratio_to]
-    ref = refs[0] if refs and isinstance(refs[0], (int, float)) and refs[0] else None
-
-    def ratio(value):
-        return value / ref if ref is not None and isinstance(value, (int, float)) else FAILED if value == FAILED \
-            else None
-
-    return {"header": table["header"] + [f"{table['header'][first]} ratio"],
-            "rows": [row + [ratio(row[first])] for row in table["rows"]], "formats": table["formats"] + [".2f"]}
+def _ratio(value, ref):
+    if value == FAILED:
+        return FAILED
+    return value / ref if ref is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
 
 
 def _combine(values: list):
@@ -206,18 +315,6 @@ def row_key(cells: list, n_columns: int) -> str:
     return "/".join(_text(v) for v in cells[:n_columns])
 
 
-def add_paper_columns(table: dict, n_columns: int, paper: dict) -> dict:
-    """Append "<label> (paper)" columns with the paper's values of each row (blank where it has none)."""
-    labels = [h for h in table["header"][n_columns:] if any(h in (v or {}) for v in paper.values())]
-    unknown = sorted({lab for v in paper.values() for lab in (v or {})} - set(table["header"]))
-    if unknown:
-        raise TableError(f"paper values for {unknown}: not metric labels of the table ({table['header'][n_columns:]})")
-    fmts = dict(zip(table["header"], table["formats"]))
-    rows = [row + [(paper.get(row_key(row, n_columns)) or {}).get(lab) for lab in labels] for row in table["rows"]]
-    return {"header": table["header"] + [f"{lab} (paper)" for lab in labels], "rows": rows,
-            "formats": table["formats"] + [fmts[lab] for lab in labels]}
-
-
 def sweep_plot(runs: list[dict], columns: list[str], spec: dict, path: str | Path, caption: str = "",
                paper: dict | None = None) -> Path | None:
     """The figure of a sweep as PNG (None when no run finished): `stem.plots.sweep_figure`.
@@ -228,7 +325,8 @@ def sweep_plot(runs: list[dict], columns: list[str], spec: dict, path: str | Pat
     the display names of its column values (paper Figs. 4, 9); a number draws one curve over the
     first column's values, one per value of the other columns (Fig. 3, Tables 4 and 5), with the
     paper's values (`paper`: {row key: {metric label: value}}) as markers. `caption` is drawn in
-    small print below the axes.
+    small print below the axes (the sweep's provenance line, `stem.provenance`); `paper` values are
+    floats (`paper_numbers`).
     """
     from stem.plots import save_png, sweep_figure  # matplotlib only when a figure is asked for
 
@@ -245,21 +343,26 @@ def _text(value) -> str:
 
 
 def _cell(value, fmt: str | None) -> str:
-    if fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if fmt is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
         return format(value, fmt)
     return _text(value).replace("|", "\\|")
 
 
 def to_markdown(table: dict) -> str:
-    """A GitHub table; metric columns right-aligned and formatted with their spec."""
-    lines = ["| " + " | ".join(table["header"]) + " |",
-             "|" + "|".join("---:" if fmt else "---" for fmt in table["formats"]) + "|"]
-    lines += ["| " + " | ".join(_cell(v, f) for v, f in zip(row, table["formats"])) + " |" for row in table["rows"]]
+    """A GitHub table with the printed names (`labels`, `row_labels`) where the table has them;
+    metric columns right-aligned and formatted with their spec, paper values as the paper prints them."""
+    n = len(table.get("row_labels", [[]])[0]) if table.get("row_labels") else 0
+    lines = ["| " + " | ".join(_cell(h, None) for h in table.get("labels", table["header"])) + " |",
+             "|" + "|".join("---" if fmt is None else "---:" for fmt in table["formats"]) + "|"]
+    for i, row in enumerate(table["rows"]):
+        cells = [*table["row_labels"][i], *row[n:]] if n else row
+        lines.append("| " + " | ".join(_cell(v, f) for v, f in zip(cells, table["formats"])) + " |")
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: dict) -> str:
-    """The same table as CSV, values at full precision ("inf" stays "inf")."""
+    """The same table as CSV with config keys and metric labels as header, values at full precision
+    ("inf" stays "inf"), paper values as written; the printed names are in the sidecar JSON."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(table["header"])
@@ -267,13 +370,29 @@ def to_csv(table: dict) -> str:
     return out.getvalue()
 
 
-def write_tables(table: dict, directory: str | Path, name: str) -> tuple[Path, Path]:
-    """Write `<directory>/<name>.md` and `.csv` atomically; return both paths."""
-    md, csv_path = Path(directory) / f"{name}.md", Path(directory) / f"{name}.csv"
-    for path, text in ((md, to_markdown(table)), (csv_path, to_csv(table))):
-        with atomic_file(path) as tmp:
-            tmp.write_text(text)
-    return md, csv_path
+def _write(path: Path, text: str) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def write_tables(table: dict, directory: str | Path, name: str, provenance: dict | None = None) -> tuple[Path, ...]:
+    """Write `<directory>/<name>.md` and `.csv` atomically, and with `provenance` (`stem.provenance`)
+    its caption line above the markdown table and the sidecar `<name>.json`; return the paths."""
+    directory = Path(directory)
+    caption = f"Provenance: {provenance['caption']}\n\n" if provenance else ""
+    paths = (_write(directory / f"{name}.md", caption + to_markdown(table)),
+             _write(directory / f"{name}.csv", to_csv(table)))
+    if provenance is not None:
+        paths += (_write(directory / f"{name}.json", json.dumps(sidecar(table, provenance), indent=2) + "\n"),)
+    return paths
+
+
+def sidecar(table: dict, provenance: dict) -> dict:
+    """What `<name>.json` holds: the provenance fields, and under "display" the printed header of
+    each CSV column and the printed column cells of each row (CSV row order)."""
+    return {**provenance, "display": {"columns": dict(zip(table["header"], table.get("labels", table["header"]))),
+                                      "rows": table.get("row_labels", [])}}
 
 
 def _runs(sweep_dir) -> list[dict]:
@@ -285,14 +404,21 @@ def _runs(sweep_dir) -> list[dict]:
 
 def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: list[str] | None = None,
                         metrics=None, average_over=(), paper=None, plot: dict | None = None,
-                        ratio_to: str | None = None) -> dict:
-    """Build the table of `sweep_dir`, write `<name>.md`, `.csv` and, with a `plot` spec, `<name>.png`
-    into it; return {"table", "markdown", "files"}."""
+                        ratio_to: str | None = None, order: dict | None = None,
+                        paper_rows: dict | None = None) -> dict:
+    """Build the table of `sweep_dir` (see `sweep_table`) and its provenance (`stem.provenance`),
+    write `<name>.md` (caption line, then the table), `.csv`, the sidecar `<name>.json` and, with
+    a `plot` spec, `<name>.png` into it; return {"table", "markdown" (the .md text), "files",
+    "provenance" (a plain dict, "caption" its line)}."""
+    from stem.provenance import sweep_provenance
+
     runs = _runs(sweep_dir)
     columns = varying_keys(runs) if columns is None else list(columns)
-    table = sweep_table(runs, columns, metrics, average_over, paper, ratio_to)
-    files = list(write_tables(table, sweep_dir, name))
+    table = sweep_table(runs, columns, metrics, average_over, paper, ratio_to, order, paper_rows)
+    provenance = sweep_provenance(runs)
+    files = list(write_tables(table, sweep_dir, name, provenance))
     if plot:
-        png = sweep_plot(runs, [c for c in columns if c not in average_over], plot, Path(sweep_dir) / f"{name}.png")
+        png = sweep_plot(runs, [c for c in columns if c not in average_over], plot, Path(sweep_dir) / f"{name}.png",
+                         caption=provenance["caption"], paper=paper_numbers(paper) if paper else None)
         files += [png] if png else []
-    return {"table": table, "markdown": to_markdown(table), "files": files}
+    return {"table": table, "markdown": files[0].read_text(), "files": files, "provenance": provenance}

@@ -37,7 +37,8 @@ def test_two_job_sweep_through_submitit_completes_and_aggregates(tmp_path):
     jobs = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
     assert [j["method"] for j in jobs] == ["ddim_1frame", "ddim_2frame_fatezero"]
     lines = (sweep / "debug.md").read_text().splitlines()
-    assert lines[2].startswith("| ddim_1frame | ") and lines[3].startswith("| ddim_2frame | ") and len(lines) == 4
+    assert lines[0].startswith("Provenance: Model tiny (random weights: mechanics only), ") and lines[1] == ""
+    assert lines[4].startswith("| DDIM 1-frame | ") and lines[5].startswith("| DDIM 2-frame | ") and len(lines) == 6
     assert list((sweep / ".submitit").iterdir())  # the jobs really went through submitit
 
 

@@ -75,6 +75,7 @@ def test_table1_times_every_inversion_with_the_ratio_to_one_frame(tmp_path):
     rows = {r["inversion"]: r for r in read_table(tmp_path, "table1_time")}
     assert float(rows["ddim_1frame"]["Minutes ratio"]) == 1.0 and float(rows["stem_k128"]["Minutes"]) > 0
     assert rows["stem_k128"]["Minutes (paper)"] == "1.02" and float(rows["stem_k128"]["Peak MiB"]) >= 0
+    assert float(rows["stem_k128"]["Minutes ratio (paper)"]) == pytest.approx(1.02 / 0.80)  # the paper's x 1-frame
     assert float(rows["stem_k128"]["s / frame"]) * 8 / 60 == pytest.approx(float(rows["stem_k128"]["Minutes"]))
 
 
@@ -100,7 +101,7 @@ def test_table2_edits_with_every_method_and_averages_clips(tmp_path):
 def test_fig4_and_fig9_draw_per_frame_and_per_step_curves(tmp_path):
     sweep(tmp_path / "f4", "fig4_per_frame", *FIT_256)
     rows = read_table(tmp_path / "f4", "fig4_per_frame")
-    assert [r["fig4"] for r in rows] == ["ddim_i", "ddim_ii", "stem_i", "stem_ii"]
+    assert [r["fig4"] for r in rows] == ["ddim_i", "stem_i", "ddim_ii", "stem_ii"]  # the order the sweep declares
     # each job ran its row's pair (metrics.json's method label): before, the sweep's inversion=ddim_1frame
     # replaced fatezero_reconstruct's inversion=fatezero, so "FateZero" ran on 1-frame DDIM latents
     ran = {}

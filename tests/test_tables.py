@@ -10,11 +10,13 @@ import pytest
 import yaml
 from conftest import FAST, ROOT, read_wandb_records, run_cli
 from omegaconf import OmegaConf
+from test_provenance import job_metrics, make_sweep
 
 from stem.errors import TableError
 from stem.tables import (
     DEFAULT_METRICS,
     collect_runs,
+    sweep_order,
     sweep_table,
     to_csv,
     to_markdown,
@@ -39,13 +41,16 @@ JOBS = {
 }
 
 MARKDOWN = """\
-| inversion | inversion.num_bases | PSNR | SSIM | PSNR vs VAE | SSIM vs VAE |
+| Inversion | K | PSNR | SSIM | PSNR vs VAE | SSIM vs VAE |
 |---|---|---:|---:|---:|---:|
-| ddim_1frame |  | 22.500 | 0.7500 | 30.000 | 0.9000 |
-| stem | 64 | inf | 1.0000 | inf | 1.0000 |
-| stem | 128 | failed | failed | failed | failed |
-| stem | 256 | 24.123 | 0.8137 | 41.000 | 0.9988 |
+| DDIM 1-frame |  | 22.500 | 0.7500 | 30.000 | 0.9000 |
+| STEM | 64 | inf | 1.0000 | inf | 1.0000 |
+| STEM | 128 | failed | failed | failed | failed |
+| STEM | 256 | 24.123 | 0.8137 | 41.000 | 0.9988 |
 """
+# what write_sweep_outputs puts above it for these job folders (no git.json, no config: facts unknown)
+CAPTION = ("Provenance: Model unknown, unknown, on unknown (device name not recorded); clips: unknown; "
+           "unknown DDIM steps; commit unknown; 3 of 4 jobs finished.\n\n")
 
 CSV = """\
 inversion,inversion.num_bases,PSNR,SSIM,PSNR vs VAE,SSIM vs VAE
@@ -117,9 +122,9 @@ def test_metric_spec_takes_any_dotted_path_and_format(sweep):
 
 
 def test_write_sweep_outputs_writes_markdown_and_csv(sweep):
-    md, csv_path = write_sweep_outputs(sweep, "table6", columns=["inversion", "inversion.num_bases"])["files"]
-    assert (md, csv_path) == (sweep / "table6.md", sweep / "table6.csv")
-    assert md.read_text() == MARKDOWN and csv_path.read_text() == CSV
+    md, csv_path, side = write_sweep_outputs(sweep, "table6", columns=["inversion", "inversion.num_bases"])["files"]
+    assert (md, csv_path, side) == (sweep / "table6.md", sweep / "table6.csv", sweep / "table6.json")
+    assert md.read_text() == CAPTION + MARKDOWN and csv_path.read_text() == CSV
     assert sorted(p.name for p in sweep.iterdir() if p.name.startswith(".")) == []  # no temporary files left
 
 
@@ -136,8 +141,7 @@ def test_callback_puts_the_declared_sweep_first(sweep):
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}, "sweeper": {"params": {
         "inversion.num_bases": "64,128,256"}}}, "logger": {"_target_": "run.NullLogger"}})
     SweepTableCallback(name="t").on_multirun_end(config)
-    assert (sweep / "t.md").read_text().splitlines()[0] == ("| inversion.num_bases | inversion | PSNR | SSIM | "
-                                                            "PSNR vs VAE | SSIM vs VAE |")
+    assert (sweep / "t.md").read_text().splitlines()[2] == "| K | Inversion | PSNR | SSIM | PSNR vs VAE | SSIM vs VAE |"
 
 
 def make_tables(*args):
@@ -149,12 +153,12 @@ def make_tables(*args):
 def test_cli_prints_and_writes_the_table(sweep):
     proc = make_tables(sweep)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == MARKDOWN and (sweep / "table.md").read_text() == MARKDOWN
+    assert proc.stdout == CAPTION + MARKDOWN and (sweep / "table.md").read_text() == CAPTION + MARKDOWN
     assert (sweep / "table.csv").read_text() == CSV
     proc = make_tables(sweep, "--name", "k", "--columns", "inversion.num_bases", "--metrics", "SSIM=vs_vae.ssim:.2f")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["| inversion.num_bases | SSIM |", "|---|---:|", "| 64 | 1.00 |",
-                                        "| 128 | failed |", "| 256 | 1.00 |", "|  | 0.90 |"]
+    assert proc.stdout == CAPTION + "\n".join(["| K | SSIM |", "|---|---:|", "| 64 | 1.00 |", "| 128 | failed |",
+                                               "| 256 | 1.00 |", "|  | 0.90 |"]) + "\n"
 
 
 def test_cli_on_a_folder_without_jobs_fails_with_one_line(tmp_path):
@@ -167,6 +171,18 @@ def test_cli_on_a_folder_without_jobs_fails_with_one_line(tmp_path):
 TINY = [*FAST, "data.n_frames=2", "data.width=64", "data.height=64"]  # about 2 s per job
 
 
+def caption_line(sweep, finished=2, jobs=2):
+    """The provenance line of a real tiny CPU sweep, from stem.device and git independently of stem.provenance."""
+    from stem.device import device_name
+    from stem.rundir import git_revision
+
+    rev = git_revision(ROOT)
+    commit = f"{rev['commit'][:10]}{' (dirty)' if rev['dirty'] else ''}"
+    return (f"Provenance: Model tiny (random weights: mechanics only), float32, on {device_name('cpu')} (cpu); "
+            f"clips: synthetic_pan (2 frames, 64x64); 5 DDIM steps; commit {commit}; "
+            f"{finished} of {jobs} jobs finished.")
+
+
 def expected_row(label, m):
     return (f"| {label} | {m['vs_input']['psnr']:.3f} | {m['vs_input']['ssim']:.4f} | {m['vs_vae']['psnr']:.3f} "
             f"| {m['vs_vae']['ssim']:.4f} |")
@@ -176,8 +192,8 @@ def check_two_job_table(sweep):
     """The table the callback wrote (task_name `debug` from debug=fast) against the jobs' metrics."""
     jobs = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
     assert (sweep / "debug.md").read_text().splitlines() == [
-        "| inversion | PSNR | SSIM | PSNR vs VAE | SSIM vs VAE |", "|---|---:|---:|---:|---:|",
-        expected_row("ddim_1frame", jobs[0]), expected_row("ddim_2frame", jobs[1])]
+        caption_line(sweep), "", "| Inversion | PSNR | SSIM | PSNR vs VAE | SSIM vs VAE |", "|---|---:|---:|---:|---:|",
+        expected_row("DDIM 1-frame", jobs[0]), expected_row("DDIM 2-frame", jobs[1])]
 
 
 def test_multirun_writes_the_sweep_table(tmp_path):
@@ -219,6 +235,155 @@ def test_a_failed_job_does_not_stop_the_sweep_and_shows_as_failed(tmp_path):
     job = json.loads((sweep / "1" / "metrics.json").read_text())
     proc = make_tables(sweep)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["| data.width | PSNR | SSIM | PSNR vs VAE | SSIM vs VAE |",
-                                        "|---|---:|---:|---:|---:|", expected_row("64", job),
+    assert proc.stdout.splitlines() == [caption_line(sweep, 1), "", "| Resolution | PSNR | SSIM | PSNR vs VAE | "
+                                        "SSIM vs VAE |", "|---|---:|---:|---:|---:|", expected_row("64", job),
                                         "| 250 | failed | failed | failed | failed |"]
+
+
+# ------------------------------------------------------------------ the paper's layout (hand-written sweeps)
+
+def experiment_spec(name):
+    """The sweep_table spec and declared sweep of configs/experiment/<name>.yaml (the file as written)."""
+    hydra = yaml.safe_load((ROOT / "configs" / "experiment" / f"{name}.yaml").read_text())["hydra"]
+    return hydra["callbacks"]["sweep_table"], hydra["sweeper"]["params"]
+
+
+def md_lines(out):
+    """The markdown table of write_sweep_outputs' output, without the caption."""
+    lines = out["markdown"].splitlines()
+    assert lines[0] == f"Provenance: {out['provenance']['caption']}" and lines[1] == ""
+    return lines[2:]
+
+
+def test_rows_follow_the_declared_sweep_not_the_alphabet(tmp_path):
+    """Mutation caught: rows sorted by value (ddim_1frame, ddim_allframe, stem, stem_official) again, or
+    undeclared values put first / in job order."""
+    jobs = [([f"inversion={v}"], job_metrics(), "tiny", None)
+            for v in ("stem_official", "stem", "ddim_allframe", "ddim_1frame", "fatezero")]
+    params = {"inversion": "ddim_1frame,ddim_allframe,stem"}
+    root = make_sweep(tmp_path, jobs, params=params, spec={"name": "t", "columns": ["inversion"]})
+    order = sweep_order(params)
+    assert order == {"inversion": ["ddim_1frame", "ddim_allframe", "stem"]}
+    out = write_sweep_outputs(root, "t", ["inversion"], [("PSNR", "vs_input.psnr", ".3f")], order=order)
+    assert [r[0] for r in out["table"]["rows"]] == ["ddim_1frame", "ddim_allframe", "stem", "fatezero",
+                                                    "stem_official"]  # declared, then the rest alphabetically
+    assert [line.split(" | ")[0] for line in md_lines(out)[2:]] == [
+        "| DDIM 1-frame", "| DDIM all-frame", "| STEM", "| DDIM, FateZero attention", "| STEM, released code"]
+    assert sweep_order({"+data.n_frames": "8,16,120", "seed": "range(3)"}) == {"data.n_frames": [8, 16, 120]}
+
+
+def test_without_a_declared_sweep_rows_follow_the_paper_keys(tmp_path):
+    """Table 2's paper order (FateZero, TokenFlow, STEM-FateZero, STEM-TokenFlow) for a sweep typed on the
+    command line. Mutation caught: the paper's key order ignored (alphabetical: tokenflow last)."""
+    paper = experiment_spec("table2_editing")[0]["paper"]
+    jobs = [([f"table2={v}"], job_metrics(), "tiny", None) for v in ("stem_tokenflow", "tokenflow", "fatezero",
+                                                                      "stem_fatezero", "zzz_extra")]
+    table = sweep_table(collect_runs(make_sweep(tmp_path, jobs)), ["table2"], [("PSNR", "vs_input.psnr")],
+                        paper={k: {"PSNR": "1"} for k in paper})
+    assert [r[0] for r in table["rows"]] == ["fatezero", "tokenflow", "stem_fatezero", "stem_tokenflow", "zzz_extra"]
+
+
+def test_stem_rows_name_the_k_each_run_used(tmp_path):
+    """Mutation caught: display names taken from the config name alone, so `inversion=stem
+    inversion.num_bases=128` reads as the preset's K=256 (or shows no K)."""
+    stem = {"method": "stem", "num_bases": 128}
+    root = make_sweep(tmp_path, [(["inversion=stem", "inversion.num_bases=128"], job_metrics(inversion=stem), "tiny",
+                                  None),
+                                 (["inversion=stem_k512"], job_metrics(inversion={**stem, "num_bases": 512}), "tiny",
+                                  None),
+                                 (["inversion=ddim_1frame"], job_metrics(), "tiny", None)])
+    out = write_sweep_outputs(root, "t", ["inversion"], [("PSNR", "vs_input.psnr", ".3f")],
+                              order={"inversion": ["ddim_1frame", "stem", "stem_k512"]})
+    assert md_lines(out) == ["| Inversion | PSNR |", "|---|---:|", "| DDIM 1-frame | 30.000 |",
+                             "| STEM (K=128) | 30.000 |", "| STEM (K=512) | 30.000 |"]
+    assert (root / "t.csv").read_text().splitlines()[1:] == ["ddim_1frame,30.0", "stem,30.0", "stem_k512,30.0"]
+    side = json.loads((root / "t.json").read_text())
+    assert side["display"] == {"columns": {"inversion": "Inversion", "PSNR": "PSNR"},
+                               "rows": [["DDIM 1-frame"], ["STEM (K=128)"], ["STEM (K=512)"]]}
+    assert {k: v for k, v in side.items() if k != "display"} == out["provenance"]
+
+
+def test_paper_values_sit_beside_their_metric_at_the_papers_precision(tmp_path):
+    """Table 2's spec as the config writes it. Mutations caught: "(paper)" columns appended at the far
+    right; paper values formatted with our spec ("0.2900", "7.20"); a paper value that is no number accepted."""
+    spec, params = experiment_spec("table2_editing")
+    edit = {"clip": {"clip_score": 0.3123456, "frame_consistency": 0.9}, "warp_error": {"warp_error": 5.0,
+                                                                                        "backend": "exact"}}
+    jobs = [([f"table2={row}", f"data={clip}"], job_metrics(**edit), "tiny", None)
+            for row in ("stem_tokenflow", "fatezero") for clip in ("car_turn", "wolf")]
+    root = make_sweep(tmp_path, jobs, params=params, spec=spec)
+    out = write_sweep_outputs(root, spec["name"], spec["columns"], [tuple(m) for m in spec["metrics"]],
+                              spec["average_over"], spec["paper"], order=sweep_order(params))
+    assert out["table"]["header"] == ["table2", "CLIP score", "CLIP score (paper)", "Warp error x1e-3",
+                                      "Warp error x1e-3 (paper)", "Flow", "CLIP consistency", "runs"]
+    assert md_lines(out) == [
+        "| Method | CLIP score | CLIP score (paper) | Warp error x1e-3 | Warp error x1e-3 (paper) | Flow | "
+        "CLIP consistency | runs |", "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| FateZero | 0.3123 | 0.29 | 5.00 | 7.2 | exact | 0.9000 | 2 |",
+        "| STEM-TokenFlow | 0.3123 | 0.31 | 5.00 | 3.5 | exact | 0.9000 | 2 |"]
+    assert (root / "table2_editing.csv").read_text().splitlines()[1] == "fatezero,0.3123456,0.29,5.0,7.2,exact,0.9,2"
+    with pytest.raises(TableError, match="paper value 'n/a' of 'fatezero' / 'CLIP score' is not a number"):
+        sweep_table(collect_runs(root), ["table2"], [("CLIP score", "clip.clip_score")], ["data"],
+                    {"fatezero": {"CLIP score": "n/a"}})
+
+
+def test_table1_prints_the_papers_ratio_to_one_frame_beside_ours(tmp_path):
+    """Table 1's spec as the config writes it. Mutations caught: the paper's ratio taken from our
+    minutes (or ours from the paper's), divided by the wrong row, or missing."""
+    spec, params = experiment_spec("table1_time")
+    minutes = {"ddim_1frame": 2.0, "ddim_2frame": 3.0, "stem": 4.5}
+    stem = {"method": "stem", "num_bases": 256}
+    jobs = [([f"inversion={k}"], job_metrics(seconds={"inversion": 60 * v, "inversion_per_frame": v},
+                                             inversion=stem if k == "stem" else None), "tiny", None)
+            for k, v in minutes.items()]
+    root = make_sweep(tmp_path, jobs, params=params, spec=spec)
+    out = write_sweep_outputs(root, spec["name"], spec["columns"], [tuple(m) for m in spec["metrics"]],
+                              paper=spec["paper"], ratio_to=spec["ratio_to"], order=sweep_order(params))
+    table = out["table"]
+    assert table["header"] == ["inversion", "Minutes", "Minutes (paper)", "Minutes ratio", "Minutes ratio (paper)",
+                               "s / frame", "Peak MiB"]
+    paper = {k: float(v["Minutes"]) for k, v in spec["paper"].items()}
+    ratios = [(row[3], row[4]) for row in table["rows"]]
+    assert ratios == [(minutes[k] / minutes["ddim_1frame"], paper[k] / paper["ddim_1frame"]) for k in minutes]
+    assert md_lines(out)[2:] == ["| DDIM 1-frame | 2.00 | 0.80 | 1.00 | 1.00 | 2.000 | 10 |",
+                                 "| DDIM 2-frame | 3.00 | 1.12 | 1.50 | 1.40 | 3.000 | 10 |",
+                                 "| STEM (K=256) | 4.50 | 1.50 | 2.25 | 1.88 | 4.500 | 10 |"]
+
+
+def test_table4_puts_the_papers_n128_beside_our_longest_n(tmp_path):
+    """Table 4's spec as the config writes it. Mutations caught: `paper_rows` ignored (120 gets no
+    paper value), or applied to every row, or the row not saying which paper row it is compared with."""
+    spec, params = experiment_spec("table4_length")
+    n_frames = [120, 8, 64, 16, 32]
+    jobs = [([f"data.n_frames={n}"], job_metrics(frames=n, inversion={"method": "stem", "num_bases": 256}), "sd15",
+             None) for n in n_frames]
+    root = make_sweep(tmp_path, jobs, params=params, spec=spec)
+    out = write_sweep_outputs(root, spec["name"], spec["columns"], [tuple(m) for m in spec["metrics"]],
+                              paper=spec["paper"], order=sweep_order(params), paper_rows=spec["paper_rows"])
+    assert out["table"]["header"][:5] == ["data.n_frames", "PSNR", "PSNR (paper)", "SSIM", "SSIM (paper)"]
+    assert [(r[0], r[2], r[4]) for r in out["table"]["rows"]] == [
+        (8, "32.702", "0.9836"), (16, "33.279", "0.9854"), (32, "33.197", "0.9854"), (64, "33.058", "0.9851"),
+        (120, "32.751", "0.9843")]
+    assert md_lines(out)[-1] == "| 120 (paper: 128) | 30.000 | 32.751 | 0.9000 | 0.9843 | 40.000 |"
+    assert md_lines(out)[2] == "| 8 | 30.000 | 32.702 | 0.9000 | 0.9836 | 40.000 |"
+
+
+def test_make_tables_rebuilds_caption_layout_and_sidecar_from_the_job_folders(tmp_path):
+    """The callback (at the end of a sweep) and the script (from the folders alone) write the same
+    files. Mutation caught: make_tables not reading the declared order (or paper_rows) from multirun.yaml."""
+    from callbacks import SweepTableCallback
+
+    spec, params = experiment_spec("table4_length")
+    jobs = [([f"data.n_frames={n}"], job_metrics(frames=n), "tiny", None) for n in (120, 8, 64)]
+    root = make_sweep(tmp_path, jobs, params=params, spec={k: v for k, v in spec.items() if k != "plot"})
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}, "sweeper": {"params": params}},
+                               "logger": {"_target_": "run.NullLogger"}})
+    SweepTableCallback(**{k: v for k, v in spec.items() if k != "plot"}).on_multirun_end(config)
+    written = {s: (root / f"table4_length{s}").read_text() for s in (".md", ".csv", ".json")}
+    assert "| 120 (paper: 128) |" in written[".md"] and written[".md"].index("| 8 |") < written[".md"].index("| 64 |")
+    for suffix in written:
+        (root / f"table4_length{suffix}").unlink()
+    proc = make_tables(root)
+    assert proc.returncode == 0, proc.stderr
+    assert {s: (root / f"table4_length{s}").read_text() for s in written} == written
+    assert proc.stdout == written[".md"]

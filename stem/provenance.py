@@ -1,0 +1,128 @@
+"""How a sweep's numbers were made, in one caption line: model and dtype, device, clips, steps, commit.
+
+    runs = collect_runs(sweep_dir)             # stem.tables
+    facts = sweep_provenance(runs)
+    facts["caption"]   # "Model tiny (random weights: mechanics only), float32, on AMD EPYC (cpu); clips: ..."
+
+Facts come from the finished jobs' own files: `metrics.json` (model name, dtype, device and its
+name, the video's name/frames/size, the inversion's steps) and `git.json` (commit, dirty), plus
+`.hydra/config.yaml` for which builder made the model. A fact that differs between jobs is listed
+with all its values (in job order), never reduced to one; a fact no job recorded is "unknown"
+(runs from before `device_name` was recorded build their table all the same).
+
+Random weights: `model=tiny` (`stem.models.build_tiny`) and `model=sd15_arch` (`build_sd15_arch`)
+are randomly initialised; their numbers show the mechanics only. The job's config names the
+builder (`model._target_`); without it, the model name `_build_random` gives ("tiny-seed0",
+"sd15_arch-seed0") tells. Anything loaded with `load_pretrained` counts as real weights ("sd15").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+UNKNOWN = "unknown"
+RANDOM_WEIGHTS = "random weights: mechanics only"
+# builder (last part of model._target_) -> the model option it belongs to
+_BUILDERS = {"build_tiny": "tiny", "build_sd15_arch": "sd15_arch", "load_pretrained": "sd15"}
+_RANDOM_KINDS = ("tiny", "sd15_arch")
+_RANDOM_NAME = re.compile(r"^(tiny|sd15_arch)-seed\d+$")  # the name stem.models._build_random gives
+
+
+def _read(path: Path, parse):
+    try:
+        return parse(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):  # a damaged file: the fact is unknown, the table still builds
+        return None
+
+
+def model_kind(run: dict) -> str:
+    """tiny | sd15_arch | sd15 (real weights) | unknown, for one finished run."""
+    config = _read(Path(run["dir"]) / ".hydra" / "config.yaml", yaml.safe_load) if run.get("dir") else None
+    target = ((config or {}).get("model") or {}).get("_target_") if isinstance(config, dict) else None
+    if isinstance(target, str) and target.rsplit(".", 1)[-1] in _BUILDERS:
+        return _BUILDERS[target.rsplit(".", 1)[-1]]
+    name = (run.get("metrics") or {}).get("model")
+    if not isinstance(name, str) or not name:
+        return UNKNOWN
+    match = _RANDOM_NAME.match(name)
+    return match.group(1) if match else "sd15"
+
+
+def _listed(values: list) -> str:
+    """Distinct values in order of first appearance, joined by ", " (a missing one listed as "unknown")."""
+    return ", ".join(dict.fromkeys(UNKNOWN if v in (None, "") else str(v) for v in values)) or UNKNOWN
+
+
+def _clip(video: dict) -> tuple[str, str]:
+    name = video.get("name") or UNKNOWN
+    size = f"{video['width']}x{video['height']}" if video.get("width") and video.get("height") else UNKNOWN
+    return name, size
+
+
+def _clips(metrics: list[dict]) -> str:
+    """"car_turn (8 frames, 512x512), wolf (8 frames, 512x512)"; frames and sizes of one clip listed."""
+    frames: dict[str, list] = {}
+    sizes: dict[str, list] = {}
+    for video in (m["video"] for m in metrics if isinstance(m.get("video"), dict)):
+        name, size = _clip(video)
+        frames.setdefault(name, []).append(video.get("frames"))
+        sizes.setdefault(name, []).append(size)
+    if not frames:
+        return UNKNOWN
+    out = []
+    for name in frames:
+        counts = sorted({f for f in frames[name] if isinstance(f, int)})
+        n = "/".join(map(str, counts)) if counts else UNKNOWN
+        out.append(f"{name} ({n} frames, {' / '.join(dict.fromkeys(sizes[name]))})")
+    return ", ".join(out)
+
+
+def _commit(revisions: list[dict]) -> tuple[str, bool | None]:
+    """Commits listed ("<sha> (dirty)") and whether any job ran from a modified checkout."""
+    shown = [f"{r['commit']}{' (dirty)' if r.get('dirty') else ''}" if r.get("commit") else None for r in revisions]
+    dirty = [r["dirty"] for r in revisions if r.get("dirty") is not None]
+    return _listed(shown), (any(dirty) if dirty else None)
+
+
+def sweep_provenance(runs: list[dict]) -> dict:
+    """The facts of a sweep (`stem.tables.collect_runs` output) as a plain dict of strings, numbers
+    and booleans, with "caption" the one-line text of them (see the module docstring)."""
+    ok = [r for r in runs if r.get("status") == "ok" and isinstance(r.get("metrics"), dict)]
+    metrics = [r["metrics"] for r in ok]
+    kinds = [model_kind(r) for r in ok]
+    commit, dirty = _commit([(_read(Path(r["dir"]) / "git.json", json.loads) if r.get("dir") else None) or {}
+                             for r in ok])
+    facts = {
+        "model": _listed(kinds),
+        "model_name": _listed([m.get("model") for m in metrics]),
+        "random_weights": any(k in _RANDOM_KINDS for k in kinds),
+        "dtype": _listed([str(m["dtype"]).removeprefix("torch.") if m.get("dtype") else None for m in metrics]),
+        "device": _listed([m.get("device") for m in metrics]),
+        "device_name": _listed([m.get("device_name") for m in metrics]),
+        "clips": _clips(metrics),
+        "steps": _listed([(m.get("inversion") or {}).get("num_steps") for m in metrics]),
+        "commit": commit,
+        "dirty": dirty,
+        "jobs": len(runs),
+        "jobs_finished": len(ok),
+    }
+    facts["caption"] = caption(facts)
+    return facts
+
+
+def caption(facts: dict) -> str:
+    """One line: model (and the random-weights warning), dtype, device, clips, steps, commit, jobs."""
+    model = ", ".join(f"{k} ({RANDOM_WEIGHTS})" if k in _RANDOM_KINDS else k for k in facts["model"].split(", "))
+    device = facts["device"] if facts["device_name"] == UNKNOWN else facts["device_name"]
+    if UNKNOWN not in (facts["device"], facts["device_name"]):
+        device += f" ({facts['device']})"
+    elif facts["device_name"] == UNKNOWN:
+        device += " (device name not recorded)"
+    commit = facts["commit"] if facts["commit"] == UNKNOWN else ", ".join(
+        c[:10] + c[40:] if re.match(r"^[0-9a-f]{40}", c) else c for c in facts["commit"].split(", "))
+    return (f"Model {model}, {facts['dtype']}, on {device}; clips: {facts['clips']}; "
+            f"{facts['steps']} DDIM steps; commit {commit}; {facts['jobs_finished']} of {facts['jobs']} jobs finished.")

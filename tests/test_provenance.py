@@ -1,0 +1,133 @@
+"""Provenance of a sweep's tables (stem.provenance, stem.device.device_name) on hand-written sweep
+folders: no model runs. `make_sweep` is shared with tests/test_tables.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stem.device import device_name
+from stem.provenance import sweep_provenance
+from stem.tables import collect_runs, write_sweep_outputs
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+OTHER_SHA = "fedcba9876543210fedcba9876543210fedcba98"
+TARGETS = {"tiny": "stem.models.build_tiny", "sd15_arch": "stem.models.build_sd15_arch",
+           "sd15": "stem.models.load_pretrained"}
+
+
+def job_metrics(psnr=30.0, ssim=0.9, *, model="tiny-seed0", device="cpu", name="AMD EPYC 7B13", dtype="torch.float32",
+                clip_name="synthetic", frames=4, size=(64, 64), steps=5, inversion=None, **extra):
+    """A metrics.json as run_job writes it (only the fields tables and provenance read); name=None: a run
+    from before `device_name` was recorded."""
+    out = {"vs_input": {"psnr": psnr, "ssim": ssim}, "vs_vae": {"psnr": psnr + 10, "ssim": ssim},
+           "model": model, "device": device, "dtype": dtype,
+           "video": {"name": clip_name, "frames": frames, "width": size[0], "height": size[1], "fps": 8},
+           "inversion": {"method": "ddim", "context": "1frame", "num_steps": steps, **(inversion or {})},
+           "seconds": {"inversion": 60.0, "inversion_per_frame": 60.0 / frames},
+           "memory": {"inversion_peak_mib": 10.0}, **extra}
+    if name is not None:
+        out["device_name"] = name
+    return out
+
+
+def make_sweep(root: Path, jobs: list, params: dict | None = None, spec: dict | None = None) -> Path:
+    """A sweep folder as `python run.py -m` leaves it. jobs: (overrides, metrics or None (a failed job),
+    model option for .hydra/config.yaml or None (no config), git.json dict or None)."""
+    for i, (overrides, result, model, git) in enumerate(jobs):
+        hydra_dir = root / str(i) / ".hydra"
+        hydra_dir.mkdir(parents=True)
+        (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        if model is not None:
+            (hydra_dir / "config.yaml").write_text(yaml.safe_dump(
+                {"model": {"_target_": TARGETS[model], "seed": "${seed}"}, "seed": 0}))
+        if result is not None:
+            (root / str(i) / "metrics.json").write_text(json.dumps(result))
+            (root / str(i) / "git.json").write_text(json.dumps(git or {"commit": SHA, "dirty": False}))
+    hydra = {"sweeper": {"params": params or {}}, "callbacks": {"sweep_table": spec or {}}}
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+    return root
+
+
+def facts(root):
+    return sweep_provenance(collect_runs(root))
+
+
+def test_tiny_cpu_sweep_names_model_device_clip_steps_commit_and_random_weights(tmp_path):
+    """Mutations caught: the device type written instead of its name; the random-weights warning
+    dropped; frames/size/steps/commit/dirty taken from the wrong field; a failed job counted as finished."""
+    root = make_sweep(tmp_path, [(["inversion=ddim_1frame"], job_metrics(), "tiny", None),
+                                 (["inversion=stem"], job_metrics(), "tiny", {"commit": SHA, "dirty": True}),
+                                 (["inversion=ddim_2frame"], None, "tiny", None)])
+    got = facts(root)
+    caption = got.pop("caption")
+    assert got == {"model": "tiny", "model_name": "tiny-seed0", "random_weights": True, "dtype": "float32",
+                   "device": "cpu", "device_name": "AMD EPYC 7B13", "clips": "synthetic (4 frames, 64x64)",
+                   "steps": "5", "commit": f"{SHA}, {SHA} (dirty)", "dirty": True, "jobs": 3, "jobs_finished": 2}
+    assert caption == ("Model tiny (random weights: mechanics only), float32, on AMD EPYC 7B13 (cpu); "
+                       "clips: synthetic (4 frames, 64x64); 5 DDIM steps; "
+                       f"commit {SHA[:10]}, {SHA[:10]} (dirty); 2 of 3 jobs finished.")
+
+
+def test_real_weights_carry_no_random_weights_wording(tmp_path):
+    """Mutation caught: every model called random (or none: see the test above), e.g. the
+    warning keyed on the dtype or always on."""
+    real = job_metrics(model="stable-diffusion-v1-5", device="cuda:0", name="NVIDIA H200", dtype="torch.float16",
+                       clip_name="car-turn", frames=8, size=(512, 512), steps=50)
+    root = make_sweep(tmp_path, [([], real, "sd15", None)])
+    got = facts(root)
+    assert (got["model"], got["model_name"], got["random_weights"]) == ("sd15", "stable-diffusion-v1-5", False)
+    assert "random" not in got["caption"]
+    assert got["caption"].startswith("Model sd15, float16, on NVIDIA H200 (cuda:0); clips: car-turn (8 frames, "
+                                     "512x512); 50 DDIM steps;")
+
+
+@pytest.mark.parametrize("name,kind,random", [("tiny-seed3", "tiny", True), ("sd15_arch-seed0", "sd15_arch", True),
+                                               ("stable-diffusion-v1-5", "sd15", False)])
+def test_without_the_job_config_the_model_name_tells_random_weights(tmp_path, name, kind, random):
+    """Mutation caught: only `.hydra/config.yaml` consulted, so a job folder without it loses the
+    warning (or sd15_arch, random too, is taken for real weights)."""
+    got = facts(make_sweep(tmp_path, [([], job_metrics(model=name), None, None)]))
+    assert (got["model"], got["random_weights"]) == (kind, random)
+    assert ("random weights: mechanics only" in got["caption"]) is random
+
+
+def test_values_that_differ_between_jobs_are_all_listed(tmp_path):
+    """Mutation caught: the first job's facts stand for the sweep (a mixed sweep looks uniform)."""
+    root = make_sweep(tmp_path, [
+        ([], job_metrics(clip_name="car-turn", frames=8, size=(512, 512)), "tiny", None),
+        ([], job_metrics(clip_name="wolf", frames=8, size=(512, 512), steps=50, device="cuda:0", name="NVIDIA H200",
+                         dtype="torch.float16"), "sd15", {"commit": OTHER_SHA, "dirty": False}),
+        ([], job_metrics(clip_name="car-turn", frames=16, size=(256, 256)), "tiny", None)])
+    got = facts(root)
+    assert got["model"] == "tiny, sd15" and got["random_weights"] is True
+    assert (got["dtype"], got["device"], got["device_name"]) == ("float32, float16", "cpu, cuda:0",
+                                                                 "AMD EPYC 7B13, NVIDIA H200")
+    assert got["clips"] == "car-turn (8/16 frames, 512x512 / 256x256), wolf (8 frames, 512x512)"
+    assert (got["steps"], got["commit"], got["dirty"]) == ("5, 50", f"{SHA}, {OTHER_SHA}", False)
+    assert got["caption"].startswith("Model tiny (random weights: mechanics only), sd15, float32, float16, on "
+                                     "AMD EPYC 7B13, NVIDIA H200 (cpu, cuda:0);")
+
+
+def test_runs_from_before_the_device_name_still_build_their_table(tmp_path):
+    """Mutation caught: metrics["device_name"] read unconditionally (KeyError: old sweeps can no longer
+    be rebuilt), or the missing name silently dropped from a mixed list."""
+    root = make_sweep(tmp_path, [(["inversion=ddim_1frame"], job_metrics(name=None), "tiny", None),
+                                 (["inversion=stem"], job_metrics(name=None), "tiny", None)])
+    out = write_sweep_outputs(root, "t", columns=["inversion"])
+    assert out["provenance"]["device_name"] == "unknown"
+    assert "on cpu (device name not recorded);" in out["provenance"]["caption"]
+    assert (root / "t.md").read_text().startswith(f"Provenance: {out['provenance']['caption']}\n\n| Inversion |")
+    (root / "0" / "metrics.json").write_text(json.dumps(job_metrics()))  # one new job beside an old one
+    assert facts(root)["device_name"] == "AMD EPYC 7B13, unknown"
+
+
+def test_device_name_is_the_processor_model_not_the_device_type():
+    """Mutation caught: device_name returning str(device) ("cpu"), as metrics.json's "device" does."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file() or "model name" not in cpuinfo.read_text():
+        pytest.skip("no /proc/cpuinfo model name on this machine")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.split(":", 1)[0].strip() == "model name"]
+    assert device_name("cpu") == names[0] != "cpu"
