@@ -40,6 +40,16 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
+class SweepDirCallback(Callback):
+    """Makes `${hydra:...}` resolvable while a sweep starts. The sweep folder (`hydra.sweep.dir`, under
+    `paths.log_dir` = `${hydra:runtime.cwd}/outputs`) is resolved by the launcher before any job has set
+    Hydra's config, so without this `python run.py -m ...` fails unless hydra.sweep.dir is given."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if HydraConfig.instance().cfg is None:
+            HydraConfig.instance().set_config(config)
+
+
 class SweepTableCallback(Callback):
     """Table of a finished sweep: `<sweep dir>/<name>.md` (provenance caption, then the table), `.csv`,
     the sidecar `<name>.json`, and a W&B table. Rows follow the order the sweep declares."""

@@ -197,10 +197,12 @@ def check_two_job_table(sweep):
 
 
 def test_multirun_writes_the_sweep_table(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_cli("-m", *TINY, "inversion=ddim_1frame,ddim_2frame", f"hydra.sweep.dir={sweep}",
-                   f"paths.cache_dir={tmp_path / 'cache'}")
+    """As a user types it: no hydra.sweep.dir, so the sweep folder is the default one under the folder run
+    from. Bug caught: the launcher resolving hydra.sweep.dir (${hydra:runtime.cwd}) before Hydra's config is
+    set (callbacks.SweepDirCallback removed), which fails every `python run.py -m` without hydra.sweep.dir."""
+    proc = run_cli("-m", *TINY, "inversion=ddim_1frame,ddim_2frame", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "debug" / "multiruns").glob("*/*")
     check_two_job_table(sweep)
     assert (sweep / "debug.csv").read_text().splitlines()[0] == "inversion,PSNR,SSIM,PSNR vs VAE,SSIM vs VAE"
     assert not (sweep / "wandb").exists()
