@@ -34,7 +34,7 @@ PAPER = "paper"  # legend entry of the paper's values
 MEASURED = "measured"  # legend entry of a sweep's single curve (no other column to name it)
 POINT_STYLE = {"linestyle": "none", "marker": "*", "markersize": 10, "color": "black", "zorder": 3}
 MAX_TICKS = 20  # integer x values up to this many distinct: one tick at each (frames, K, sizes)
-PLOT_KEYS = {"y", "x", "title", "xlabel", "ylabel", "paper_label", "paper_x"}
+PLOT_KEYS = {"y", "x", "title", "xlabel", "ylabel", "paper_label"}
 
 
 @dataclass
@@ -194,11 +194,11 @@ def _number(value, what: str) -> float:
         raise TableError(f"{what}: {value!r} is not a number") from None
 
 
-def paper_points(paper: Mapping | None, label: str | None, columns: Sequence[str],
-                 paper_x: Mapping | None = None) -> dict[str, tuple[list[float], list[float]]]:
+def paper_points(paper: Mapping | None, label: str | None,
+                 columns: Sequence[str]) -> dict[str, tuple[list[float], list[float]]]:
     """The paper's values of metric `label` as {legend: (xs, ys)}, x the row key's first column value
-    (`paper_x` maps a row key to another x, e.g. {"120": 128}: the paper's N=128 beside our 120).
-    Values may be numbers or numeric strings; one series per value of the other columns."""
+    (Table 4's paper row "128" is drawn at 128, wherever the table prints it). Values may be numbers or
+    numeric strings; one series per value of the other columns."""
     if not paper or not label:
         return {}
     series: dict[str, list[tuple[float, float]]] = {}
@@ -207,7 +207,7 @@ def paper_points(paper: Mapping | None, label: str | None, columns: Sequence[str
             continue
         key = str(key)
         first, *rest = key.split("/")
-        x = _number((paper_x or {}).get(key, first), f"paper row {key!r}: x")
+        x = _number(first, f"paper row {key!r}: x")
         y = _number(values[label], f"paper row {key!r}: {label}")
         run = {"overrides": dict(zip(columns[1:], rest)), "metrics": None}
         name = ", ".join([PAPER, _legend(run, columns[1:])]) if rest and columns[1:] else PAPER
@@ -222,7 +222,7 @@ def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: s
     spec: {"y": dotted path into metrics.json, or a list of them (one panel each: Fig. 4's PSNR and
     SSIM), "x": dotted path of per-frame/per-step x values (e.g. video.frame_numbers) or null,
     "title", "xlabel", "ylabel" (one per y), "paper_label": the metric label of `paper` that y is
-    (one per y), "paper_x": {paper row key: x}}.
+    (one per y)}.
     A list-valued y draws one curve per finished run, labelled with the display names of its column
     values (Figs. 4, 9); a number draws one curve over the first column's values per value of the
     other columns (Fig. 3, Tables 4 and 5), with the paper's values of `paper_label` as markers.
@@ -256,7 +256,7 @@ def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: s
             curves.setdefault(label, []).append(_lookup(run["metrics"], y))
             xs.setdefault(label, []).append(run["overrides"].get(first))
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sum(xs.values(), []))
-        points = paper_points(paper, paper_label, columns, spec.get("paper_x")) if numeric else {}
+        points = paper_points(paper, paper_label, columns) if numeric else {}
         panels.append(Panel(curves, xs if numeric else None, ylabel, points))
     return curves_figure(panels, xlabel=spec.get("xlabel", x or (display_column(columns[0]) if columns else "")),
                          title=spec.get("title", ""), caption=caption)

@@ -320,8 +320,8 @@ def sweep_plot(runs: list[dict], columns: list[str], spec: dict, path: str | Pat
     """The figure of a sweep as PNG (None when no run finished): `stem.plots.sweep_figure`.
 
     spec: {"y": dotted path or a list of them (one panel each), "x": dotted path (for per-step/per-frame
-    lists) or null, "title", "xlabel", "ylabel", "paper_label": the label of `paper` that y is,
-    "paper_x": {paper row key: x}}. A list-valued y draws one curve per finished run, labelled with
+    lists) or null, "title", "xlabel", "ylabel", "paper_label": the label of `paper` that y is}.
+    A list-valued y draws one curve per finished run, labelled with
     the display names of its column values (paper Figs. 4, 9); a number draws one curve over the
     first column's values, one per value of the other columns (Fig. 3, Tables 4 and 5), with the
     paper's values (`paper`: {row key: {metric label: value}}) as markers. `caption` is drawn in

@@ -76,13 +76,12 @@ def _drawn(fig):
 ])
 def test_paper_values_are_markers_at_the_papers_x_and_y(name, column, ours, paper_xs):
     """The experiment's own plot spec and paper values: one "paper" marker series at the paper's
-    settings and values (Table 4's N=128 value, kept beside our 120, drawn at 128), our curve at ours.
-    Mutations caught (each seen failing): paper values not drawn / `paper_label` dropped from the config
-    (no "paper" line); paper_x ignored (Table 4's last marker at 120); markers joined by a line."""
+    settings and values (Table 4's N=128 value, printed beside our 120, drawn at 128), our curve at ours.
+    Mutations caught: paper values not drawn / `paper_label` dropped from the config (no "paper" line);
+    the paper's x taken from the table row it is printed beside (`paper_rows`: last marker at 120);
+    markers joined by a line."""
     spec = _sweep_spec(name)
-    paper = {str(k): dict(v) for k, v in spec["paper"].items()}
-    if name == "table4_length":  # the paper's N=128, as the tables keep it beside our longest N (as a string)
-        paper["120"] = {"PSNR": "32.751", "SSIM": "0.9843"}
+    paper = {str(k): dict(v) for k, v in spec["paper"].items()}   # numbers as strings, as the configs keep them
     psnr = {v: 20.0 + i / 8 for i, v in enumerate(ours)}
     runs = _runs(column, ours[::-1], lambda i, v: {"vs_input": {"psnr": psnr[v]}})  # job order != x order
     fig = sweep_figure(runs, [column], spec["plot"], paper=paper)
