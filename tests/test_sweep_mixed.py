@@ -23,6 +23,7 @@ TABLE6 = yaml.safe_load((ROOT / "configs" / "experiment" / "table6_inversion.yam
 COMMAND = ["-m", "experiment=table6_inversion", "model=tiny", "data=synthetic", "data.width=64", "data.height=64",
            "data.n_frames=4"]
 FEW_STEPS = ["inversion.num_steps=2", "progress=false"]  # every inversion preset has num_steps
+LATENT_FRAMES_HW = (4, 8, 8)   # its frames and latent size
 
 
 def the_fix(message: str) -> str:
@@ -32,16 +33,20 @@ def the_fix(message: str) -> str:
     return match.group(1)
 
 
+def refusal(unet) -> str:
+    """The error the paper preset (K=256) gives on the issue's video, as run.py prints it after `error: `."""
+    with pytest.raises(ConfigError) as refused:
+        STEMInversion().check(unet, *LATENT_FRAMES_HW)
+    return str(refused.value)
+
+
 def test_error_is_one_line_whose_fix_composes_and_runs_with_every_inversion_preset(tiny_model, tmp_path):
     """The fix the error names, set on the command line of a sweep over every inversion preset: every job
     composes and builds, and every STEM job that refused the video now runs on it (stem_official keeps
     `allow`, as released). Catches: the message naming `inversion.excess_bases=clamp` (DDIM's struct
     rejects it: seen failing), the knob missing from configs/config.yaml (seen failing), a STEM preset not
     reading it (stem.yaml back to `excess_bases: error`: seen failing), a message over several lines."""
-    latent_frames_hw = (4, 8, 8)   # the issue's 4 frames of 64x64
-    with pytest.raises(ConfigError) as refused:
-        STEMInversion().check(tiny_model.unet, *latent_frames_hw)
-    message = str(refused.value)
+    message = refusal(tiny_model.unet)
     assert "\n" not in message and re.match(r"num_bases=256 exceeds the 4 tokens of an EM group at mid_block", message)
     fix = the_fix(message)
     assert fix == "excess_bases=clamp"
@@ -53,8 +58,8 @@ def test_error_is_one_line_whose_fix_composes_and_runs_with_every_inversion_pres
             if preset != "stem_official":   # without the fix, the paper presets refuse this video
                 with pytest.raises(ConfigError, match=re.escape(fix)):
                     instantiate(compose_config(tmp_path, *overrides).inversion).check(tiny_model.unet,
-                                                                                       *latent_frames_hw)
-            method.check(tiny_model.unet, *latent_frames_hw)
+                                                                                       *LATENT_FRAMES_HW)
+            method.check(tiny_model.unet, *LATENT_FRAMES_HW)
             seen[preset] = method.settings()["excess_bases"]
         else:
             assert "excess_bases" not in method.settings()
@@ -67,19 +72,16 @@ def job_inversion(job: Path) -> str:
                 if o.startswith("inversion="))
 
 
-def test_table6_sweep_on_toy_sizes_fills_every_row_with_the_fix_its_stem_job_names(tmp_path):
-    """The issue's command (2 DDIM steps): its STEM job alone fails with one `error:` line; the whole sweep
-    with the fix that line names added, and nothing else, writes the table with every row and every
-    metric cell filled. Catches: the fix not working in a mixed sweep (named as
-    `inversion.excess_bases=clamp`, or not read by the STEM preset: seen failing), the error firing for
-    DDIM jobs too, a row of "failed" or a missing metric in the table."""
+def test_table6_sweep_on_toy_sizes_with_the_fix_its_error_names_fills_every_row(tiny_model, tmp_path):
+    """The issue's command (2 DDIM steps) with the fix the STEM job's error names (that video, that
+    model) added, and nothing else, writes the table with every row and every metric cell filled.
+    Catches: the fix not working in a mixed sweep (named as `inversion.excess_bases=clamp`, or not read
+    by the STEM preset: seen failing), the knob leaking into DDIM jobs, a row of "failed" or a missing
+    metric in the table."""
     cache = f"paths.cache_dir={tmp_path / 'cache'}"
-    alone = run_cli(*COMMAND, *FEW_STEPS, "inversion=stem", f"hydra.sweep.dir={tmp_path / 'stem'}", cache)
-    errors = [line for line in alone.stderr.splitlines() if line.startswith("error: ")]
-    assert alone.returncode != 0 and len(errors) == 1 and "num_bases=256 exceeds" in errors[0], alone.stderr[-3000:]
-
     fixed = tmp_path / "fixed"
-    sweep = run_cli(*COMMAND, *FEW_STEPS, the_fix(errors[0]), f"hydra.sweep.dir={fixed}", cache, timeout=600)
+    sweep = run_cli(*COMMAND, *FEW_STEPS, the_fix(refusal(tiny_model.unet)), f"hydra.sweep.dir={fixed}", cache,
+                    timeout=600)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     labels = [metric[0] for metric in TABLE6["hydra"]["callbacks"]["sweep_table"]["metrics"]]
     rows = list(csv.DictReader((fixed / "table6_inversion.csv").open()))
