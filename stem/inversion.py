@@ -19,7 +19,7 @@ from stem.ddim import Callback, Trajectory, ddim_invert, ddim_sample
 from stem.em import MASS_EPS
 from stem.errors import ConfigError
 from stem.fatezero_attention import fatezero_frames, spatio_temporal_processors
-from stem.stem_attention import STEMAttnProcessor, group_spans
+from stem.stem_attention import STEMAttnProcessor, excess_bases_error, group_spans
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,4 @@ class STEMInversion(InversionMethod):
                      "fewer bases where tokens are fewer" if self.kwargs["excess_bases"] == "clamp"
                      else "K bases anyway (excess_bases=allow, as released)")
             return
-        raise ConfigError(f"num_bases={k} exceeds the {tokens} tokens of an EM group at {where}: lower num_bases "
-                          "to at most {tokens}, or use more frames per group (group), more frames, a larger "
-                          "resolution, or excess_bases=clamp|allow".replace("{tokens}", str(tokens)))
+        raise excess_bases_error(k, tokens, where)

@@ -36,6 +36,15 @@ def group_spans(num_frames: int, group: int | None) -> list[tuple[int, int, int]
     return spans
 
 
+def excess_bases_error(num_bases: int, tokens: int, where: str) -> ConfigError:
+    """The one-line error for K above the tokens of an EM group (`excess_bases="error"`), with the fix first:
+    `excess_bases=clamp` is the keyword here and run.py's top-level knob, which also works in a sweep that
+    mixes DDIM and STEM (configs/config.yaml; the STEM presets read it)."""
+    return ConfigError(f"num_bases={num_bases} exceeds the {tokens} tokens of an EM group at {where}: set "
+                       f"excess_bases=clamp (as many bases as tokens there), or lower num_bases to at most {tokens}, "
+                       "or use more frames per group, more frames or a larger resolution")
+
+
 def _to_groups(y: torch.Tensor, n: int, f0: int, f1: int, size: int) -> torch.Tensor:
     """Frames f0:f1 of per-frame tensors (G*N, *rest, S, d) as groups (G*m, *rest, size*S, d)."""
     g = y.shape[0] // n
@@ -108,8 +117,8 @@ class STEMAttnProcessor(SelfAttnProcessor):
         for f0, f1, size in group_spans(n, self.group):
             qg = _to_groups(q, n, f0, f1, size)                       # (G*m, h, size*S, d)
             if qg.shape[2] < self.num_bases and self.excess_bases == "error":
-                raise ConfigError(f"num_bases={self.num_bases} exceeds the {qg.shape[2]} tokens of an EM group "
-                                  f"({size} frames x {qg.shape[2] // size} tokens); lower num_bases or enlarge group")
+                raise excess_bases_error(self.num_bases, qg.shape[2], f"a layer ({size} frames x "
+                                         f"{qg.shape[2] // size} tokens)")
             if self.space == "features":
                 xg = _to_groups(x[:, None], n, f0, f1, size)[:, 0]    # (G*m, size*S, C)
                 mu = self.em(xg).bases.to(x.dtype)
