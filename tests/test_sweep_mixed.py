@@ -1,16 +1,14 @@
 """Sweeps that mix DDIM and STEM on toy sizes (issue #12, point 4): the K-exceeds-tokens error names a fix,
 `excess_bases=clamp`, that works in such a sweep (a top-level knob that the STEM presets read; DDIM's
-struct has no `inversion.excess_bases`)."""
+struct has no `inversion.excess_bases`). The issue's sweep itself, with that fix, runs in
+tests/test_newcomer_path.py."""
 
-import csv
-import json
-import math
 import re
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compose_config, run_cli
+from conftest import compose_config
 from hydra.utils import instantiate
 
 from stem.errors import ConfigError
@@ -65,38 +63,3 @@ def test_error_is_one_line_whose_fix_composes_and_runs_with_every_inversion_pres
             assert "excess_bases" not in method.settings()
     assert seen == {"stem": "clamp", "stem_k128": "clamp", "stem_k512": "clamp", "stem_literal": "clamp",
                     "stem_official": "allow"}
-
-
-def job_inversion(job: Path) -> str:
-    return next(o.split("=", 1)[1] for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-                if o.startswith("inversion="))
-
-
-def test_table6_sweep_on_toy_sizes_with_the_fix_its_error_names_fills_every_row(tiny_model, tmp_path):
-    """The issue's command (2 DDIM steps) with the fix the STEM job's error names (that video, that
-    model) added, and nothing else, writes the table with every row and every metric cell filled.
-    Catches: the fix not working in a mixed sweep (named as `inversion.excess_bases=clamp`, or not read
-    by the STEM preset: seen failing), the knob leaking into DDIM jobs, a row of "failed" or a missing
-    metric in the table."""
-    cache = f"paths.cache_dir={tmp_path / 'cache'}"
-    fixed = tmp_path / "fixed"
-    sweep = run_cli(*COMMAND, *FEW_STEPS, the_fix(refusal(tiny_model.unet)), f"hydra.sweep.dir={fixed}", cache,
-                    timeout=600)
-    assert sweep.returncode == 0, sweep.stderr[-3000:]
-    labels = [metric[0] for metric in TABLE6["hydra"]["callbacks"]["sweep_table"]["metrics"]]
-    rows = list(csv.DictReader((fixed / "table6_inversion.csv").open()))
-    assert len(rows) == len(TABLE6["hydra"]["sweeper"]["params"]["inversion"].split(",")) == 4
-    for row in rows:
-        assert all(math.isfinite(float(row[label])) for label in labels), row
-    markdown = (fixed / "table6_inversion.md").read_text()
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    body = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
-    assert len(body) == 4 and "failed" not in markdown
-    for cells in body:
-        assert all(cells[header.index(label)] for label in labels), cells
-    # the knob reached the STEM job only
-    settings = {job_inversion(j): json.loads((j / "metrics.json").read_text())["inversion"]
-                for j in fixed.iterdir() if (j / "metrics.json").is_file()}
-    assert {k: s.get("excess_bases") for k, s in settings.items()} == {
-        "ddim_1frame": None, "ddim_2frame": None, "ddim_allframe": None, "stem": "clamp"}
