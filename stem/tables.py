@@ -276,7 +276,7 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
             if ref_paper:
                 header.append(f"{label} ratio (paper)")
                 labels.append(f"{label} ratio (paper)")
-                formats.append(".2f")
+                formats.append(".3f")  # exact for ratios of 2-decimal minutes over 0.80 (1.02 / 0.80 = 1.275)
                 getters.append(lambda key, vals, label=label, ref=ref_paper:
                                _ratio(numbers.get(paper_rows.get(key, key), {}).get(label), ref))
     if average_over:

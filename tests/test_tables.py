@@ -347,9 +347,9 @@ def test_table1_prints_the_papers_ratio_to_one_frame_beside_ours(tmp_path):
     paper = {k: float(v["Minutes"]) for k, v in spec["paper"].items()}
     ratios = [(row[3], row[4]) for row in table["rows"]]
     assert ratios == [(minutes[k] / minutes["ddim_1frame"], paper[k] / paper["ddim_1frame"]) for k in minutes]
-    assert md_lines(out)[2:] == ["| DDIM 1-frame | 2.00 | 0.80 | 1.00 | 1.00 | 2.000 | 10 |",
-                                 "| DDIM 2-frame | 3.00 | 1.12 | 1.50 | 1.40 | 3.000 | 10 |",
-                                 "| STEM (K=256) | 4.50 | 1.50 | 2.25 | 1.88 | 4.500 | 10 |"]
+    assert md_lines(out)[2:] == ["| DDIM 1-frame | 2.00 | 0.80 | 1.00 | 1.000 | 2.000 | 10 |",
+                                 "| DDIM 2-frame | 3.00 | 1.12 | 1.50 | 1.400 | 3.000 | 10 |",
+                                 "| STEM (K=256) | 4.50 | 1.50 | 2.25 | 1.875 | 4.500 | 10 |"]
 
 
 def test_table4_puts_the_papers_n128_beside_our_longest_n(tmp_path):
