@@ -35,6 +35,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FLOW_FILE = "flow.npy"  # ground-truth forward flow stored beside a frame folder
 DEFAULT_FOLDER_FPS = 10.0  # frame folders carry no frame rate
 MP4_CRF = 17  # libx264 constant rate factor: visually lossless
+ALPHA_BACKGROUND = (255, 255, 255)  # white: transparent pixels of frame images show it (the paper is silent)
 GIF_FILTER = "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=none"  # one palette for the clip
 
 
@@ -198,10 +199,32 @@ def _iter_gif(path: Path) -> tuple[Iterator[np.ndarray], float | None]:
     return frames(), (1000.0 / duration_ms if duration_ms else None)
 
 
-def _iter_images(files: list[Path]) -> Iterator[np.ndarray]:
+def _rgb(image: Image.Image) -> tuple[np.ndarray, bool]:
+    """A frame image as uint8 `(H, W, 3)`, and whether it was transparent anywhere. Transparent frames
+    (RGBA, LA, PA, palette transparency) are composited over `ALPHA_BACKGROUND` with straight alpha,
+    `round(rgb * a + background * (1 - a))`, a = alpha / 255, in integers (255 is odd: no ties)."""
+    if not image.has_transparency_data:
+        return np.asarray(image.convert("RGB")), False
+    rgba = np.asarray(image.convert("RGBA")).astype(np.int32)
+    alpha = rgba[..., 3:]
+    if alpha.min() == 255:
+        return rgba[..., :3].astype(np.uint8), False
+    background = np.asarray(ALPHA_BACKGROUND, dtype=np.int32)
+    return ((rgba[..., :3] * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8), True
+
+
+def _read_images(files: list[Path], *, source: Path) -> list[np.ndarray]:
+    """Frame images as uint8 RGB; one warning for the folder when any frame had transparency."""
+    frames, transparent = [], 0
     for file in files:
         with Image.open(file) as image:
-            yield np.asarray(image.convert("RGB"))
+            frame, had_alpha = _rgb(image)
+        frames.append(frame)
+        transparent += had_alpha
+    if transparent:
+        logger.warning("%d of %d frames of %s are transparent: composited on white %s (the model takes RGB)",
+                       transparent, len(files), source, ALPHA_BACKGROUND)  # fmt: skip
+    return frames
 
 
 def read_frames(
@@ -211,6 +234,7 @@ def read_frames(
     or frame folder (natural sort order), stopping as soon as enough frames are read.
 
     Returns `(frames, fps)`: uint8 `(N, H, W, 3)` and the file's frame rate (None for folders).
+    Transparent frame images are composited on white (`ALPHA_BACKGROUND`), with one warning.
     Raises VideoError for a missing/corrupt/too short input, ConfigError for bad arguments.
     """
     path = Path(path)
@@ -230,7 +254,7 @@ def read_frames(
         if path.is_dir():
             files = _frame_files(path)
             total = len(files)
-            selected = list(_iter_images(files[start::stride][:n_frames]))
+            selected = _read_images(files[start::stride][:n_frames], source=path)
             fps = None
         else:
             if suffix in FFMPEG_SUFFIXES:
@@ -323,7 +347,8 @@ def load_video(
     """Load a video file (.mp4/.webm/.mov/.avi/.gif) or a folder of frames as a `Video`.
 
     Args:
-        path: the file or frame folder (png/jpg/jpeg/bmp/webp, natural sort order).
+        path: the file or frame folder (png/jpg/jpeg/bmp/webp, natural sort order). Frame images with
+            transparency (RGBA PNGs, ...) are composited on white (`ALPHA_BACKGROUND`); the log warns once.
         prompt: source prompt describing the video.
         n_frames: number of frames to keep (None = all available); never silently fewer.
         stride: keep every `stride`-th frame; "even": `n_frames` frames spread evenly from `start`

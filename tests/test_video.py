@@ -77,6 +77,31 @@ def test_folder_of_other_files_is_not_replaced(tmp_path):
     assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
 
 
+def test_rgba_frames_are_composited_on_white_with_one_warning(tmp_path, caplog):
+    """Bug caught: `convert("RGB")` dropped alpha silently, so a transparent pixel came back as whatever colour
+    it stored (here the clip's photo) instead of the documented white background, with no word in the log.
+    Also catches: compositing on black, the straight (non-premultiplied) formula inverted, one warning per
+    frame, and opaque RGBA frames treated as transparent (the second folder must load with no warning)."""
+    rgb = clip(3, width=16, height=16)
+    alpha = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1)).astype(np.uint8)
+    alpha[0, 0, 0], alpha[0, 0, 1] = 0, 255  # a fully transparent and a fully opaque pixel
+    folder = write_pngs(tmp_path / "rgba", np.concatenate([rgb, alpha], axis=-1))
+    caplog.set_level(logging.INFO, logger="stem.video")
+    video = load_video(folder, prompt="p")
+    a = alpha.astype(np.float64) / 255  # straight alpha compositing over white (255), by the formula
+    expected = np.rint(rgb * a + 255 * (1 - a)).astype(int)
+    assert np.array_equal(levels(video.frames), expected)
+    assert np.array_equal(levels(video.frames)[0, 0, :2], [[255, 255, 255], rgb[0, 0, 1]])
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "white" in warnings[0].getMessage() and str(folder) in warnings[0].getMessage()
+    assert "3 of 3" in warnings[0].getMessage()
+
+    caplog.clear()
+    opaque = write_pngs(tmp_path / "opaque", np.concatenate([rgb, np.full_like(alpha, 255)], axis=-1))
+    assert np.array_equal(levels(load_video(opaque, prompt="p").frames), rgb)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_natural_sort_order(tmp_path):
     colours = {"f1.png": 10, "f2.png": 20, "f10.png": 30, "f9.jpg": 40}
     folder = tmp_path / "frames"
