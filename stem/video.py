@@ -192,9 +192,16 @@ def _iter_gif(path: Path) -> tuple[Iterator[np.ndarray], float | None]:
     duration_ms = image.info.get("duration")
 
     def frames() -> Iterator[np.ndarray]:
-        with image:
-            for frame in ImageSequence.Iterator(image):
-                yield np.asarray(frame.convert("RGB"))
+        counts = [0, 0]  # frames read, frames transparent
+        try:
+            with image:
+                for frame in ImageSequence.Iterator(image):
+                    array, had_alpha = _rgb(frame)
+                    counts[0] += 1
+                    counts[1] += had_alpha
+                    yield array
+        finally:  # also when the caller stops early
+            _warn_transparent(*counts, source=path)
 
     return frames(), (1000.0 / duration_ms if duration_ms else None)
 
@@ -221,10 +228,14 @@ def _read_images(files: list[Path], *, source: Path) -> list[np.ndarray]:
             frame, had_alpha = _rgb(image)
         frames.append(frame)
         transparent += had_alpha
+    _warn_transparent(len(files), transparent, source=source)
+    return frames
+
+
+def _warn_transparent(total: int, transparent: int, *, source: Path) -> None:
     if transparent:
         logger.warning("%d of %d frames of %s are transparent: composited on white %s (the model takes RGB)",
-                       transparent, len(files), source, ALPHA_BACKGROUND)  # fmt: skip
-    return frames
+                       transparent, total, source, ALPHA_BACKGROUND)  # fmt: skip
 
 
 def read_frames(
@@ -234,7 +245,7 @@ def read_frames(
     or frame folder (natural sort order), stopping as soon as enough frames are read.
 
     Returns `(frames, fps)`: uint8 `(N, H, W, 3)` and the file's frame rate (None for folders).
-    Transparent frame images are composited on white (`ALPHA_BACKGROUND`), with one warning.
+    Transparent frame images and GIF frames are composited on white (`ALPHA_BACKGROUND`), with one warning.
     Raises VideoError for a missing/corrupt/too short input, ConfigError for bad arguments.
     """
     path = Path(path)
@@ -347,8 +358,8 @@ def load_video(
     """Load a video file (.mp4/.webm/.mov/.avi/.gif) or a folder of frames as a `Video`.
 
     Args:
-        path: the file or frame folder (png/jpg/jpeg/bmp/webp, natural sort order). Frame images with
-            transparency (RGBA PNGs, ...) are composited on white (`ALPHA_BACKGROUND`); the log warns once.
+        path: the file or frame folder (png/jpg/jpeg/bmp/webp, natural sort order). Frame images and GIF
+            frames with transparency (RGBA PNGs, ...) are composited on white (`ALPHA_BACKGROUND`); the log warns once.
         prompt: source prompt describing the video.
         n_frames: number of frames to keep (None = all available); never silently fewer.
         stride: keep every `stride`-th frame; "even": `n_frames` frames spread evenly from `start`

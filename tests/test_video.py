@@ -102,6 +102,27 @@ def test_rgba_frames_are_composited_on_white_with_one_warning(tmp_path, caplog):
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
+def test_transparent_gif_is_composited_on_white(tmp_path, caplog):
+    """Bug caught: GIF frames went through `convert("RGB")` too, so the transparent palette entry came back as
+    its stored colour (black here) with no warning. Frame 0: top half transparent; frame 1: bottom half."""
+    frames = []
+    for t in range(2):
+        index = np.ones((8, 8), np.uint8)
+        index[(slice(0, 4) if t == 0 else slice(4, 8))] = 0
+        frame = Image.fromarray(index, mode="P")
+        frame.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+        frames.append(frame)
+    frames[0].save(tmp_path / "t.gif", save_all=True, append_images=frames[1:], transparency=0, duration=100,
+                   disposal=2)  # fmt: skip
+    caplog.set_level(logging.INFO, logger="stem.video")
+    video = load_video(tmp_path / "t.gif", prompt="p")
+    expected = np.full((2, 8, 8, 3), [200, 100, 50])
+    expected[0, :4] = expected[1, 4:] = 255
+    assert np.array_equal(levels(video.frames), expected)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 of 2" in warnings[0] and "white" in warnings[0]
+
+
 def test_natural_sort_order(tmp_path):
     colours = {"f1.png": 10, "f2.png": 20, "f10.png": 30, "f9.jpg": 40}
     folder = tmp_path / "frames"
