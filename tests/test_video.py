@@ -376,6 +376,7 @@ def test_failing_ffmpeg_is_an_error_and_leaves_nothing(tmp_path, monkeypatch, na
     went on (a full disk left an unreadable 64 KiB mp4 under the final name)."""
     body = 'printf "half a video" > "${@: -1}"; echo "No space left on device" >&2; exit 1'
     monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", fake_ffmpeg(tmp_path / "bin", body))
+    monkeypatch.chdir(tmp_path)  # a read-back through the fake would write to its last argument, "-"
     out = tmp_path / "out"
     with pytest.raises(VideoError) as info:
         write_video(out / name, clip(3, width=16, height=16), fps=10)
