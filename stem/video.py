@@ -2,17 +2,21 @@
 
 Frames live in memory as a float32 tensor `(N, 3, H, W)` in `[0, 1]` on the CPU. Decoding:
 imageio-ffmpeg (mp4, webm, mov, avi, mkv) and Pillow (gif, frame folders). Encoding: ffmpeg
-through imageio-ffmpeg (mp4; gif too, because Pillow merges identical consecutive frames) and
-Pillow (PNG folders). Every write goes to a temporary name in the same folder, then `os.replace`.
+(mp4; gif too, because Pillow merges identical consecutive frames; the binary imageio-ffmpeg finds)
+and Pillow (PNG folders). Every write goes to a temporary name in the same folder, then `os.replace`;
+an ffmpeg write is renamed into place only once ffmpeg exited 0 and the file decodes to every frame sent.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import re
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -31,6 +35,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FLOW_FILE = "flow.npy"  # ground-truth forward flow stored beside a frame folder
 DEFAULT_FOLDER_FPS = 10.0  # frame folders carry no frame rate
 MP4_CRF = 17  # libx264 constant rate factor: visually lossless
+ALPHA_BACKGROUND = (255, 255, 255)  # white: transparent pixels of frame images show it (the paper is silent)
 GIF_FILTER = "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=none"  # one palette for the clip
 
 
@@ -62,6 +67,7 @@ class Video:
     source_indices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        self.fps = check_fps(self.fps)
         if self.frames.ndim != 4 or self.frames.shape[1] != 3:
             raise ValueError(f"Video.frames must be (N, 3, H, W), got {tuple(self.frames.shape)}")
         if self.source_indices is not None:
@@ -107,6 +113,17 @@ def check_multiple_of_8(value, *, name: str) -> int:
     )
 
 
+def check_fps(fps, *, name: str = "fps") -> float:
+    """Return `fps` as a float if it is a frame rate ffmpeg takes: a finite number > 0 whose rational
+    `Fraction(fps).limit_denominator()` (what ffmpeg is given, so 24000/1001 stays exact) is not 0/1, i.e.
+    `fps >= 5e-7`; otherwise raise ConfigError (ffmpeg would refuse it only after the whole run)."""
+    real = isinstance(fps, numbers.Real) and not isinstance(fps, bool)
+    if not real or not math.isfinite(fps) or Fraction(fps).limit_denominator() <= 0:
+        raise ConfigError(f"{name}={fps!r} is not a frame rate: use a positive number of frames per second, "
+                          "e.g. data.fps=10 (null = the file's rate)")
+    return float(fps)
+
+
 def _check_int(value, *, name: str, minimum: int, fix: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}: {fix}")
@@ -149,8 +166,8 @@ def _frame_files(folder: Path) -> list[Path]:
     return files
 
 
-def _one_line(exc: BaseException) -> str:
-    """The decoder's reason on one line: the first and last lines of its message."""
+def _one_line(exc: BaseException | str) -> str:
+    """The decoder's reason on one line: the first and last lines of its message (or of a text)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
     return lines[0] if len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
 
@@ -175,17 +192,50 @@ def _iter_gif(path: Path) -> tuple[Iterator[np.ndarray], float | None]:
     duration_ms = image.info.get("duration")
 
     def frames() -> Iterator[np.ndarray]:
-        with image:
-            for frame in ImageSequence.Iterator(image):
-                yield np.asarray(frame.convert("RGB"))
+        counts = [0, 0]  # frames read, frames transparent
+        try:
+            with image:
+                for frame in ImageSequence.Iterator(image):
+                    array, had_alpha = _rgb(frame)
+                    counts[0] += 1
+                    counts[1] += had_alpha
+                    yield array
+        finally:  # also when the caller stops early
+            _warn_transparent(*counts, source=path)
 
     return frames(), (1000.0 / duration_ms if duration_ms else None)
 
 
-def _iter_images(files: list[Path]) -> Iterator[np.ndarray]:
+def _rgb(image: Image.Image) -> tuple[np.ndarray, bool]:
+    """A frame image as uint8 `(H, W, 3)`, and whether it was transparent anywhere. Transparent frames
+    (RGBA, LA, PA, palette transparency) are composited over `ALPHA_BACKGROUND` with straight alpha,
+    `round(rgb * a + background * (1 - a))`, a = alpha / 255, in integers (255 is odd: no ties)."""
+    if not image.has_transparency_data:
+        return np.asarray(image.convert("RGB")), False
+    rgba = np.asarray(image.convert("RGBA")).astype(np.int32)
+    alpha = rgba[..., 3:]
+    if alpha.min() == 255:
+        return rgba[..., :3].astype(np.uint8), False
+    background = np.asarray(ALPHA_BACKGROUND, dtype=np.int32)
+    return ((rgba[..., :3] * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8), True
+
+
+def _read_images(files: list[Path], *, source: Path) -> list[np.ndarray]:
+    """Frame images as uint8 RGB; one warning for the folder when any frame had transparency."""
+    frames, transparent = [], 0
     for file in files:
         with Image.open(file) as image:
-            yield np.asarray(image.convert("RGB"))
+            frame, had_alpha = _rgb(image)
+        frames.append(frame)
+        transparent += had_alpha
+    _warn_transparent(len(files), transparent, source=source)
+    return frames
+
+
+def _warn_transparent(total: int, transparent: int, *, source: Path) -> None:
+    if transparent:
+        logger.warning("%d of %d frames of %s are transparent: composited on white %s (the model takes RGB)",
+                       transparent, total, source, ALPHA_BACKGROUND)  # fmt: skip
 
 
 def read_frames(
@@ -195,6 +245,7 @@ def read_frames(
     or frame folder (natural sort order), stopping as soon as enough frames are read.
 
     Returns `(frames, fps)`: uint8 `(N, H, W, 3)` and the file's frame rate (None for folders).
+    Transparent frame images and GIF frames are composited on white (`ALPHA_BACKGROUND`), with one warning.
     Raises VideoError for a missing/corrupt/too short input, ConfigError for bad arguments.
     """
     path = Path(path)
@@ -214,7 +265,7 @@ def read_frames(
         if path.is_dir():
             files = _frame_files(path)
             total = len(files)
-            selected = list(_iter_images(files[start::stride][:n_frames]))
+            selected = _read_images(files[start::stride][:n_frames], source=path)
             fps = None
         else:
             if suffix in FFMPEG_SUFFIXES:
@@ -307,7 +358,8 @@ def load_video(
     """Load a video file (.mp4/.webm/.mov/.avi/.gif) or a folder of frames as a `Video`.
 
     Args:
-        path: the file or frame folder (png/jpg/jpeg/bmp/webp, natural sort order).
+        path: the file or frame folder (png/jpg/jpeg/bmp/webp, natural sort order). Frame images and GIF
+            frames with transparency (RGBA PNGs, ...) are composited on white (`ALPHA_BACKGROUND`); the log warns once.
         prompt: source prompt describing the video.
         n_frames: number of frames to keep (None = all available); never silently fewer.
         stride: keep every `stride`-th frame; "even": `n_frames` frames spread evenly from `start`
@@ -326,6 +378,8 @@ def load_video(
     are neither subsampled nor resized.
     """
     path = Path(path)
+    if fps is not None:
+        check_fps(fps)  # before decoding anything
     if stride == "even":
         if n_frames is None:
             raise ConfigError("stride='even' spreads n_frames frames over the clip: set n_frames too")
@@ -382,16 +436,33 @@ def _as_uint8(frames) -> np.ndarray:
     return array
 
 
-def _ffmpeg_write(path: Path, array: np.ndarray, *, fps: float, codec: str, pix_fmt: str, params: list[str]) -> None:
+def _ffmpeg_write(
+    path: Path, array: np.ndarray, *, fps: float, codec: str, pix_fmt: str, params: list[str], final: Path
+) -> None:
+    """Encode `array` to `path` with ffmpeg (rgb24 frames on stdin); VideoError naming `final` (the name
+    the file will get) unless ffmpeg exits 0 and the file decodes to `len(array)` frames."""
     height, width = array.shape[1:3]
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (width, height), fps=fps, codec=codec, pix_fmt_out=pix_fmt, quality=None,
-        macro_block_size=1, ffmpeg_log_level="error", output_params=params,
-    )  # fmt: skip
-    writer.send(None)
-    for frame in array:
-        writer.send(np.ascontiguousarray(frame).tobytes())
-    writer.close()
+    rate = Fraction(fps).limit_denominator()  # as imageio-ffmpeg passes it: 24000/1001 stays exact
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
+        "-pix_fmt", "rgb24", "-r", str(rate), "-i", "-", "-an", "-vcodec", codec, "-pix_fmt", pix_fmt,
+        "-v", "error", *params, str(path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, input=np.ascontiguousarray(array).tobytes(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)  # fmt: skip
+    stderr = done.stderr.decode(errors="replace").strip()
+    if done.returncode != 0:
+        raise VideoError(f"ffmpeg failed to write {final} (exit {done.returncode}): "
+                         f"{_one_line(stderr or 'no message')}; check free disk space and write access")
+    if stderr:
+        logger.warning("ffmpeg writing %s: %s", final, _one_line(stderr))
+    try:
+        count, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    except Exception as exc:  # ffmpeg cannot decode what it wrote
+        raise VideoError(f"ffmpeg wrote {final} but it cannot be read back: {_one_line(exc)}") from exc
+    if count != len(array):
+        raise VideoError(f"ffmpeg wrote {final} with {count} frames but {len(array)} were sent: "
+                         "check free disk space and the ffmpeg binary (IMAGEIO_FFMPEG_EXE)")
 
 
 def _write_folder(folder: Path, array: np.ndarray, *, flow: np.ndarray | None = None) -> None:
@@ -420,11 +491,16 @@ def write_video(path, frames, fps: float) -> Path:
             clip), or a name without suffix / an existing folder of frames (zero-padded PNGs
             `00000.png`, ...). Parent folders are created.
         frames: `(N, 3, H, W)` float tensor in `[0, 1]` or `(N, H, W, 3)` uint8 array.
-        fps: frames per second (ignored for PNG folders).
+        fps: frames per second, checked by `check_fps` (ignored for PNG folders).
+
+    ffmpeg writes (mp4, gif) raise VideoError, leaving nothing under `path`, when ffmpeg exits non-zero or
+    the file does not decode to every frame sent.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     array = _as_uint8(frames)
+    if suffix in (".mp4", ".gif"):
+        check_fps(fps)  # before any file exists
     if path.is_dir() or suffix == "":
         _write_folder(path, array)
     elif suffix == ".mp4":
@@ -436,11 +512,11 @@ def write_video(path, frames, fps: float) -> Path:
             )
         params = ["-crf", str(MP4_CRF), "-movflags", "+faststart"]
         with atomic_file(path) as tmp:
-            _ffmpeg_write(tmp, array, fps=fps, codec="libx264", pix_fmt="yuv420p", params=params)
+            _ffmpeg_write(tmp, array, fps=fps, codec="libx264", pix_fmt="yuv420p", params=params, final=path)
     elif suffix == ".gif":
         params = ["-vf", GIF_FILTER, "-loop", "0"]
         with atomic_file(path) as tmp:
-            _ffmpeg_write(tmp, array, fps=fps, codec="gif", pix_fmt="pal8", params=params)
+            _ffmpeg_write(tmp, array, fps=fps, codec="gif", pix_fmt="pal8", params=params, final=path)
     else:
         raise ConfigError(
             f"cannot write {path}: unsupported suffix {suffix}; use .mp4, .gif or a folder name without suffix"

@@ -77,6 +77,52 @@ def test_folder_of_other_files_is_not_replaced(tmp_path):
     assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
 
 
+def test_rgba_frames_are_composited_on_white_with_one_warning(tmp_path, caplog):
+    """Bug caught: `convert("RGB")` dropped alpha silently, so a transparent pixel came back as whatever colour
+    it stored (here the clip's photo) instead of the documented white background, with no word in the log.
+    Also catches: compositing on black, the straight (non-premultiplied) formula inverted, one warning per
+    frame, and opaque RGBA frames treated as transparent (the second folder must load with no warning)."""
+    rgb = clip(3, width=16, height=16)
+    alpha = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1)).astype(np.uint8)
+    alpha[0, 0, 0], alpha[0, 0, 1] = 0, 255  # a fully transparent and a fully opaque pixel
+    folder = write_pngs(tmp_path / "rgba", np.concatenate([rgb, alpha], axis=-1))
+    caplog.set_level(logging.INFO, logger="stem.video")
+    video = load_video(folder, prompt="p")
+    a = alpha.astype(np.float64) / 255  # straight alpha compositing over white (255), by the formula
+    expected = np.rint(rgb * a + 255 * (1 - a)).astype(int)
+    assert np.array_equal(levels(video.frames), expected)
+    assert np.array_equal(levels(video.frames)[0, 0, :2], [[255, 255, 255], rgb[0, 0, 1]])
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "white" in warnings[0].getMessage() and str(folder) in warnings[0].getMessage()
+    assert "3 of 3" in warnings[0].getMessage()
+
+    caplog.clear()
+    opaque = write_pngs(tmp_path / "opaque", np.concatenate([rgb, np.full_like(alpha, 255)], axis=-1))
+    assert np.array_equal(levels(load_video(opaque, prompt="p").frames), rgb)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_transparent_gif_is_composited_on_white(tmp_path, caplog):
+    """Bug caught: GIF frames went through `convert("RGB")` too, so the transparent palette entry came back as
+    its stored colour (black here) with no warning. Frame 0: top half transparent; frame 1: bottom half."""
+    frames = []
+    for t in range(2):
+        index = np.ones((8, 8), np.uint8)
+        index[(slice(0, 4) if t == 0 else slice(4, 8))] = 0
+        frame = Image.fromarray(index, mode="P")
+        frame.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+        frames.append(frame)
+    frames[0].save(tmp_path / "t.gif", save_all=True, append_images=frames[1:], transparency=0, duration=100,
+                   disposal=2)  # fmt: skip
+    caplog.set_level(logging.INFO, logger="stem.video")
+    video = load_video(tmp_path / "t.gif", prompt="p")
+    expected = np.full((2, 8, 8, 3), [200, 100, 50])
+    expected[0, :4] = expected[1, 4:] = 255
+    assert np.array_equal(levels(video.frames), expected)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 of 2" in warnings[0] and "white" in warnings[0]
+
+
 def test_natural_sort_order(tmp_path):
     colours = {"f1.png": 10, "f2.png": 20, "f10.png": 30, "f9.jpg": 40}
     folder = tmp_path / "frames"
@@ -304,15 +350,69 @@ def test_unsupported_suffix_writes_nothing(tmp_path):
 
 
 def test_failed_mp4_write_leaves_nothing(tmp_path, monkeypatch):
-    def failing_writer(path, *args, **kwargs):
-        Path(path).write_bytes(b"half a video")
-        yield
+    def failing_run(cmd, *args, **kwargs):  # the encoder raising midway (e.g. a pipe error), after some output
+        Path(cmd[-1]).write_bytes(b"half a video")
         raise OSError("disk full")
 
-    monkeypatch.setattr(stem.video.imageio_ffmpeg, "write_frames", failing_writer)
+    monkeypatch.setattr(stem.video.subprocess, "run", failing_run)
     with pytest.raises(OSError, match="disk full"):
         write_video(tmp_path / "a.mp4", clip(3), fps=10)
     assert list(tmp_path.iterdir()) == []
+
+
+def fake_ffmpeg(folder, body):
+    """An executable standing in for ffmpeg (via IMAGEIO_FFMPEG_EXE): a bash script running `body`,
+    whose last argument is the output path."""
+    folder.mkdir()
+    exe = folder / "ffmpeg"
+    exe.write_text(f"#!/bin/bash\n{body}\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+@pytest.mark.parametrize("name", ["a.mp4", "a.gif"])
+def test_failing_ffmpeg_is_an_error_and_leaves_nothing(tmp_path, monkeypatch, name):
+    """Bug caught: ffmpeg's exit status ignored, so its partial output was renamed into place and the run
+    went on (a full disk left an unreadable 64 KiB mp4 under the final name)."""
+    body = 'printf "half a video" > "${@: -1}"; echo "No space left on device" >&2; exit 1'
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", fake_ffmpeg(tmp_path / "bin", body))
+    monkeypatch.chdir(tmp_path)  # a read-back through the fake would write to its last argument, "-"
+    out = tmp_path / "out"
+    with pytest.raises(VideoError) as info:
+        write_video(out / name, clip(3, width=16, height=16), fps=10)
+    message = str(info.value)
+    assert "\n" not in message and str(out / name) in message and "exit 1" in message
+    assert "No space left on device" in message  # ffmpeg's reason, passed on
+    assert list(out.iterdir()) == []  # neither the final name nor the temporary file
+
+
+def test_video_with_missing_frames_is_refused(tmp_path, monkeypatch):
+    """Bug caught: no read-back of the frame count before the rename. A real ffmpeg that exits 0 but
+    keeps only 2 of 3 frames (`-frames:v 2` slipped in before the output path when encoding from stdin)."""
+    real = imageio_ffmpeg.get_ffmpeg_exe()
+    body = (f'if [[ " $* " == *" -i - "* ]]; then exec "{real}" "${{@:1:$#-1}}" -frames:v 2 "${{@: -1}}"; '
+            f'else exec "{real}" "$@"; fi')
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", fake_ffmpeg(tmp_path / "bin", body))
+    out = tmp_path / "out"
+    with pytest.raises(VideoError, match=r"a\.mp4.* 2 frames.* 3 were sent"):
+        write_video(out / "a.mp4", clip(3, width=16, height=16), fps=10)
+    assert list(out.iterdir()) == []
+    write_video(out / "frames", clip(3, width=16, height=16), fps=10)  # PNG folders never go through ffmpeg
+
+
+@pytest.mark.parametrize("fps", [-5, 0, float("nan"), float("inf"), 1e-9, "10", True])
+def test_bad_fps_is_a_config_error_before_any_work(tmp_path, fps):
+    """Bug caught: `data.fps=-5` was taken as given; ffmpeg then refused it and left 0-byte mp4s after the
+    whole run. 1e-9 is positive but ffmpeg's rational rounds it to 0/1. The check must fire where the data
+    is built (load_video, Video) and in write_video, before anything is written."""
+    folder = write_pngs(tmp_path / "frames", clip(2, width=16, height=16))
+    with pytest.raises(ConfigError, match=r"fps=.*positive.*fps"):
+        load_video(folder, prompt="p", fps=fps)
+    with pytest.raises(ConfigError, match=r"fps="):
+        stem.video.Video(frames=torch.zeros(2, 3, 16, 16), fps=fps, prompt="p", name="n")
+    with pytest.raises(ConfigError, match=r"fps="):
+        write_video(tmp_path / "out" / "a.mp4", clip(2, width=16, height=16), fps=fps)
+    assert not (tmp_path / "out").exists()  # not even the parent folder
 
 
 def test_failed_folder_write_keeps_the_old_frames(tmp_path, monkeypatch):
