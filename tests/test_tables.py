@@ -410,17 +410,19 @@ def interrupted_sweep(tmp_path, n_started):
 def test_jobs_that_never_started_are_missing_rows_and_count_as_jobs(tmp_path):
     """The expected jobs come from multirun.yaml (declared params first, then the command line, in Hydra's
     cartesian order: the reference is the product written out above). Mutations caught: jobs without a
-    folder dropped silently (3 of 3 jobs finished), the product taken in another order (the missing row
-    would be seed 0 / stem), or the command line's fixed override counted as a swept value."""
-    root, combos = interrupted_sweep(tmp_path, 3)
+    folder dropped silently (2 of 2 jobs finished), the product taken in another order (command line
+    first: the missing rows would be seed 0 / stem and seed 1 / stem), or the command line's fixed override
+    counted as a swept value."""
+    root, combos = interrupted_sweep(tmp_path, 2)
     proc = make_tables(root, "--columns", "seed,inversion", "--metrics", "PSNR=vs_input.psnr:.1f")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].endswith("; 3 of 4 jobs finished.")
-    assert lines[4:] == ["| 0 | DDIM 1-frame | 20.0 |", "| 0 | STEM | 21.0 |", "| 1 | DDIM 1-frame | 22.0 |",
+    assert lines[0].endswith("; 2 of 4 jobs finished.")
+    assert lines[4:] == ["| 0 | DDIM 1-frame | 20.0 |", "| 0 | STEM | 21.0 |", "| 1 | DDIM 1-frame | missing |",
                          "| 1 | STEM | missing |"]
+    assert "job 2: missing: no job folder" in proc.stderr
     runs = collect_runs(root, expected=combos)
-    assert [(r["job"], r["status"]) for r in runs] == [(0, "ok"), (1, "ok"), (2, "ok"), (3, "missing")]
+    assert [(r["job"], r["status"]) for r in runs] == [(0, "ok"), (1, "ok"), (2, "missing"), (3, "missing")]
     assert runs[3]["overrides"] == {"seed": 1, "inversion": "stem", "data.n_frames": 8} and runs[3]["dir"] is None
 
 
