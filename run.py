@@ -36,6 +36,7 @@ from stem.errors import ConfigError, StemError
 from stem.evaluation import inversion_reconstruction_sections, per_frame_columns, summary_scalars
 from stem.reconstruction import invert_video, reconstruct_video
 from stem.rundir import write_run
+from stem.tables import mark_job
 
 log = logging.getLogger("run")
 HEADLINE = ("psnr", "ssim", "clip_score", "frame_consistency", "warp_error", "mean")  # logged at the end of a job
@@ -220,10 +221,15 @@ CONFIG_PATH = str(_REPO_CONFIGS) if (_REPO_CONFIGS / "config.yaml").is_file() el
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    mark_job(hydra_cfg.runtime.output_dir, "running")  # status.json: make_tables tells running from failed
     try:
-        hydra_cfg = HydraConfig.get()
         run_job(cfg, hydra_cfg.runtime.output_dir, job_tracking(cfg, hydra_cfg))
-    except StemError as e:
+        mark_job(hydra_cfg.runtime.output_dir, "done")
+    except BaseException as e:
+        mark_job(hydra_cfg.runtime.output_dir, "failed")  # an error, Ctrl-C, SystemExit
+        if not isinstance(e, StemError):
+            raise
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:

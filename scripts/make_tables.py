@@ -11,8 +11,23 @@ table spec (name, columns, metrics, averaging, the paper's values, plot) in
 `<sweep dir>/multirun.yaml` under `hydra.callbacks.sweep_table`, and its declared sweep
 (`hydra.sweeper.params`: the row order): both are used unless options here override them.
 Otherwise columns default to the override keys that vary between jobs. The provenance comes
-from the job folders (metrics.json, git.json, .hydra/config.yaml). Failed jobs are rows of
-"failed". Bad input: one line `error: ...` on stderr and exit status 2.
+from the job folders (metrics.json, git.json, .hydra/config.yaml). Bad input: one line
+`error: ...` on stderr and exit status 2.
+
+After an interrupted sweep (a kill, a time limit, a crashed node) every job the sweep launches is a
+row, and a job that did not finish shows its status in every metric cell; the caption's "N of M
+jobs finished" counts all M expected jobs:
+- `failed`: a job folder without metrics.json whose status.json (written by run.py) says it ended
+  with an error, or says running while its process is gone on this host (kill -9); also a folder
+  without status.json (a sweep from before it);
+- `running`: status.json says running and its process is alive, or it runs on another host (a
+  cluster node: cannot be checked from here, so a job killed there still reads `running`);
+- `missing`: an expected job without a folder: it never started. The expected jobs are those
+  Hydra's BasicSweeper launches, expanded here with Hydra's own parser from multirun.yaml
+  (`hydra.sweeper.params`, then `hydra.overrides.task`), numbered in its order; a sweep with
+  another sweeper (Optuna, ...) lists only the jobs that have a folder;
+- `unreadable`: its metrics.json (or .hydra/overrides.yaml) cannot be parsed, e.g. truncated.
+Each such job is also listed on stderr with the reason.
 
 `--wandb` also logs the table as the sweep's W&B summary run (callbacks.log_sweep_summary: job type
 "summary", the jobs' group, the sweep's config from multirun.yaml and the table's provenance), e.g.
@@ -29,6 +44,8 @@ from pathlib import Path
 
 from stem.errors import StemError, TableError
 from stem.tables import sweep_order, write_sweep_outputs
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 SPEC_KEYS = ("name", "columns", "metrics", "average_over", "paper", "plot", "ratio_to", "paper_rows")
 
@@ -55,6 +72,33 @@ def sweep_spec(sweep_dir: str) -> dict:
     if swept:  # rows in the order the sweep declares, as the callback orders them
         spec["order"] = sweep_order(OmegaConf.to_container(swept, resolve=True))
     return {k: v for k, v in spec.items() if v is not None}
+
+
+def expected_jobs(sweep_dir: str) -> list[list[str]] | None:
+    """The override list of each job the sweep launches, in job-number order, as Hydra's BasicSweeper
+    expands them: `hydra.sweeper.params` ("key=values" each) then the command line's
+    `hydra.overrides.task`, through its OverridesParser and `split_arguments` (the cartesian product,
+    Hydra's own code, so every sweep syntax it takes is expanded exactly). None when multirun.yaml is
+    absent, records no command line, or names another sweeper."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(path)
+        task = OmegaConf.select(cfg, "hydra.overrides.task")
+        if task is None or OmegaConf.select(cfg, "hydra.sweeper._target_", default=BASIC_SWEEPER) != BASIC_SWEEPER:
+            return None
+        params = OmegaConf.select(cfg, "hydra.sweeper.params")
+        params = {} if params is None else OmegaConf.to_container(params, resolve=True)
+        arguments = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in task]
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
+    except Exception as e:  # a broken multirun.yaml or a sweep Hydra itself could not have launched
+        raise TableError(f"cannot list the jobs of {path}: {type(e).__name__}: {e}".replace("\n", " ")) from e
+    return [list(job) for batch in batches for job in batch]
 
 
 def parse_metric(text: str) -> tuple[str, ...]:
@@ -87,12 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             from callbacks import log_sweep_summary, read_sweep_config  # run.py's neighbour (a top-level module)
 
             sweep_config = read_sweep_config(args.sweep_dir)
-        out = write_sweep_outputs(args.sweep_dir, **spec)
+        out = write_sweep_outputs(args.sweep_dir, **spec, expected=expected_jobs(args.sweep_dir))
         if args.wandb:
             log_sweep_summary(args.sweep_dir, spec["name"], out, sweep_config)
     except StemError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for run in out["runs"]:
+        if run["status"] != "ok":
+            print(f"job {run['job']}: {run['status']}: {run['error']}", file=sys.stderr)
     print(out["markdown"], end="")
     print(f"wrote {', '.join(map(str, out['files']))}", file=sys.stderr)
     return 0

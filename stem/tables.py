@@ -1,8 +1,10 @@
 """Result tables rebuilt from run directories, so W&B is never the only record.
 
 A sweep folder (`python run.py -m ...`) holds one job folder per job, `<sweep dir>/<job num>/`,
-each with Hydra's `.hydra/overrides.yaml` and, when the job finished, `metrics.json` (written
-atomically at the very end: a job folder without it is a job that failed, or one still running).
+each with Hydra's `.hydra/overrides.yaml`, run.py's `status.json` (`mark_job`) and, when the job
+finished, `metrics.json` (written atomically at the very end). A job that did not finish is a row of
+its status in every metric cell: "failed", "running", "missing" (never started) or "unreadable"
+(`JOB_STATES`); one bad job never stops the table.
 
     runs = collect_runs("outputs/reconstruct/multiruns/2024-06-01/12-00-00")
     table = sweep_table(runs, ["inversion"], DEFAULT_METRICS)
@@ -10,7 +12,7 @@ atomically at the very end: a job folder without it is a job that failed, or one
 
 A table is a dict: `header` (column keys, then metric labels: the CSV's header), `labels` (the
 printed headers), `rows` (raw values: override values parsed as YAML, metric values as floats,
-"failed" in every metric cell of a failed job), `row_labels` (the printed column cells: the
+the job's status in every metric cell of a job that did not finish), `row_labels` (the printed column cells: the
 paper's method names, K of STEM rows from each run) and `formats` (None for a column, the format
 spec of each metric). Rows follow the paper's order (the sweep's declared order), each paper value
 sits right after its metric. Markdown formats metrics with their spec (PSNR `.3f`, SSIM `.4f` by
@@ -23,6 +25,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import os
+import socket
 from pathlib import Path
 
 import yaml
@@ -31,6 +36,19 @@ from stem.atomic import atomic_file
 from stem.errors import TableError
 
 FAILED = "failed"
+RUNNING = "running"
+MISSING = "missing"
+UNREADABLE = "unreadable"
+# a job's status and its cells in the table: "ok" (metrics.json read) or one of these
+JOB_STATES = {
+    FAILED: "a job folder without metrics.json whose run ended with an error or was killed (or has no status.json)",
+    RUNNING: "a job folder without metrics.json whose status.json says running and whose process is alive "
+             "(or runs on another host, where it cannot be checked)",
+    MISSING: "an expected job of multirun.yaml without a folder: it never started",
+    UNREADABLE: "a job whose metrics.json or .hydra/overrides.yaml cannot be parsed (e.g. truncated)",
+}
+JOB_STATUS = "status.json"  # written by run.py (`mark_job`)
+log = logging.getLogger(__name__)
 # (label, dotted path into metrics.json, format spec for markdown: the paper's 3 decimals for PSNR, 4 for SSIM)
 # The default table shows those of these that at least one finished job has (metrics=recon|edit|all).
 DEFAULT_METRICS = (
@@ -68,24 +86,81 @@ def _job_key(folder: Path):
     return (0, int(folder.name), "") if folder.name.isdigit() else (1, 0, folder.name)
 
 
-def collect_runs(sweep_dir: str | Path) -> list[dict]:
-    """One dict per job folder (a subfolder with `.hydra/`), sorted by job number:
-    {"job", "dir", "overrides", "status": "ok" | "failed", "metrics": dict or None}."""
+def collect_runs(sweep_dir: str | Path, expected: list[list[str]] | None = None) -> list[dict]:
+    """One dict per job, sorted by job number: {"job", "dir", "overrides", "status", "metrics": dict or
+    None, "error": why a job is not "ok" (None when it is)}; see `JOB_STATES` for the statuses.
+
+    Jobs are the subfolders with `.hydra/`, plus, with `expected` (the override list of each job of the
+    sweep in job order, as Hydra's BasicSweeper numbers them: `scripts/make_tables.py` expands
+    multirun.yaml), a "missing" row for each expected job that has no folder. One unreadable file is
+    that job's "unreadable" row, never an error for the whole sweep."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise TableError(f"sweep folder not found: {sweep_dir}")
-    runs = []
-    for folder in sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=_job_key):
-        overrides_file = folder / ".hydra" / "overrides.yaml"
-        try:
-            lines = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-            metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else None
-        except (yaml.YAMLError, json.JSONDecodeError) as e:
-            raise TableError(f"cannot parse a file in {folder}: {type(e).__name__}: {e}".replace("\n", " ")) from e
-        runs.append({"job": int(folder.name) if folder.name.isdigit() else folder.name, "dir": folder,
-                     "overrides": parse_overrides(lines or []), "status": "ok" if metrics is not None else FAILED,
-                     "metrics": metrics})
+    runs = [_read_job(folder) for folder in sweep_dir.iterdir() if (folder / ".hydra").is_dir()]
+    present = {run["job"] for run in runs}
+    runs += [{"job": i, "dir": None, "overrides": parse_overrides(lines), "status": MISSING, "metrics": None,
+              "error": "no job folder: the job never started"}
+             for i, lines in enumerate(expected or []) if i not in present]
+    runs.sort(key=lambda run: _job_key(Path(str(run["job"]))))
+    for run in runs:
+        if run["error"] is not None:
+            log.warning("job %s: %s: %s", run["job"], run["status"], run["error"])
     return runs
+
+
+def _read_job(folder: Path) -> dict:
+    run = {"job": int(folder.name) if folder.name.isdigit() else folder.name, "dir": folder, "overrides": {},
+           "status": "ok", "metrics": None, "error": None}
+    for name, parse in ((".hydra/overrides.yaml", yaml.safe_load), ("metrics.json", json.loads)):
+        path = folder / name
+        try:
+            value = parse(path.read_text()) if path.is_file() else None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+            run["status"], run["error"] = UNREADABLE, f"cannot parse {path}: {type(e).__name__}: {e}".replace("\n", " ")
+            return run
+        if name == "metrics.json":
+            run["metrics"] = value
+        else:
+            run["overrides"] = parse_overrides(value or [])
+    if run["metrics"] is None:
+        run["status"], run["error"] = _unfinished_state(folder)
+    return run
+
+
+def mark_job(run_dir: str | Path, state: str) -> None:
+    """Write `<run_dir>/status.json` atomically: {"state": "running" | "failed" | "done", "pid", "host"}.
+    run.py marks each job "running" at its start and "failed" or "done" at its end, so a table can
+    tell a job still running from one that ended with an error (or was killed: see `_unfinished_state`)."""
+    record = {"state": state, "pid": os.getpid(), "host": socket.gethostname()}
+    with atomic_file(Path(run_dir) / JOB_STATUS) as tmp:
+        tmp.write_text(json.dumps(record) + "\n")
+
+
+def _unfinished_state(folder: Path) -> tuple[str, str]:
+    """(status, reason) of a job folder without metrics.json, from its status.json (`mark_job`)."""
+    try:
+        record = json.loads((folder / JOB_STATUS).read_text())
+    except (OSError, ValueError):  # no marker (a sweep from before markers, or killed before it): failed
+        return FAILED, "no metrics.json"
+    state = record.get("state") if isinstance(record, dict) else record
+    if state != RUNNING:
+        return FAILED, f"no metrics.json; {JOB_STATUS} says {state!r}"
+    pid, host = record.get("pid"), record.get("host")
+    if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+        return FAILED, f"no metrics.json; its process {pid} is gone (killed)"
+    return RUNNING, f"no metrics.json yet; process {pid} on {host} is running" + (
+        "" if host == socket.gethostname() else " (another host: not checked)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def varying_keys(runs: list[dict]) -> list[str]:
@@ -194,7 +269,8 @@ def _ranker(columns: list[str], order: dict | None, paper: dict | None):
 def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over=(), paper=None,
                 ratio_to: str | None = None, order: dict | None = None, paper_rows: dict | None = None) -> dict:
     """Rows of `columns` (override keys) then `metrics` ((label, dotted path[, format[, scale]]) into
-    metrics.json; None: `default_metrics(runs)`); a failed run is a row of "failed" cells.
+    metrics.json; None: `default_metrics(runs)`); a run that did not finish is a row of its status
+    ("failed", "running", "missing", "unreadable": `JOB_STATES`) in every metric cell.
 
     Rows come in the paper's order: `order` ({column: [values]}, the order the sweep declares, see
     `sweep_order`), then the order of the `paper` keys, then the remaining values (numbers by
@@ -202,7 +278,7 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
 
     average_over: override keys (e.g. ["data"]) averaged out: one row per value of the other
         columns, each metric the mean over its runs, a "runs" column with their count, and
-        "failed" cells when any of them failed (never a silently smaller average).
+        the status cells of the first that did not finish (never a silently smaller average).
     paper: {row key: {metric label: value}} with row key the row's column values joined by "/"
         (e.g. "stem_k128"); puts a "<label> (paper)" column right after each metric the paper has.
         A value written as a string ("0.29", "7.2") is printed as written, the paper's precision.
@@ -244,7 +320,7 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
     built = []
     for members in groups.values():
         cells = [members[0]["overrides"].get(c) for c in columns]
-        values = [_combine([_value(r["metrics"], path, scale) if r["status"] == "ok" else FAILED for r in members])
+        values = [_combine([_value(r["metrics"], path, scale) if r["status"] == "ok" else r["status"] for r in members])
                   for _, path, _, scale in specs]
         done = [r["metrics"] for r in members if r["status"] == "ok"] or [None]
         built.append((rank(cells), _sort_key(members[0]["job"]), cells, values, len(members), done[0]))
@@ -295,16 +371,18 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
 
 
 def _ratio(value, ref):
-    if value == FAILED:
-        return FAILED
+    if isinstance(value, str) and value in JOB_STATES:
+        return value
     return value / ref if ref is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
         else None
 
 
 def _combine(values: list):
-    """One cell from the values of a row's runs: the value, the mean of numbers, or "failed"."""
-    if len(values) == 1 or FAILED in values:
-        return FAILED if FAILED in values else values[0]
+    """One cell from the values of a row's runs: the value, the mean of numbers, or the status of the first
+    run that did not finish ("failed", "running", "missing", "unreadable")."""
+    bad = [v for v in values if isinstance(v, str) and v in JOB_STATES]
+    if len(values) == 1 or bad:
+        return bad[0] if bad else values[0]
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         return sum(values) / len(values)
     return values[0] if len({repr(v) for v in values}) == 1 else None
@@ -395,8 +473,8 @@ def sidecar(table: dict, provenance: dict) -> dict:
                                       "rows": table.get("row_labels", [])}}
 
 
-def _runs(sweep_dir) -> list[dict]:
-    runs = collect_runs(sweep_dir)
+def _runs(sweep_dir, expected=None) -> list[dict]:
+    runs = collect_runs(sweep_dir, expected)
     if not runs:
         raise TableError(f"no job folders in {sweep_dir}: expected <job num>/.hydra/ from `python run.py -m ...`")
     return runs
@@ -405,14 +483,16 @@ def _runs(sweep_dir) -> list[dict]:
 def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: list[str] | None = None,
                         metrics=None, average_over=(), paper=None, plot: dict | None = None,
                         ratio_to: str | None = None, order: dict | None = None,
-                        paper_rows: dict | None = None) -> dict:
+                        paper_rows: dict | None = None, expected: list[list[str]] | None = None) -> dict:
     """Build the table of `sweep_dir` (see `sweep_table`) and its provenance (`stem.provenance`),
     write `<name>.md` (caption line, then the table), `.csv`, the sidecar `<name>.json` and, with
     a `plot` spec, `<name>.png` into it; return {"table", "markdown" (the .md text), "files",
-    "provenance" (a plain dict, "caption" its line)}."""
+    "provenance" (a plain dict, "caption" its line), "runs" (`collect_runs`)}. `expected`: the override
+    list of each job the sweep launches (see `collect_runs`), so that jobs that never started are rows
+    and count in the caption's "N of M jobs finished"."""
     from stem.provenance import sweep_provenance
 
-    runs = _runs(sweep_dir)
+    runs = _runs(sweep_dir, expected)
     columns = varying_keys(runs) if columns is None else list(columns)
     table = sweep_table(runs, columns, metrics, average_over, paper, ratio_to, order, paper_rows)
     provenance = sweep_provenance(runs)
@@ -421,4 +501,4 @@ def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: lis
         png = sweep_plot(runs, [c for c in columns if c not in average_over], plot, Path(sweep_dir) / f"{name}.png",
                          caption=provenance["caption"], paper=paper_numbers(paper) if paper else None)
         files += [png] if png else []
-    return {"table": table, "markdown": files[0].read_text(), "files": files, "provenance": provenance}
+    return {"table": table, "markdown": files[0].read_text(), "files": files, "provenance": provenance, "runs": runs}

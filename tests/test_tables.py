@@ -3,6 +3,7 @@ Hydra callback at the end of real multiruns (`python run.py -m ...`), with and w
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -389,3 +390,86 @@ def test_make_tables_rebuilds_caption_layout_and_sidecar_from_the_job_folders(tm
     assert proc.returncode == 0, proc.stderr
     assert {s: (root / f"table4_length{s}").read_text() for s in written} == written
     assert proc.stdout == written[".md"]
+
+
+# ------------------------------------------------------------------ interrupted sweeps (issue 13, item 10)
+
+def interrupted_sweep(tmp_path, n_started):
+    """A sweep of 4 expected jobs (declared seed=0,1 and the command line's inversion=ddim_1frame,stem)
+    of which the first `n_started` have a folder, each finished."""
+    combos = [[f"seed={s}", f"inversion={m}", "data.n_frames=8"] for s in (0, 1) for m in ("ddim_1frame", "stem")]
+    root = make_sweep(tmp_path / "sweep", [(c, job_metrics(psnr=20.0 + i), "tiny", None)
+                                           for i, c in enumerate(combos[:n_started])])
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "max_batch_size": None,
+                    "params": {"seed": "0,1"}},
+        "overrides": {"task": ["inversion=ddim_1frame,stem", "data.n_frames=8"]}}}))
+    return root, combos
+
+
+def test_jobs_that_never_started_are_missing_rows_and_count_as_jobs(tmp_path):
+    """The expected jobs come from multirun.yaml (declared params first, then the command line, in Hydra's
+    cartesian order: the reference is the product written out above). Mutations caught: jobs without a
+    folder dropped silently (2 of 2 jobs finished), the product taken in another order (command line
+    first: the missing rows would be seed 0 / stem and seed 1 / stem), or the command line's fixed override
+    counted as a swept value."""
+    root, combos = interrupted_sweep(tmp_path, 2)
+    proc = make_tables(root, "--columns", "seed,inversion", "--metrics", "PSNR=vs_input.psnr:.1f")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].endswith("; 2 of 4 jobs finished.")
+    assert lines[4:] == ["| 0 | DDIM 1-frame | 20.0 |", "| 0 | STEM | 21.0 |", "| 1 | DDIM 1-frame | missing |",
+                         "| 1 | STEM | missing |"]
+    assert "job 2: missing: no job folder" in proc.stderr
+    runs = collect_runs(root, expected=combos)
+    assert [(r["job"], r["status"]) for r in runs] == [(0, "ok"), (1, "ok"), (2, "missing"), (3, "missing")]
+    assert runs[3]["overrides"] == {"seed": 1, "inversion": "stem", "data.n_frames": 8} and runs[3]["dir"] is None
+
+
+def mark(folder, state, pid=None, host=None):
+    (folder / "status.json").write_text(json.dumps({"state": state, "pid": pid or os.getpid(),
+                                                    "host": host or socket.gethostname()}))
+
+
+def test_a_running_job_is_running_not_failed(tmp_path):
+    """Mutations caught: a job folder without metrics.json always called failed (the running job of a live
+    sweep); a marker that says running trusted after its process died (kill -9: it stays failed); the
+    marker of a job that ended with an error ignored."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    jobs = [([f"seed={i}"], None, "tiny", None) for i in range(5)]
+    root = make_sweep(tmp_path, jobs)
+    mark(root / "0", "running")                                # this process: alive
+    mark(root / "1", "running", pid=int(dead.stdout))          # its process is gone: killed
+    mark(root / "2", "failed")                                 # ended with an error
+    mark(root / "3", "running", host="another-node-of-the-cluster")  # cannot be checked from here: running
+    assert [r["status"] for r in collect_runs(root)] == ["running", "failed", "failed", "running", "failed"]
+    table = sweep_table(collect_runs(root), ["seed"], [("PSNR", "vs_input.psnr")])
+    assert [row[1] for row in table["rows"]] == ["running", "failed", "failed", "running", "failed"]
+
+
+def test_run_py_marks_a_job_that_ended_with_an_error(tmp_path):
+    """run.py writes status.json at job start and marks it failed on an error. Mutation caught: no marker
+    (or one left at "running"), so a failed job would read as still running."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", *TINY, "data.width=250", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'c'}")
+    assert proc.returncode == 1 and "error: data: width=250" in proc.stderr
+    status = json.loads((sweep / "0" / "status.json").read_text())
+    assert status["state"] == "failed" and status["pid"] != os.getpid()
+    assert [r["status"] for r in collect_runs(sweep)] == ["failed"]
+
+
+def test_a_truncated_metrics_json_is_one_unreadable_row(tmp_path):
+    """Mutation caught: a parse error of one job's metrics.json (a disk full, a copy cut short) raised for
+    the whole sweep, or the bad job counted as finished."""
+    root = make_sweep(tmp_path, [([f"seed={i}"], job_metrics(psnr=20.0 + i), "tiny", None) for i in range(3)])
+    text = (root / "1" / "metrics.json").read_text()
+    (root / "1" / "metrics.json").write_text(text[: len(text) // 2])
+    runs = collect_runs(root)
+    assert [r["status"] for r in runs] == ["ok", "unreadable", "ok"]
+    assert "metrics.json" in runs[1]["error"] and "JSONDecodeError" in runs[1]["error"]
+    out = write_sweep_outputs(root, "t", ["seed"], [("PSNR", "vs_input.psnr", ".1f")])
+    assert md_lines(out)[2:] == ["| 0 | 20.0 |", "| 1 | unreadable |", "| 2 | 22.0 |"]
+    assert out["provenance"]["caption"].endswith("; 2 of 3 jobs finished.")
+    proc = make_tables(root, "--columns", "seed", "--metrics", "PSNR=vs_input.psnr:.1f")
+    assert proc.returncode == 0, proc.stderr
+    assert f"job 1: unreadable: cannot parse {root / '1' / 'metrics.json'}: JSONDecodeError" in proc.stderr
