@@ -291,27 +291,41 @@ def test_an_entry_written_before_checksums_is_a_miss_with_a_warning(tmp_path, ca
     assert any(str(entry) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records), caplog.text
 
 
-# --- through the inversion cache (issue 13, point 1) ----------------------------------------------------
+# --- through the inversion cache (issue 13, points 1 and 7) ----------------------------------------------------
 
 
-def _reconstruct(model, cache):
+def _reconstruct(model, cache, invert_only: bool = False):
     from stem.inversion import DDIMInversion
-    from stem.reconstruction import reconstruct_video
+    from stem.reconstruction import invert_video, reconstruct_video
     from stem.synthetic import camera_pan
 
     video = camera_pan(n_frames=2, width=64, height=64)
-    return reconstruct_video(model, video, DDIMInversion("1frame", num_steps=2), cache, progress=False)
+    return (invert_video if invert_only else reconstruct_video)(model, video, DDIMInversion("1frame", num_steps=2),
+                                                                cache, progress=False)
+
+
+def test_reconstruction_on_a_cache_hit_is_bit_identical_to_the_miss(tiny_model, tmp_path):
+    """The miss's trajectory and the hit's (loaded from safetensors) must give the same frames bit for bit.
+    Catches: a trajectory in channels-last memory format on a miss and contiguous on a hit (the convolutions
+    then sum in another order, ~1e-4 dB of PSNR), or any other difference between the two paths."""
+    cache = TensorCache(tmp_path / "cache")
+    miss = _reconstruct(tiny_model, cache)
+    hit = _reconstruct(tiny_model, cache)
+    assert not miss.inverted.cache_hit and hit.inverted.cache_hit
+    assert torch.equal(miss.inverted.trajectory.latents, hit.inverted.trajectory.latents)
+    assert torch.equal(miss.frames, hit.frames) and torch.equal(miss.vae_frames, hit.vae_frames)
 
 
 def test_a_truncated_inversion_entry_is_inverted_again_and_replaced(tiny_model, tmp_path, caplog):
-    """A truncated tensors file in the inversion cache: the rerun warns with the entry's path, inverts again and
-    writes a verified entry in its place (the next run hits it). Catches: a traceback on every rerun."""
+    """A truncated tensors file in the inversion cache: the rerun warns with the entry's path, inverts again (the
+    same latents) and writes a verified entry in its place, with no leftovers. Catches: a traceback on every
+    rerun, or a damaged entry that is never replaced."""
     cache = TensorCache(tmp_path / "cache")
-    first = _reconstruct(tiny_model, cache)
-    _truncate(first.inverted.entry / TENSORS, 0.5)
+    first = _reconstruct(tiny_model, cache, invert_only=True)
+    _truncate(first.entry / TENSORS, 0.5)
     with caplog.at_level("WARNING", logger="stem.cache"):
-        again = _reconstruct(tiny_model, cache)
-    assert not again.inverted.cache_hit and str(first.inverted.entry) in caplog.text
-    assert torch.equal(again.frames, first.frames)
-    assert cache.load(first.inverted.key) is not None
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.inverted.key]
+        again = _reconstruct(tiny_model, cache, invert_only=True)
+    assert not again.cache_hit and str(first.entry) in caplog.text
+    assert torch.equal(again.trajectory.latents, first.trajectory.latents)
+    assert torch.equal(cache.load(first.key)[0]["latents"], first.trajectory.latents)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.key]
