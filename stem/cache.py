@@ -5,22 +5,33 @@ is a SHA-256 of everything that determines the result (`content_key`), so asking
 same inversion again reuses it, and any change of frames, weights, prompt or settings
 misses. Entries are written to a temporary folder and renamed into place: a crash or a
 refused input never leaves a half-written entry behind.
+
+meta.json also holds the SHA-256 of the safetensors file's bytes (`CHECKSUM`), verified on every
+load. An entry that cannot be read (truncated or empty tensors file, truncated meta.json), whose
+tensors do not match their checksum, or that has no checksum (written before checksums existed,
+so it cannot be verified) is a miss with a warning naming it: the caller recomputes and its save
+replaces the entry atomically.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 
 from stem.atomic import atomic_dir, umask
 
 TENSORS, META = "tensors.safetensors", "meta.json"
+CHECKSUM = "tensors_sha256"  # key in meta.json: SHA-256 (hex) of the bytes of TENSORS
+
+log = logging.getLogger(__name__)
 
 
 def content_key(**parts) -> str:
@@ -50,17 +61,38 @@ class TensorCache:
         return self.root / key
 
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """(tensors, meta) of a complete entry, or None when there is none."""
+        """(tensors, meta) of a complete, verified entry, or None when there is none (a miss).
+
+        A damaged or unverifiable entry is a miss too, with a warning naming it (module docstring).
+        """
         entry = self.path(key)
-        if not (entry / TENSORS).is_file() or not (entry / META).is_file():
+        if not entry.exists():
             return None
-        return load_file(entry / TENSORS), json.loads((entry / META).read_text())
+        try:
+            if not (entry / TENSORS).is_file() or not (entry / META).is_file():
+                raise ValueError(f"incomplete (needs {TENSORS} and {META})")
+            meta = json.loads((entry / META).read_text())
+            if not isinstance(meta, dict):
+                raise ValueError(f"{META} is not a JSON object")
+            expected = meta.pop(CHECKSUM, None)
+            if expected is None:
+                raise ValueError(f"no checksum in {META} (written before checksums were stored)")
+            data = (entry / TENSORS).read_bytes()
+            if hashlib.sha256(data).hexdigest() != expected:
+                raise ValueError(f"{TENSORS} does not match the checksum in {META} (overwritten or truncated)")
+            return load(data), meta
+        except (OSError, ValueError, SafetensorError) as e:  # JSONDecodeError is a ValueError
+            log.warning("cache entry %s is unusable (%s); treating it as a miss, it is replaced when written again",
+                        entry, e)
+            return None
 
     def save(self, key: str, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-        """Write an entry atomically (temporary folder, then rename) and return its path."""
+        """Write an entry atomically (temporary folder, then rename) with the tensors' checksum in meta.json
+        (`CHECKSUM`, a reserved key) and return its path."""
         entry = self.path(key)
         with atomic_dir(entry) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / TENSORS)
             os.chmod(tmp / TENSORS, 0o666 & ~umask())  # safetensors writes 0o600 whatever the umask
-            (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+            checksum = hashlib.sha256((tmp / TENSORS).read_bytes()).hexdigest()
+            (tmp / META).write_text(json.dumps({**meta, CHECKSUM: checksum}, indent=2, sort_keys=True, default=str))
         return entry

@@ -73,6 +73,7 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     encode_seconds = time.perf_counter() - start
     warm_up(method, model, latents, cond, warmup_steps)
     traj, seconds, peak = time_inversion(method, model, latents, cond, progress, observer)
+    traj = _trajectory({"latents": traj.latents, "timesteps": traj.timesteps}, model)
     peak_mib = peak / 2**20
     if hit is not None:
         log.info("inversion cache hit %s (inverted again for %s)", cache.path(key), type(observer).__name__)
@@ -89,7 +90,11 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
 
 
 def _trajectory(tensors: dict, model) -> Trajectory:
-    return Trajectory(tensors["latents"].to(model.device, model.dtype), tensors["timesteps"])
+    """The trajectory on the model's device and dtype in the contiguous memory format, both when just inverted
+    (`torch.stack` keeps the UNet's channels-last output) and when loaded from the cache: the convolutions then
+    sum in the same order, so a cache hit reconstructs bit-identically to the miss that wrote it."""
+    latents = tensors["latents"].to(model.device, model.dtype).contiguous()  # `.to` alone keeps the strides
+    return Trajectory(latents, tensors["timesteps"])
 
 
 def reconstruct_video(model, video: Video, method, cache: TensorCache | None = None,

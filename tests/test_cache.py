@@ -95,7 +95,7 @@ def test_save_then_load_round_trips(tmp_path):
     assert loaded.keys() == tensors.keys()
     for name, t in tensors.items():
         assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
-    assert json.loads((entry / META).read_text()) == meta
+    assert {k: v for k, v in json.loads((entry / META).read_text()).items() if k != stem.cache.CHECKSUM} == meta
 
 
 def test_save_replaces_an_existing_entry(tmp_path):
@@ -208,3 +208,124 @@ def test_content_key_hashes_numpy_arrays_by_value():
     b[2500] = 1  # str() of both arrays is the same abbreviated "[0. 0. 0. ... 0. 0. 0.]"
     assert content_key(x=a) != content_key(x=b)
     assert content_key(x=a) == content_key(x=torch.from_numpy(a.copy()))
+
+
+# --- damaged entries and checksums (issue 13, point 1) ---------------------------------------------------------
+
+
+def _entry(tmp_path) -> tuple[TensorCache, Path, dict]:
+    cache = TensorCache(tmp_path / "cache")
+    tensors = {"latents": torch.randn(3, 2, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+               "timesteps": torch.tensor([1, 501])}
+    return cache, cache.save("k", tensors, {"v": 1}), tensors
+
+
+def _truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+DAMAGES = {
+    "empty tensors": lambda e: _truncate(e / TENSORS, 0.0),
+    "truncated tensors": lambda e: _truncate(e / TENSORS, 0.5),
+    "truncated meta": lambda e: _truncate(e / META, 0.5),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_entry_is_a_miss_with_a_warning_naming_it_and_the_next_save_replaces_it(tmp_path, caplog, damage):
+    """A truncated/empty tensors file or a truncated meta.json: load gives None (a miss) and a warning with the
+    entry's path, not a traceback on every rerun; the next save replaces the entry and leaves no temporary or old
+    folder. Catches: load without a guard around reading/parsing (the old behaviour), a miss without a warning."""
+    cache, entry, tensors = _entry(tmp_path)
+    DAMAGES[damage](entry)
+    with caplog.at_level("WARNING", logger="stem.cache"):
+        assert cache.load("k") is None
+    assert any(str(entry) in r.getMessage() and r.levelname == "WARNING" for r in caplog.records), caplog.text
+    cache.save("k", tensors, {"v": 2})
+    loaded, meta = cache.load("k")
+    assert torch.equal(loaded["latents"], tensors["latents"]) and meta == {"v": 2}
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["k"]  # hidden .tmp/.old names included
+
+
+def test_meta_holds_the_sha256_of_the_tensors_file(tmp_path):
+    """meta.json records the SHA-256 of the safetensors file's bytes (computed here with hashlib); load returns
+    the caller's meta without it. Catches: no checksum stored, a checksum of something else."""
+    import hashlib
+
+    cache, entry, _ = _entry(tmp_path)
+    on_disk = json.loads((entry / META).read_text())
+    assert on_disk == {"v": 1, stem.cache.CHECKSUM: hashlib.sha256((entry / TENSORS).read_bytes()).hexdigest()}
+    assert cache.load("k")[1] == {"v": 1}
+
+
+def test_overwritten_tensor_values_in_a_valid_file_are_a_miss_with_a_warning(tmp_path, caplog):
+    """64 float32 values of z_T overwritten in place: the file still parses (checked), so only the checksum can
+    tell. Catches: a load that does not verify the checksum (a silent hit on wrong latents, the reported bug)."""
+    from safetensors.torch import load_file
+
+    cache, entry, tensors = _entry(tmp_path)
+    data = bytearray((entry / TENSORS).read_bytes())
+    z_t = tensors["latents"][-1].reshape(-1)
+    where = bytes(data).find(z_t[:64].numpy().tobytes())
+    assert where > 0
+    data[where:where + 256] = (z_t[:64] + 1).numpy().tobytes()
+    (entry / TENSORS).write_bytes(bytes(data))
+    assert not torch.equal(load_file(entry / TENSORS)["latents"], tensors["latents"])  # valid file, other values
+    with caplog.at_level("WARNING", logger="stem.cache"):
+        assert cache.load("k") is None
+    assert any(str(entry) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_an_entry_written_before_checksums_is_a_miss_with_a_warning(tmp_path, caplog):
+    """An entry without a checksum in meta.json (written by an older version) is recomputed, not trusted: a miss
+    with a warning naming it. Catches: accepting unverifiable entries silently."""
+    from safetensors.torch import save_file
+
+    entry = tmp_path / "cache" / "k"
+    entry.mkdir(parents=True)
+    save_file({"x": torch.ones(2)}, entry / TENSORS)
+    (entry / META).write_text(json.dumps({"v": 1}))
+    with caplog.at_level("WARNING", logger="stem.cache"):
+        assert TensorCache(tmp_path / "cache").load("k") is None
+    assert any(str(entry) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records), caplog.text
+
+
+# --- through the inversion cache (issue 13, points 1 and 7) ----------------------------------------------------
+
+
+def _reconstruct(model, cache, invert_only: bool = False):
+    from stem.inversion import DDIMInversion
+    from stem.reconstruction import invert_video, reconstruct_video
+    from stem.synthetic import camera_pan
+
+    video = camera_pan(n_frames=2, width=64, height=64)
+    return (invert_video if invert_only else reconstruct_video)(model, video, DDIMInversion("1frame", num_steps=2),
+                                                                cache, progress=False)
+
+
+def test_reconstruction_on_a_cache_hit_is_bit_identical_to_the_miss(tiny_model, tmp_path):
+    """The miss's trajectory and the hit's (loaded from safetensors) must give the same frames bit for bit.
+    Catches: a trajectory in channels-last memory format on a miss and contiguous on a hit (the convolutions
+    then sum in another order, ~1e-4 dB of PSNR), or any other difference between the two paths."""
+    cache = TensorCache(tmp_path / "cache")
+    miss = _reconstruct(tiny_model, cache)
+    hit = _reconstruct(tiny_model, cache)
+    assert not miss.inverted.cache_hit and hit.inverted.cache_hit
+    assert torch.equal(miss.inverted.trajectory.latents, hit.inverted.trajectory.latents)
+    assert torch.equal(miss.frames, hit.frames) and torch.equal(miss.vae_frames, hit.vae_frames)
+
+
+def test_a_truncated_inversion_entry_is_inverted_again_and_replaced(tiny_model, tmp_path, caplog):
+    """A truncated tensors file in the inversion cache: the rerun warns with the entry's path, inverts again (the
+    same latents) and writes a verified entry in its place, with no leftovers. Catches: a traceback on every
+    rerun, or a damaged entry that is never replaced."""
+    cache = TensorCache(tmp_path / "cache")
+    first = _reconstruct(tiny_model, cache, invert_only=True)
+    _truncate(first.entry / TENSORS, 0.5)
+    with caplog.at_level("WARNING", logger="stem.cache"):
+        again = _reconstruct(tiny_model, cache, invert_only=True)
+    assert not again.cache_hit and str(first.entry) in caplog.text
+    assert torch.equal(again.trajectory.latents, first.trajectory.latents)
+    assert torch.equal(cache.load(first.key)[0]["latents"], first.trajectory.latents)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.key]
