@@ -3,6 +3,7 @@ submitit's local executor (the same launcher code path) completes, aggregates, a
 
 import json
 
+import pytest
 from conftest import FAST, ROOT, run_cli, run_script
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -42,6 +43,8 @@ def test_two_job_sweep_through_submitit_completes_and_aggregates(tmp_path):
     assert list((sweep / ".submitit").iterdir())  # the jobs really went through submitit
 
 
+# slow (21 s): a failed job in a sweep stays in the default run through test_tables.py (basic launcher)
+@pytest.mark.slow
 def test_a_failed_submitit_job_leaves_the_other_and_shows_in_the_table(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", *TINY, "data.width=250,64", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'c'}")

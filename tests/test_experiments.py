@@ -14,6 +14,8 @@ def sweep(tmp_path, experiment, *extra):
     return proc
 
 
+# slow (34 s): ablation_k's sweep, table, plot and W&B stay in the default run through the 2-K test below
+@pytest.mark.slow
 def test_ablation_k_sweeps_three_bases_counts_into_one_table(tmp_path):
     sweep(tmp_path, "ablation_k", "inversion.num_steps=3")
     rows = list(csv.DictReader((tmp_path / "ablation_k.csv").open()))
@@ -62,6 +64,8 @@ def test_ablation_k_plot_w_and_b_summary_and_rebuild_from_run_directories(tmp_pa
     assert (tmp_path / "ablation_k.png").is_file()
 
 
+# slow (30 s): table6's sweep and paper columns stay in the default run through test_newcomer_path's mixed sweep
+@pytest.mark.slow
 def test_table6_averages_over_clips_and_prints_the_paper_beside(tmp_path):
     sweep(tmp_path, "table6_inversion", *FIT_256, "inversion=ddim_1frame,stem")
     rows = read_table(tmp_path, "table6_inversion")
@@ -79,6 +83,8 @@ def test_table1_times_every_inversion_with_the_ratio_to_one_frame(tmp_path):
     assert float(rows["stem_k128"]["s / frame"]) * 8 / 60 == pytest.approx(float(rows["stem_k128"]["Minutes"]))
 
 
+# slow (36 s): sweep plots stay in the default run through ablation_k's and test_plots.py
+@pytest.mark.slow
 def test_table4_and_table5_sweep_length_and_resolution_with_plots(tmp_path):
     sweep(tmp_path / "t4", "table4_length", *SMALL, "inversion.num_bases=2", "data.n_frames=2,4")
     assert [r["data.n_frames"] for r in read_table(tmp_path / "t4", "table4_length")] == ["2", "4"]
@@ -90,6 +96,9 @@ def test_table4_and_table5_sweep_length_and_resolution_with_plots(tmp_path):
         assert (folder / f"{name}.png").stat().st_size > 1000
 
 
+# slow (82 s): each editor's run stays in the default run through test_tokenflow.py and test_fatezero.py,
+# the CLIP and warp columns through test_evaluation.py
+@pytest.mark.slow
 def test_table2_edits_with_every_method_and_averages_clips(tmp_path):
     sweep(tmp_path, "table2_editing", *FIT_256, "metrics.clip.pretrained=null")
     rows = {r["table2"]: r for r in read_table(tmp_path, "table2_editing")}
@@ -98,6 +107,8 @@ def test_table2_edits_with_every_method_and_averages_clips(tmp_path):
     assert rows["stem_tokenflow"]["Warp error x1e-3 (paper)"] == "3.5" and rows["fatezero"]["Flow"] == "exact"
 
 
+# slow (135 s): the fig4/fig9 configs compose in test_experiment_protocol.py, per-frame plots in test_plots.py
+@pytest.mark.slow
 def test_fig4_and_fig9_draw_per_frame_and_per_step_curves(tmp_path):
     sweep(tmp_path / "f4", "fig4_per_frame", *FIT_256)
     rows = read_table(tmp_path / "f4", "fig4_per_frame")

@@ -88,7 +88,8 @@ def test_inversion_only_job_refuses_metrics_that_need_a_video(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: reconstruct=false writes no video")
 
 
-@pytest.mark.parametrize("inversion", ["ddim_1frame", "stem"])
+# ddim_1frame is slow (34 s): the same code path as stem, which stays in the default run
+@pytest.mark.parametrize("inversion", [pytest.param("ddim_1frame", marks=pytest.mark.slow), "stem"])
 def test_editing_run_reports_the_plain_reconstruction_of_its_latents(tmp_path, inversion):
     """An edit's `reconstruction_vs_*` sections equal the plain reconstruction job on the same (cached)
     latents: DDIM from z_T under the source prompt, guidance 1, the inversion's own self-attention.
