@@ -2,7 +2,8 @@
 
 `invert_video` is the cached entry point every editing method starts from: it returns the
 full DDIM trajectory of a video under its source prompt, reusing a cache entry keyed by a
-content hash of (frames, weights, dtype, device type, prompt, method settings).
+content hash of (frames, weights, dtype, device type, prompt, method settings) and of the
+inversion code's version (`stem.cache_version.INVERSION_CACHE_VERSION`).
 `reconstruct_video` adds DDIM sampling back from z_T and decodes both the reconstruction and
 the VAE round trip of the input (the VAE alone caps PSNR); `stem.evaluation` scores them.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from stem import cache_version
 from stem.benchmarking import time_inversion, warm_up
 from stem.cache import TensorCache, content_key
 from stem.ddim import Trajectory
@@ -60,8 +62,9 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     """
     cond = encode_prompt(model, video.prompt, prompt_overflow)  # refuses a bad prompt before any work
     method.check(model.unet, video.num_frames, video.height // 8, video.width // 8)
-    key = content_key(frames=video.frames, model=model.fingerprint, dtype=str(model.dtype),
-                      device=model.device.type, prompt=video.prompt, method=method.settings(),
+    key = content_key(kind="inversion", version=cache_version.INVERSION_CACHE_VERSION,
+                      frames=video.frames, model=model.fingerprint, dtype=str(model.dtype), device=model.device.type,
+                      prompt=video.prompt, method=method.settings(),
                       scheduler={k: model.scheduler.config[k] for k in sorted(model.scheduler.config)
                                  if not k.startswith("_")}, **({"extra": cache_extra} if cache_extra else {}))
     hit = cache.load(key) if cache is not None else None
