@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 1  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "ce310970146ec3c9487c8931be84e53b95e47d9d1d1432583e4545fb4ec39517"
+INVERSION_SOURCES_DIGEST = "1379baec7e47e42575eb24cb8a676f2adf06a41d7e696ed3f1a7319c3c8e413b"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).

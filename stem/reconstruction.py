@@ -71,6 +71,8 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     if hit is not None and observer is None:
         log.info("inversion cache hit %s", cache.path(key))
         return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, 0.0)
+    if hit is None and cache is not None:
+        cache.check_writable()  # before the inversion, not when saving its result
     start = time.perf_counter()
     latents = encode_frames(model, video.frames, progress=progress)
     encode_seconds = time.perf_counter() - start
@@ -87,8 +89,12 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
         meta = {"video": video.name, "source": video.source, "prompt": video.prompt, "model": model.name,
                 "fingerprint": model.fingerprint, "dtype": str(model.dtype), "method": method.settings(),
                 "frames": list(video.frames.shape), "seconds": seconds}
-        entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
-        log.info("inverted latents cached in %s", entry)
+        try:
+            entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
+            log.info("inverted latents cached in %s", entry)
+        except OSError as e:  # e.g. a full disk: the inversion is done, keep it for this run
+            log.warning("could not write the inversion cache entry %s (%s); continuing without caching it",
+                        cache.path(key), e)
     return Inverted(traj, cond, key, entry, False, seconds, peak_mib, encode_seconds)
 
 
