@@ -110,9 +110,13 @@ class TensorCache:
 
     def save(self, key: str, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
         """Write an entry atomically (temporary folder, then rename) with the tensors' checksum in meta.json
-        (`CHECKSUM`, a reserved key) and return its path."""
+        (`CHECKSUM`, a reserved key) and return its path.
+
+        An existing entry is replaced. Concurrent writers of one key (`stem.atomic.atomic_dir`): a complete,
+        verified entry that another writer installed while this one was writing is kept (same key, same inputs)
+        and this one is discarded; a damaged one is replaced."""
         entry = self.path(key)
-        with atomic_dir(entry) as tmp:
+        with atomic_dir(entry, keep=lambda _: self.load(key) is not None) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / TENSORS)
             os.chmod(tmp / TENSORS, 0o666 & ~umask())  # safetensors writes 0o600 whatever the umask
             checksum = hashlib.sha256((tmp / TENSORS).read_bytes()).hexdigest()

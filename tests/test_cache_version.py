@@ -2,16 +2,12 @@
 code that produces the inverted latents makes a change of that code without a version bump fail here."""
 
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 import stem.cache_version as cv
 from stem.cache import TensorCache
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_inversion_code_matches_the_digest_recorded_with_the_cache_version():
@@ -58,12 +54,12 @@ def test_update_rewrites_the_version_and_the_digest(tmp_path):
         assert len(copy.read_text().splitlines()) == len(text.splitlines())
 
 
-def test_check_command_exits_zero_when_the_digest_matches():
-    """`python -m stem.cache_version` (no arguments) checks, prints the digest and exits 0 on this checkout."""
-    out = subprocess.run([sys.executable, "-m", "stem.cache_version"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert cv.INVERSION_SOURCES_DIGEST in out.stdout
+def test_check_command_exits_zero_when_the_digest_matches_and_one_when_it_does_not(capsys, monkeypatch):
+    """`python -m stem.cache_version` (no arguments, `main([])`) checks: prints the digest, exits 0 on this checkout
+    and 1 with a recorded digest that differs. Catches: a check that always passes."""
+    assert cv.main([]) == 0 and cv.INVERSION_SOURCES_DIGEST in capsys.readouterr().out
+    monkeypatch.setattr(cv, "INVERSION_SOURCES_DIGEST", "stale")
+    assert cv.main([]) == 1 and "--update" in capsys.readouterr().out
 
 
 def test_a_version_bump_changes_the_inversion_key_so_old_entries_miss(tiny_model, tmp_path, monkeypatch):
@@ -77,7 +73,7 @@ def test_a_version_bump_changes_the_inversion_key_so_old_entries_miss(tiny_model
     cache = TensorCache(tmp_path / "cache")
 
     def invert():
-        return invert_video(tiny_model, video, DDIMInversion("1frame", num_steps=2), cache, progress=False)
+        return invert_video(tiny_model, video, DDIMInversion("1frame", num_steps=1), cache, progress=False)
 
     first = invert()
     assert not first.cache_hit and invert().cache_hit
