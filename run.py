@@ -151,11 +151,11 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) 
         elif not cfg.reconstruct:
             evaluator.check_without_output()   # an inversion-only run has no video to score
         evaluator.prepare(video, method.num_steps)    # bad metric settings and missing CLIP weights, before the model
+        cache = TensorCache(Path(cfg.paths.cache_dir) / "inversion").check_writable() if cfg.use_cache else None
         model = _build("model", cfg.model)
         log.info("video %s: %d frames %dx%d, prompt %r; %s; metrics: %s", video.name, video.num_frames, video.width,
                  video.height, video.prompt, method.name if editor is None else
                  f"{editor.label(method.name)} to {editor.prompt or video.prompt!r}", ", ".join(evaluator.names()))
-        cache = TensorCache(Path(cfg.paths.cache_dir) / "inversion") if cfg.use_cache else None
         recorder = evaluator.feature_recorder(model, video, method.num_steps)
         facts = {"inversion": method.settings(), "model": model.name, "model_fingerprint": model.fingerprint,
                  "device": str(model.device), "device_name": device_name(model.device), "dtype": str(model.dtype)}

@@ -9,10 +9,12 @@ plain `open(path, "w")` would give (mkstemp alone would leave them private).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -38,21 +40,55 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` (an existing
-    folder is swapped out only once the new one is complete)."""
+    folder is swapped out only once the new one is complete).
+
+    Safe with concurrent writers of the same `path`: when the final rename finds that another writer
+    installed a folder meanwhile, `keep(path)` decides: True keeps that folder and discards this one
+    (e.g. a complete cache entry of the same key), False or no `keep` replaces it. A folder that another
+    writer moved away first is not an error. No temporary or swapped-out folder is left behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~umask())
-        if path.exists():
-            old = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        _install(tmp, path, keep)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path, path: Path, keep: Callable[[Path], bool] | None, attempts: int = 10) -> None:
+    """Rename the folder `tmp` to `path` (module docstring of `atomic_dir` for concurrent writers)."""
+    aside = []
+    try:
+        if path.exists():
+            aside.append(_move_aside(path))
+        for _ in range(attempts):
+            try:
+                os.rename(tmp, path)  # atomic; fails while `path` is a non-empty folder
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            if keep is not None and keep(path):  # installed by another writer since the check above
+                return
+            aside.append(_move_aside(path))
+        raise OSError(f"could not install {path}: other writers kept replacing it ({attempts} attempts)")
+    finally:
+        for old in aside:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_aside(path: Path) -> Path | None:
+    """Rename `path` to a hidden unique name beside it and return that name; None if `path` is gone (another
+    writer moved it first)."""
+    old = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.old")
+    try:
+        os.rename(path, old)
+    except FileNotFoundError:
+        return None
+    return old

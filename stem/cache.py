@@ -11,6 +11,10 @@ load. An entry that cannot be read (truncated or empty tensors file, truncated m
 tensors do not match their checksum, or that has no checksum (written before checksums existed,
 so it cannot be verified) is a miss with a warning naming it: the caller recomputes and its save
 replaces the entry atomically.
+
+A cache folder that cannot be written is refused up front (`check_writable`): run.py checks it before
+building the model, `stem.reconstruction.invert_video` before inverting, so no finished inversion is
+thrown away by a failing save.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from stem.atomic import atomic_dir, umask
+from stem.errors import ConfigError
 
 TENSORS, META = "tensors.safetensors", "meta.json"
 CHECKSUM = "tensors_sha256"  # key in meta.json: SHA-256 (hex) of the bytes of TENSORS
@@ -60,6 +66,22 @@ class TensorCache:
     def path(self, key: str) -> Path:
         return self.root / key
 
+    def check_writable(self) -> TensorCache:
+        """Create the cache folder if needed and check that entries can be written in it (a probe folder is
+        created and removed); return the cache. Else a one-line ConfigError naming the folder and the fixes.
+
+        An error rather than a warning and a run without saving: it comes before any model work (the project's
+        promise for bad input), and a cache that silently stops saving would recompute every rerun. A read-only
+        cache of finished entries is therefore refused too; use a writable copy of it.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.rmdir(tempfile.mkdtemp(dir=self.root, prefix=".write-check."))
+        except OSError as e:
+            raise ConfigError(f"cache folder {self.root} is not writable ({e.strerror or e}): set paths.cache_dir "
+                              f"to a writable folder, or use_cache=false to run without the cache") from None
+        return self
+
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
         """(tensors, meta) of a complete, verified entry, or None when there is none (a miss).
 
@@ -88,9 +110,13 @@ class TensorCache:
 
     def save(self, key: str, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
         """Write an entry atomically (temporary folder, then rename) with the tensors' checksum in meta.json
-        (`CHECKSUM`, a reserved key) and return its path."""
+        (`CHECKSUM`, a reserved key) and return its path.
+
+        An existing entry is replaced. Concurrent writers of one key (`stem.atomic.atomic_dir`): a complete,
+        verified entry that another writer installed while this one was writing is kept (same key, same inputs)
+        and this one is discarded; a damaged one is replaced."""
         entry = self.path(key)
-        with atomic_dir(entry) as tmp:
+        with atomic_dir(entry, keep=lambda _: self.load(key) is not None) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / TENSORS)
             os.chmod(tmp / TENSORS, 0o666 & ~umask())  # safetensors writes 0o600 whatever the umask
             checksum = hashlib.sha256((tmp / TENSORS).read_bytes()).hexdigest()

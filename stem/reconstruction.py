@@ -2,7 +2,8 @@
 
 `invert_video` is the cached entry point every editing method starts from: it returns the
 full DDIM trajectory of a video under its source prompt, reusing a cache entry keyed by a
-content hash of (frames, weights, dtype, device type, prompt, method settings).
+content hash of (frames, weights, dtype, device type, prompt, method settings) and of the
+inversion code's version (`stem.cache_version.INVERSION_CACHE_VERSION`).
 `reconstruct_video` adds DDIM sampling back from z_T and decodes both the reconstruction and
 the VAE round trip of the input (the VAE alone caps PSNR); `stem.evaluation` scores them.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from stem import cache_version
 from stem.benchmarking import time_inversion, warm_up
 from stem.cache import TensorCache, content_key
 from stem.ddim import Trajectory
@@ -60,14 +62,17 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     """
     cond = encode_prompt(model, video.prompt, prompt_overflow)  # refuses a bad prompt before any work
     method.check(model.unet, video.num_frames, video.height // 8, video.width // 8)
-    key = content_key(frames=video.frames, model=model.fingerprint, dtype=str(model.dtype),
-                      device=model.device.type, prompt=video.prompt, method=method.settings(),
+    key = content_key(kind="inversion", version=cache_version.INVERSION_CACHE_VERSION,
+                      frames=video.frames, model=model.fingerprint, dtype=str(model.dtype), device=model.device.type,
+                      prompt=video.prompt, method=method.settings(),
                       scheduler={k: model.scheduler.config[k] for k in sorted(model.scheduler.config)
                                  if not k.startswith("_")}, **({"extra": cache_extra} if cache_extra else {}))
     hit = cache.load(key) if cache is not None else None
     if hit is not None and observer is None:
         log.info("inversion cache hit %s", cache.path(key))
         return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, 0.0)
+    if hit is None and cache is not None:
+        cache.check_writable()  # before the inversion, not when saving its result
     start = time.perf_counter()
     latents = encode_frames(model, video.frames, progress=progress)
     encode_seconds = time.perf_counter() - start
@@ -84,8 +89,12 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
         meta = {"video": video.name, "source": video.source, "prompt": video.prompt, "model": model.name,
                 "fingerprint": model.fingerprint, "dtype": str(model.dtype), "method": method.settings(),
                 "frames": list(video.frames.shape), "seconds": seconds}
-        entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
-        log.info("inverted latents cached in %s", entry)
+        try:
+            entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
+            log.info("inverted latents cached in %s", entry)
+        except OSError as e:  # e.g. a full disk: the inversion is done, keep it for this run
+            log.warning("could not write the inversion cache entry %s (%s); continuing without caching it",
+                        cache.path(key), e)
     return Inverted(traj, cond, key, entry, False, seconds, peak_mib, encode_seconds)
 
 
