@@ -140,7 +140,7 @@ def _sigterm_deferred():
         yield
     finally:
         _SigtermState.deferred -= 1
-        if not _SigtermState.deferred and _SigtermState.pending and not _SigtermState.raised:
+        if not _SigtermState.deferred and _SigtermState.pending:
             _SigtermState.pending, _SigtermState.raised = False, True
             raise Terminated("terminated by signal SIGTERM")
 

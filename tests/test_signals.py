@@ -113,8 +113,9 @@ def test_sigterm_while_wandb_finishes_a_run_lets_it_finish_then_ends_the_job(mon
 
 
 def test_a_second_sigterm_during_the_cleanup_of_the_first_is_ignored(monkeypatch):
-    """Catches: each SIGTERM raising anew, so that the one SLURM or submitit's controller sends again while the
-    job unwinds interrupts the failed run's finish (run_job's `finally`) and leaves it without exit record."""
+    """Catches: each SIGTERM raising anew (no `raised` check in the handler), so that one SLURM or submitit's
+    controller sends again while the job unwinds interrupts run_job's `finally` before the failed run's
+    finish, leaving it without exit record."""
     from run import WandbLogger
 
     fake = FakeWandb(during=("finish",))
@@ -125,7 +126,8 @@ def test_a_second_sigterm_during_the_cleanup_of_the_first_is_ignored(monkeypatch
         try:
             signal.raise_signal(signal.SIGTERM)   # the time limit, mid-job
         finally:
-            logger.finish(failed=True)
+            signal.raise_signal(signal.SIGTERM)   # again, while unwinding (outside W&B's init/finish)
+            logger.finish(failed=True)           # and once more inside finish (FakeWandb)
 
     assert terminated(job) == 143
     assert fake.events == ["init", "init returned", "finish", ("finish", 1)]
