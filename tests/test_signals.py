@@ -131,3 +131,17 @@ def test_a_second_sigterm_during_the_cleanup_of_the_first_is_ignored(monkeypatch
 
     assert terminated(job) == 143
     assert fake.events == ["init", "init returned", "finish", ("finish", 1)]
+
+
+def test_sigterm_ends_a_submitit_job_whose_own_handler_ignores_it():
+    """submitit's job process (hydra/launcher=slurm or local_submitit) sets SIGTERM to its `bypass`, which only
+    logs it: such jobs ran on until SIGKILL. Catches: main's handler set only where none is (leaving submitit's
+    in place) and submitit's handler not restored after the job."""
+    from submitit.core.job_environment import SignalHandler
+
+    bypass = SignalHandler(None, None, None).bypass   # what submitit's process_job installs before the job
+    previous = signal.signal(signal.SIGTERM, bypass)
+    try:
+        assert terminated(lambda cfg: signal.raise_signal(signal.SIGTERM)) == 143   # `terminated` checks the restore
+    finally:
+        signal.signal(signal.SIGTERM, previous)
