@@ -152,7 +152,8 @@ def _ends_on_sigterm(task):
     SLURM sends SIGTERM at the time limit and on scancel, then SIGKILL after KillWait (30 s by default):
     unwinding and finishing an offline W&B run take a second or two. Under submitit (hydra/launcher=slurm or
     local_submitit) this replaces submitit's own SIGTERM handler, which ignored it; submitit's preemption and
-    timeout signal (SIGUSR2, requeue then SystemExit) is left as it is, and unwinds the job the same way."""
+    timeout signal (SIGUSR2: requeue then SystemExit, or UncompletedJobError) is left as it is and unwinds the job
+    the same way (the SIGTERM that SLURM sends once the job is requeued may raise Terminated in its stead)."""
 
     @functools.wraps(task)
     def wrapped(cfg):
