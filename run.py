@@ -12,11 +12,15 @@ Bad input ends with one line `error: ...` on stderr and exit status 2.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -69,8 +73,15 @@ class WandbLogger:
         import wandb  # imported only when W&B is on
 
         self.wandb = wandb
-        self.run = wandb.init(project=project, entity=entity, mode=os.environ.get("WANDB_MODE") or mode,
-                              group=group, tags=list(tags), name=name, config=run_config, dir=dir)
+        self.run = None
+        try:
+            with _sigterm_deferred():  # a SIGTERM meanwhile is raised once the run exists, which is then finished
+                self.run = wandb.init(project=project, entity=entity, mode=os.environ.get("WANDB_MODE") or mode,
+                                      group=group, tags=list(tags), name=name, config=run_config, dir=dir)
+        except Terminated:
+            if self.run is not None:
+                self.finish(failed=True)
+            raise
 
     def tag(self, *tags: str) -> None:
         """Add tags (kept once each, in order) to the run."""
@@ -94,7 +105,72 @@ class WandbLogger:
         self.run.summary.update(summary)
 
     def finish(self, failed: bool) -> None:
-        self.run.finish(exit_code=1 if failed else 0)
+        with _sigterm_deferred():  # its exit record is written whole; a SIGTERM meanwhile is raised after
+            self.run.finish(exit_code=1 if failed else 0)
+
+
+class Terminated(BaseException):
+    """SIGTERM (SLURM's time limit or scancel, kill): raised in the main thread by `_ends_on_sigterm`'s handler,
+    so that `finally` blocks run (run_job finishes its logger as failed) and main marks the job failed. Not an
+    Exception: nothing that catches errors swallows it."""
+
+
+class _SigtermState:
+    deferred = 0        # depth of `_sigterm_deferred` blocks
+    pending = False     # a SIGTERM arrived inside one: raised when the outermost ends
+    raised = False      # Terminated raised already: later SIGTERMs leave the cleanup alone
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _SigtermState.raised:
+        return
+    if _SigtermState.deferred:
+        _SigtermState.pending = True
+        return
+    _SigtermState.raised = True
+    raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+
+
+@contextmanager
+def _sigterm_deferred():
+    """A SIGTERM inside the block is raised as Terminated when it ends (W&B starting or finishing a run:
+    an interrupted init or finish leaves a run without exit record)."""
+    _SigtermState.deferred += 1
+    try:
+        yield
+    finally:
+        _SigtermState.deferred -= 1
+        if not _SigtermState.deferred and _SigtermState.pending:
+            _SigtermState.pending, _SigtermState.raised = False, True
+            raise Terminated("terminated by signal SIGTERM")
+
+
+def _ends_on_sigterm(task):
+    """`task` (Hydra's task function, main) with SIGTERM raised as `Terminated` in it; the process then exits
+    with status 143 (128 + SIGTERM), the previous handler restored.
+
+    SLURM sends SIGTERM at the time limit and on scancel, then SIGKILL after KillWait (30 s by default):
+    unwinding and finishing an offline W&B run take a second or two. Under submitit (hydra/launcher=slurm or
+    local_submitit) this replaces submitit's own SIGTERM handler, which ignored it; submitit's preemption and
+    timeout signal (SIGUSR2: requeue then SystemExit, or UncompletedJobError) is left as it is and unwinds the job
+    the same way (the SIGTERM that SLURM sends once the job is requeued may raise Terminated in its stead)."""
+
+    @functools.wraps(task)
+    def wrapped(cfg):
+        if threading.current_thread() is not threading.main_thread():  # handlers are set from the main thread only
+            return task(cfg)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        _SigtermState.pending = _SigtermState.raised = False
+        try:
+            return task(cfg)
+        except Terminated as e:
+            log.error("%s: the job is marked failed", e)
+            print(f"error: {e}: the job is marked failed", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapped
 
 
 def _build(group: str, node: DictConfig, **kwargs):
@@ -220,6 +296,7 @@ CONFIG_PATH = str(_REPO_CONFIGS) if (_REPO_CONFIGS / "config.yaml").is_file() el
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+@_ends_on_sigterm
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     mark_job(hydra_cfg.runtime.output_dir, "running")  # status.json: make_tables tells running from failed
