@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks import sweep_group
@@ -34,6 +34,7 @@ from stem.device import device_name
 from stem.editing.pipeline import edit_video
 from stem.errors import ConfigError, StemError
 from stem.evaluation import inversion_reconstruction_sections, per_frame_columns, summary_scalars
+from stem.precheck import check_arguments
 from stem.reconstruction import invert_video, reconstruct_video
 from stem.rundir import write_run
 from stem.tables import mark_job
@@ -98,7 +99,9 @@ class WandbLogger:
 
 
 def _build(group: str, node: DictConfig, **kwargs):
-    """instantiate() with the library's StemError surfaced instead of Hydra's wrapper."""
+    """instantiate() with the library's StemError surfaced instead of Hydra's wrapper; unknown keys and
+    values of the wrong type are refused first (`stem.precheck.check_arguments`)."""
+    _check_node(group, node, kwargs)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -106,6 +109,17 @@ def _build(group: str, node: DictConfig, **kwargs):
         if isinstance(cause, StemError):
             raise type(cause)(f"{group}: {cause}") from cause
         raise
+
+
+def _check_node(group: str, node: DictConfig, kwargs: dict) -> None:
+    """The group's keys and value types against its `_target_`'s signature (one-line ConfigError)."""
+    try:
+        target = get_object(node._target_)
+    except Exception:  # noqa: BLE001 - a target that does not import: instantiate reports it
+        return
+    values = OmegaConf.to_container(node, resolve=True)
+    check_arguments(group, target, {**{k: v for k, v in values.items() if not k.startswith("_")},
+                                    **{k: v for k, v in kwargs.items() if not k.startswith("_")}})
 
 
 def job_tracking(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:

@@ -1,0 +1,69 @@
+"""Bad settings fail before any model work with one line naming the problem (issue 13, item 9 and 11).
+
+Each in-process test runs `run.run_job` with every model builder replaced by one that fails the test if
+called, so "refused before the model" is pinned, not just "refused"."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose_config, run_cli
+
+import stem.models
+from stem.errors import StemError
+
+
+def _no_model(**_):
+    raise AssertionError("the model was built before the bad setting was refused")
+
+
+@pytest.fixture
+def refused(tmp_path, monkeypatch):
+    """refused(*overrides) -> the one-line message run_job raises, without building a model or a cache entry."""
+    for name in ("build_tiny", "build_sd15_arch", "load_pretrained"):
+        monkeypatch.setattr(stem.models, name, _no_model)
+
+    def run(*overrides: str) -> str:
+        from run import run_job
+
+        with pytest.raises(StemError) as info:
+            run_job(compose_config(tmp_path, *overrides), tmp_path / "run")
+        message = str(info.value)
+        assert "\n" not in message and "Traceback" not in message
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+        return message
+
+    return run
+
+
+# ---- item 9, bullet 1: a value of the wrong type ----------------------------------------------------------------
+# Mutation caught: no type check (4.5 reaches torch.randn inside the EM after the model is built: TypeError).
+@pytest.mark.parametrize("value, got", [("4.5", "float"), ("abc", "str")])
+def test_non_integer_num_bases_is_refused_before_the_model(refused, value, got):
+    message = refused("inversion=stem", f"inversion.num_bases={value}")
+    assert f"inversion.num_bases={value!r}" in message.replace('"', "'") or f"num_bases={value}" in message
+    assert "type int" in message and got in message
+
+
+# ---- item 9, bullet 2: a misspelt key ---------------------------------------------------------------------------
+# Mutation caught: no key check (Hydra's "unexpected keyword argument" traceback), or no close match offered.
+def test_misspelt_key_names_the_closest_known_key(refused):
+    message = refused("inversion=stem", "+inversion.num_base=64")
+    assert "inversion.num_base " in message and "did you mean inversion.num_bases?" in message
+    assert "n_iters" in message  # the known keys are listed
+
+
+def test_misspelt_key_in_data_group_is_refused_too(refused):
+    message = refused("+data.n_frame=3")
+    assert "data.n_frame " in message and "did you mean data.n_frames?" in message
+
+
+def test_misspelt_key_on_the_command_line_is_one_error_line_with_status_2(tmp_path):
+    """The CLI path: rc 2, exactly one stderr line `error: ...`, no traceback, no run work (no model log line)."""
+    result = run_cli("progress=false", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run",
+                     "device=cpu", "+inversion.num_base=64", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "did you mean inversion.num_steps?" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "built tiny" not in result.stdout + result.stderr
+    assert not (tmp_path / "cache").exists()
