@@ -34,7 +34,7 @@ from stem.device import device_name
 from stem.editing.pipeline import edit_video
 from stem.errors import ConfigError, StemError
 from stem.evaluation import inversion_reconstruction_sections, per_frame_columns, summary_scalars
-from stem.precheck import check_arguments
+from stem.precheck import check_arguments, check_before_model
 from stem.reconstruction import invert_video, reconstruct_video
 from stem.rundir import write_run
 from stem.tables import mark_job
@@ -122,6 +122,11 @@ def _check_node(group: str, node: DictConfig, kwargs: dict) -> None:
                                     **{k: v for k, v in kwargs.items() if not k.startswith("_")}})
 
 
+def _check_before_model(cfg: DictConfig, method, editor, video) -> None:
+    """Checks that need the model's architecture (steps, K vs tokens), from its config (`stem.precheck`)."""
+    check_before_model(OmegaConf.to_container(cfg.model, resolve=True), method, video, editor)
+
+
 def job_tracking(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
     """The tracker run's group and name from Hydra's runtime (`HydraConfig.get()`), for `run_job`.
 
@@ -165,6 +170,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) 
         elif not cfg.reconstruct:
             evaluator.check_without_output()   # an inversion-only run has no video to score
         evaluator.prepare(video, method.num_steps)    # bad metric settings and missing CLIP weights, before the model
+        _check_before_model(cfg, method, editor, video)   # from the model's config, no weights loaded
         model = _build("model", cfg.model)
         log.info("video %s: %d frames %dx%d, prompt %r; %s; metrics: %s", video.name, video.num_frames, video.width,
                  video.height, video.prompt, method.name if editor is None else

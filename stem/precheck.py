@@ -73,3 +73,20 @@ def check_arguments(group: str, target, kwargs: dict) -> None:
 
 def _target_name(target) -> str:
     return f"{target.__module__}.{target.__qualname__}"
+
+
+def check_before_model(model: dict, method, video, editor=None) -> None:
+    """Settings that need the model's architecture, checked from its config (`stem.models.architecture`)
+    before any weights load: DDIM steps within the scheduler's training timesteps, and the method's own
+    `check` (STEM: K at most the tokens of an EM group) on the video's latent size. `model`: the resolved
+    model group (with `_target_`); an unknown architecture skips these (they run after loading then)."""
+    from stem.models import architecture
+
+    arch = architecture(model.get("_target_", ""), model)
+    if arch is None:
+        return
+    limit = arch["num_train_timesteps"]
+    for group, steps in (("inversion", method.num_steps), ("editing", getattr(editor, "num_steps", None))):
+        if steps is not None and steps > limit:
+            raise ConfigError(f"{group}.num_steps={steps} exceeds the scheduler's {limit} training timesteps: "
+                              f"use at most {limit} (the paper: 50)")

@@ -67,3 +67,20 @@ def test_misspelt_key_on_the_command_line_is_one_error_line_with_status_2(tmp_pa
     assert "Traceback" not in result.stderr
     assert "built tiny" not in result.stdout + result.stderr
     assert not (tmp_path / "cache").exists()
+
+
+# ---- item 9, bullet 3: more DDIM steps than the scheduler's training timesteps -----------------------------------
+# Mutation caught: no step check before the model (diffusers' ValueError traceback inside set_timesteps, after
+# loading), or a limit off by one (1000 steps is legal: every training timestep once).
+def test_more_steps_than_training_timesteps_is_refused_before_the_model(refused):
+    message = refused("inversion.num_steps=1001")
+    assert "inversion.num_steps=1001" in message and "1000 training timesteps" in message
+
+
+def test_as_many_steps_as_training_timesteps_passes_the_check():
+    from stem.inversion import DDIMInversion
+    from stem.precheck import check_before_model
+    from stem.synthetic import camera_pan
+
+    check_before_model({"_target_": "stem.models.build_tiny"}, DDIMInversion(num_steps=1000),
+                       camera_pan(n_frames=2, width=64, height=64))
