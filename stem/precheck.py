@@ -90,3 +90,5 @@ def check_before_model(model: dict, method, video, editor=None) -> None:
         if steps is not None and steps > limit:
             raise ConfigError(f"{group}.num_steps={steps} exceeds the scheduler's {limit} training timesteps: "
                               f"use at most {limit} (the paper: 50)")
+    scale = arch["vae_scale"]
+    method.check(arch["unet"], video.num_frames, video.height // scale, video.width // scale)

@@ -84,3 +84,23 @@ def test_as_many_steps_as_training_timesteps_passes_the_check():
 
     check_before_model({"_target_": "stem.models.build_tiny"}, DDIMInversion(num_steps=1000),
                        camera_pan(n_frames=2, width=64, height=64))
+
+
+# ---- item 9, bullet 7: K above the tokens of an EM group, from the model's config ----------------------------------
+# Mutation caught: the check left after model loading only (the model builder is called: the test fails), or the
+# token grid of the config-derived layers wrong (a different count or layer in the message).
+def test_more_bases_than_tokens_is_refused_before_the_model(refused):
+    # debug=fast: 4 frames of 256x256 -> latents 32x32 -> the tiny UNet's mid block at 4x4: 4 x 16 = 64 tokens
+    message = refused("inversion=stem")
+    assert "num_bases=256 exceeds the 64 tokens" in message and "mid_block" in message and "4x4" in message
+
+
+def test_token_grids_from_the_config_equal_those_of_the_built_unet(tiny_model):
+    """The names and grids derived from the config alone match the built UNet's attn1 layers, odd sizes too.
+    Mutation caught: a wrong number of attention layers per up block, or a mid block placed at another level."""
+    from stem.inversion import self_attention_tokens
+    from stem.models import architecture
+
+    config = architecture("stem.models.build_tiny", {})["unet"]
+    for hw in ((32, 32), (45, 80), (7, 9)):
+        assert self_attention_tokens(config, *hw) == self_attention_tokens(tiny_model.unet, *hw)
