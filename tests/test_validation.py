@@ -104,3 +104,36 @@ def test_token_grids_from_the_config_equal_those_of_the_built_unet(tiny_model):
     config = architecture("stem.models.build_tiny", {})["unet"]
     for hw in ((32, 32), (45, 80), (7, 9)):
         assert self_attention_tokens(config, *hw) == self_attention_tokens(tiny_model.unet, *hw)
+
+
+# ---- item 9, bullet 4: a pickle passed as CLIP weights ----------------------------------------------------------
+# Mutation caught: the file handed to open_clip as before (torch.load unpickles it: here the patched torch.load
+# fails the test), or a refusal without the conversion command.
+def test_pickled_clip_checkpoint_is_refused_before_unpickling(refused, tmp_path, monkeypatch):
+    import torch
+
+    path = tmp_path / "clip.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+
+    def no_unpickling(*_, **__):
+        raise AssertionError("the pickle was loaded")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    message = refused("metrics=edit", f"metrics.clip.pretrained={path}")
+    assert str(path) in message and "not a safetensors file" in message
+    assert "save_file(" in message and f"pretrained={tmp_path / 'clip.safetensors'}" in message
+    assert "weights you trust" in message
+
+
+def test_safetensors_detection_reads_only_the_header(tmp_path):
+    """Mutation caught: a check by file extension (a pickle renamed .safetensors passes) or one that rejects a
+    real safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from stem.errors import is_safetensors
+
+    save_file({"w": torch.zeros(3)}, tmp_path / "real.safetensors")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "pickle.safetensors")
+    assert is_safetensors(tmp_path / "real.safetensors")
+    assert not is_safetensors(tmp_path / "pickle.safetensors")
