@@ -12,6 +12,7 @@ Bad input ends with one line `error: ...` on stderr and exit status 2.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -26,7 +27,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import (
+    InterpolationResolutionError,
+    InterpolationToMissingValueError,
+    UnsupportedInterpolationType,
+)
 
 from callbacks import sweep_group
 from stem.cache import TensorCache
@@ -102,7 +108,16 @@ def _build(group: str, node: DictConfig, **kwargs):
     """instantiate() with the library's StemError surfaced instead of Hydra's wrapper; unknown keys and
     values of the wrong type are refused first (`stem.precheck.check_arguments`)."""
     _check_node(group, node, kwargs)
+    literal = {} if kwargs else {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+                                 if isinstance(v, str) and "${" in v}
     try:
+        if literal:  # an escaped \\${...} (a prompt): instantiate() would resolve it twice, so pass it as is
+            trimmed = copy.deepcopy(node)
+            trimmed._set_parent(node._get_parent())  # as instantiate() does: interpolations still resolve
+            with open_dict(trimmed):
+                for key in literal:
+                    del trimmed[key]
+            return instantiate(trimmed, _partial_=True)(**literal)
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
@@ -152,6 +167,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) 
     where the config leaves them null (`job_tracking`); an explicit logger.group/logger.name wins."""
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
+    _check_interpolations(cfg)
     _check_missing(cfg)
     make_logger = _build("logger", cfg.logger, _partial_=True)  # a partial: the config is no node to instantiate
     defaults = {k: v for k, v in (tracking or {}).items() if cfg.logger.get(k) is None}
@@ -231,6 +247,20 @@ def _check_missing(cfg: DictConfig) -> None:
     if missing:
         first = missing[0]
         raise ConfigError(f"no value for {', '.join(missing)}: set it on the command line, e.g. {first}='...'")
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """`${...}` that does not resolve (e.g. inside a prompt: OmegaConf reads it as an interpolation) is a one-line
+    error saying how to write it literally, `\\${...}`; one that resolves (`${seed}`) is OmegaConf's feature."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationToMissingValueError:
+        return  # a ??? value: _check_missing names it
+    except (InterpolationResolutionError, UnsupportedInterpolationType) as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"{e.full_key}: {reason}: OmegaConf reads ${{...}} as an interpolation; to write it "
+                          f"literally (e.g. in a prompt) escape it as \\${{...}}, e.g. {e.full_key}='a \\${{x}} cat'"
+                          ) from None
 
 
 # configs/ beside this file (a checkout, an editable install); otherwise the installed copy (a wheel: `stem-run`).

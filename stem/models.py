@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from stem.device import resolve_device, resolve_dtype
-from stem.errors import StemError
+from stem.errors import PICKLE_RISK, StemError
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,8 @@ def load_pretrained(path: str = SD15_HUB_ID, revision: str | None = None, device
     if local.is_absolute() and not local.exists():
         raise StemError(f"model folder {path} does not exist; set model.path to a folder with "
                         "unet/ vae/ text_encoder/ tokenizer/ scheduler/ (safetensors weights)")
+    if local.is_dir():
+        _refuse_pickled_only(local)
     common = dict(revision=revision, local_files_only=local_files_only)
     weights = dict(common, use_safetensors=True, torch_dtype=dtype_t)
     try:
@@ -313,6 +315,25 @@ def load_pretrained(path: str = SD15_HUB_ID, revision: str | None = None, device
     )
     log.info("loaded %s on %s/%s", path, device_t, dtype_t)
     return model
+
+
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _refuse_pickled_only(folder: Path) -> None:
+    """StemError, with the conversion command, for a component folder with pickled weights and no safetensors
+    (they are never unpickled here). The command loads safetensors where a component has them and the pickles
+    elsewhere (diffusers' default), then writes safetensors only."""
+    for sub in ("unet", "vae", "text_encoder"):
+        files = [p for p in (folder / sub).glob("*") if p.is_file()]
+        pickled = [p.name for p in files if p.suffix in PICKLED_SUFFIXES]
+        if pickled and not any(p.suffix == ".safetensors" for p in files):
+            out = f"{folder}_safetensors"
+            raise StemError(
+                f"{folder / sub} has only pickled weights ({', '.join(sorted(pickled))}), which are refused; convert "
+                f"the folder to safetensors once, {PICKLE_RISK}: python -c \"from diffusers import "
+                f"StableDiffusionPipeline as P; P.from_pretrained('{folder}', safety_checker=None)"
+                f".save_pretrained('{out}', safe_serialization=True)\" and set model.path={out}")
 
 
 def save_pretrained(model: DiffusionModel, path: str | Path) -> None:

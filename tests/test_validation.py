@@ -137,3 +137,50 @@ def test_safetensors_detection_reads_only_the_header(tmp_path):
     torch.save({"w": torch.zeros(3)}, tmp_path / "pickle.safetensors")
     assert is_safetensors(tmp_path / "real.safetensors")
     assert not is_safetensors(tmp_path / "pickle.safetensors")
+
+
+# ---- item 11, second half: .bin-only pretrained weights -----------------------------------------------------------
+# Mutation caught: the generic "could not load" message (no conversion command), or a folder check that looks at
+# file names only in one component.
+def test_bin_only_pretrained_folder_says_how_to_convert(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    import torch
+
+    from stem.models import load_pretrained
+
+    folder = tmp_path / "sd"
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "config.json").write_text(json.dumps({}))
+    for sub in ("unet", "text_encoder"):
+        (folder / sub / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    torch.save({"w": torch.zeros(2)}, folder / "vae" / "diffusion_pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *_, **__: pytest.fail("the pickle was loaded"))
+    with pytest.raises(StemError) as info:
+        load_pretrained(str(folder), device="cpu")
+    message = str(info.value)
+    assert "\n" not in message and str(folder / "vae") in message and "diffusion_pytorch_model.bin" in message
+    assert "weights you trust" in message and f"model.path={folder}_safetensors" in message
+    command = message.split("python -c ")[1].split(" and set model.path")[0]
+    code = subprocess.run(["bash", "-c", f"echo {command}"], capture_output=True, text=True).stdout
+    compile(code, "<conversion>", "exec")  # the command is valid Python once the shell has unquoted it
+    assert "from_pretrained('" + str(folder) in code and "safe_serialization=True" in code
+
+
+# ---- item 9, bullet 5: `${...}` inside a prompt -----------------------------------------------------------------
+# Mutation caught: no interpolation check (OmegaConf's InterpolationKeyError traceback when the logger's run config
+# is resolved), or an error that does not say how to escape.
+def test_unresolvable_interpolation_in_prompt_explains_the_escape(refused):
+    message = refused("data.prompt=a ${x} cat")
+    assert message.startswith("data.prompt: ") and "'x' not found" in message
+    assert "escape it as \\${...}" in message and "data.prompt='a \\${x} cat'" in message
+
+
+def test_escaped_interpolation_reaches_the_prompt_literally(tmp_path):
+    """The documented fix works: `\\${x}` on the command line is the prompt text `${x}`."""
+    from run import _build
+
+    cfg = compose_config(tmp_path, "data.prompt=a \\${x} cat", "data.n_frames=1", "data.width=64", "data.height=64")
+    assert _build("data", cfg.data).prompt == "a ${x} cat"
