@@ -138,8 +138,9 @@ def _check_node(group: str, node: DictConfig, kwargs: dict) -> None:
 
 
 def _check_before_model(cfg: DictConfig, method, editor, video) -> None:
-    """Checks that need the model's architecture (steps, K vs tokens), from its config (`stem.precheck`)."""
-    check_before_model(OmegaConf.to_container(cfg.model, resolve=True), method, video, editor)
+    """Checks that need the model's architecture (steps, K vs tokens, memory), from its config (`stem.precheck`)."""
+    check_before_model(OmegaConf.to_container(cfg.model, resolve=True), method, video, editor,
+                       check_memory=cfg.get("check_memory", True))
 
 
 def job_tracking(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:

@@ -3,6 +3,10 @@ with one line, not after minutes of loading weights or inverting.
 
 - `check_arguments`: the keys of a config group against the signature of its `_target_`
   (an unknown key names the closest known one; a value of the wrong type names the type).
+- `check_before_model`: from the model's config alone (`stem.models.architecture`): DDIM steps
+  within the scheduler's training timesteps, the method's `check` (STEM: K vs tokens) and a
+  lower-bound memory estimate against the free memory (`memory_need`, `available_memory`;
+  top-level `check_memory=false` skips it).
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def _target_name(target) -> str:
     return f"{target.__module__}.{target.__qualname__}"
 
 
-def check_before_model(model: dict, method, video, editor=None) -> None:
+def check_before_model(model: dict, method, video, editor=None, check_memory: bool = True) -> None:
     """Settings that need the model's architecture, checked from its config (`stem.models.architecture`)
     before any weights load: DDIM steps within the scheduler's training timesteps, and the method's own
     `check` (STEM: K at most the tokens of an EM group) on the video's latent size. `model`: the resolved
@@ -92,3 +96,61 @@ def check_before_model(model: dict, method, video, editor=None) -> None:
                               f"use at most {limit} (the paper: 50)")
     scale = arch["vae_scale"]
     method.check(arch["unet"], video.num_frames, video.height // scale, video.width // scale)
+    if check_memory:
+        from stem.device import resolve_device, resolve_dtype
+
+        device = resolve_device(model.get("device", "auto"))
+        dtype = resolve_dtype(model.get("dtype", "auto"), device)
+        need, what = memory_need(arch, video, dtype.itemsize)
+        free = available_memory(device)
+        if free is not None and need > free:
+            raise ConfigError(f"{video.num_frames} frames of {video.width}x{video.height} need at least "
+                              f"{need / 2**30:.2f} GiB on {device} ({what}), {free / 2**30:.2f} GiB is available: "
+                              "use fewer frames (data.n_frames) or a lower resolution, or check_memory=false "
+                              "to run anyway")
+
+
+def memory_need(arch: dict, video, dtype_bytes: int) -> tuple[int, str]:
+    """(bytes, how counted): a lower bound of the memory one UNet call on the whole video needs (every method
+    runs all N frames through the UNet in one batch), so that refusing when it exceeds the available memory
+    refuses only what cannot run. Counted: at the self-attention layer with the most tokens x channels, its
+    input, queries, keys and values for all N frames, 4 x N x tokens x channels x bytes. Left out: weights, the
+    VAE, every other activation, and attention scores: PyTorch's fused attention (CUDA, and the CPU's
+    flash kernel) does not hold them (measured on the CPU: 3 MiB peak for a 2 x 2048 x 65536 score matrix,
+    1 GiB if held), so `ddim_allframe`'s N x tokens keys cost what its keys and values cost."""
+    from stem.inversion import self_attention_tokens
+
+    config = arch["unet"]
+    h, w = video.height // arch["vae_scale"], video.width // arch["vae_scale"]
+    widths = list(config["block_out_channels"])
+    sizes = [(h, w)]
+    for _ in widths[1:]:
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))  # as self_attention_tokens: halving rounds up
+    layers = {(gh * gw, min(c for c, size in zip(widths, sizes) if size == (gh, gw)))
+              for gh, gw in self_attention_tokens(config, h, w).values()}
+    tokens, channels = max(layers, key=lambda tc: tc[0] * tc[1])
+    n = video.num_frames
+    return 4 * n * tokens * channels * dtype_bytes, f"4 x {n} frames x {tokens} tokens x {channels} channels x " \
+                                                    f"{dtype_bytes} bytes at the largest self-attention layer"
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for this run: CUDA's free memory on the device; on the CPU the cgroup's memory.max when one
+    is set (a container or a SLURM job), else the kernel's MemAvailable. None when unknown."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit.isdigit():
+            return int(limit)
+    except OSError:
+        pass
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

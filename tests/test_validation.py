@@ -184,3 +184,45 @@ def test_escaped_interpolation_reaches_the_prompt_literally(tmp_path):
 
     cfg = compose_config(tmp_path, "data.prompt=a \\${x} cat", "data.n_frames=1", "data.width=64", "data.height=64")
     assert _build("data", cfg.data).prompt == "a ${x} cat"
+
+
+# ---- item 9, bullet 6: a resolution that cannot fit in memory ----------------------------------------------------
+def test_memory_need_is_four_activations_of_the_largest_self_attention_layer():
+    """4 x N x tokens x channels x bytes, written out per case. Mutations caught: the wrong layer (always level 0,
+    or the mid block), the VAE's 8x left out, or the dtype's bytes ignored."""
+    from types import SimpleNamespace
+
+    from stem.models import architecture
+    from stem.precheck import memory_need
+
+    tiny, sd = architecture("stem.models.build_tiny", {}), architecture("stem.models.build_sd15_arch", {})
+    video = SimpleNamespace(num_frames=4, height=256, width=256)
+    assert memory_need(tiny, video, 4)[0] == 4 * 4 * (32 * 32) * 32 * 4
+    video = SimpleNamespace(num_frames=48, height=360, width=640)   # Table 1: latents 45x80
+    assert memory_need(sd, video, 2)[0] == 4 * 48 * (45 * 80) * 320 * 2
+    # Without attention at full resolution the largest layer is level 1: 23x40 tokens (halving rounds up), 640 ch.
+    no_top = {**sd, "unet": {**sd["unet"], "down_block_types": ("DownBlock2D", *sd["unet"]["down_block_types"][1:]),
+                             "up_block_types": (*sd["unet"]["up_block_types"][:-1], "UpBlock2D")}}
+    assert memory_need(no_top, video, 2)[0] == 4 * 48 * (23 * 40) * 640 * 2
+
+
+def test_video_too_large_for_memory_is_refused_with_the_estimate(refused, monkeypatch):
+    """Mutation caught: no memory check before the model (the model builder is called)."""
+    import stem.precheck
+
+    monkeypatch.setattr(stem.precheck, "available_memory", lambda device: 2**20)  # 1 MiB free
+    message = refused("inversion=ddim_allframe")
+    need = 4 * 4 * (32 * 32) * 32 * 4   # debug=fast: 4 frames of 256x256, fp32 on the CPU
+    assert f"need at least {need / 2**30:.2f} GiB" in message and "0.00 GiB is available" in message
+    assert "check_memory=false" in message
+
+
+def test_check_memory_false_runs_anyway(tmp_path, monkeypatch):
+    """The override: the same run goes on to build the model. Mutation caught: the knob not read."""
+    import stem.precheck
+    from run import run_job
+
+    monkeypatch.setattr(stem.precheck, "available_memory", lambda device: 2**20)
+    monkeypatch.setattr(stem.models, "build_tiny", _no_model)
+    with pytest.raises(Exception, match="the model was built"):
+        run_job(compose_config(tmp_path, "inversion=ddim_allframe", "check_memory=false"), tmp_path / "run")
