@@ -248,8 +248,8 @@ def architecture(target: str, settings: dict) -> dict | None:
     elif name == "load_pretrained":
         configs = {sub: _pretrained_config(settings.get("path", SD15_HUB_ID), sub, settings.get("revision"))
                    for sub in ("unet", "vae")}
-        if None in configs.values():
-            return None
+        if any(c is None or not {"block_out_channels", "down_block_types"} <= set(c) for c in configs.values()):
+            return None  # not an SD-style folder: load_pretrained reports it
     else:
         return None
     return {"unet": configs["unet"], "vae_scale": 2 ** (len(configs["vae"]["block_out_channels"]) - 1),
@@ -270,9 +270,10 @@ def _pretrained_config(path: str, sub: str, revision: str | None) -> dict | None
             return None
         local = Path(found)
     try:
-        return json.loads(local.read_text())
+        config = json.loads(local.read_text())
     except (OSError, ValueError):
         return None  # load_pretrained reports an unreadable folder with its fix
+    return config if isinstance(config, dict) else None
 
 
 def load_pretrained(path: str = SD15_HUB_ID, revision: str | None = None, device: str = "auto",

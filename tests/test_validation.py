@@ -226,3 +226,22 @@ def test_check_memory_false_runs_anyway(tmp_path, monkeypatch):
     monkeypatch.setattr(stem.models, "build_tiny", _no_model)
     with pytest.raises(Exception, match="the model was built"):
         run_job(compose_config(tmp_path, "inversion=ddim_allframe", "check_memory=false"), tmp_path / "run")
+
+
+def test_pretrained_architecture_is_read_from_the_folder_configs(tmp_path):
+    """A local pretrained folder's unet/ and vae/ config.json give the architecture, without weights; a folder
+    whose configs are not SD-style gives None (the checks then run after loading, no KeyError traceback).
+    Mutations caught: the folder's configs ignored (a preset's used instead), or a bad config raising."""
+    import json
+
+    from stem.models import TINY_UNET, TINY_VAE, _sd15_unet_config, _sd15_vae_config, architecture
+
+    unet = {**_sd15_unet_config(**TINY_UNET), "block_out_channels": [32, 64, 64]}   # 3 levels: not the preset's
+    unet["down_block_types"], unet["up_block_types"] = unet["down_block_types"][1:], unet["up_block_types"][1:]
+    for sub, config in (("unet", unet), ("vae", _sd15_vae_config(**TINY_VAE))):
+        (tmp_path / "sd" / sub).mkdir(parents=True)
+        (tmp_path / "sd" / sub / "config.json").write_text(json.dumps(config))
+    arch = architecture("stem.models.load_pretrained", {"path": str(tmp_path / "sd")})
+    assert arch["unet"]["block_out_channels"] == [32, 64, 64] and arch["vae_scale"] == 8
+    (tmp_path / "sd" / "unet" / "config.json").write_text("{}")
+    assert architecture("stem.models.load_pretrained", {"path": str(tmp_path / "sd")}) is None
