@@ -150,13 +150,15 @@ def job_tracking(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
     its swept overrides: those whose key the sweep's command line does not fix to one value (e.g.
     "inversion=stem,data=wolf"; experiment-declared sweeps included). A single run is named after all its
     overrides, or `task_name` without any. paths.* and logger* overrides (where results go) are left out."""
-    own = [o for o in hydra_cfg.overrides.task if re.split(r"[.=@]", o.lstrip("+~"))[0] not in ("paths", "logger")]
+    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as typed: `${x}` in a prompt stays text
+    own = [o for o in task if re.split(r"[.=@]", o.lstrip("+~"))[0] not in ("paths", "logger")]
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return {"name": ",".join(own) or cfg.task_name}
     sweep_dir = Path(hydra_cfg.sweep.dir)
     multirun = sweep_dir / "multirun.yaml"  # written by the sweeper before any job starts
     parser = OverridesParser.create()
-    command_line = list(OmegaConf.load(multirun).hydra.overrides.task) if multirun.is_file() else []
+    command_line = (OmegaConf.to_container(OmegaConf.load(multirun).hydra.overrides.task, resolve=False)
+                    if multirun.is_file() else [])
     fixed = {o.get_key_element() for o in parser.parse_overrides(command_line) if not o.is_sweep_override()}
     swept = [text for text, o in zip(own, parser.parse_overrides(own)) if o.get_key_element() not in fixed]
     return {"group": sweep_group(cfg.task_name, sweep_dir), "name": ",".join(swept or own) or cfg.task_name}

@@ -245,3 +245,14 @@ def test_pretrained_architecture_is_read_from_the_folder_configs(tmp_path):
     assert arch["unet"]["block_out_channels"] == [32, 64, 64] and arch["vae_scale"] == 8
     (tmp_path / "sd" / "unet" / "config.json").write_text("{}")
     assert architecture("stem.models.load_pretrained", {"path": str(tmp_path / "sd")}) is None
+
+
+def test_run_name_from_overrides_keeps_an_interpolation_as_typed(tmp_path):
+    """run.py's main names the run from the overrides before run_job; Hydra keeps them as OmegaConf strings, so
+    reading them resolved `${x}` and raised (a traceback on the command line). Mutation caught: resolved read."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from run import job_tracking
+
+    cfg = compose_config(tmp_path, "data.prompt=a ${x} cat")
+    assert job_tracking(cfg, HydraConfig.get())["name"].endswith("data.prompt=a ${x} cat")
