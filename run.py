@@ -12,6 +12,7 @@ Bad input ends with one line `error: ...` on stderr and exit status 2.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -29,8 +30,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import (
+    InterpolationResolutionError,
+    InterpolationToMissingValueError,
+    UnsupportedInterpolationType,
+)
 
 from callbacks import sweep_group
 from stem.cache import TensorCache
@@ -38,6 +44,7 @@ from stem.device import device_name
 from stem.editing.pipeline import edit_video
 from stem.errors import ConfigError, StemError
 from stem.evaluation import inversion_reconstruction_sections, per_frame_columns, summary_scalars
+from stem.precheck import check_arguments, check_before_model
 from stem.reconstruction import invert_video, reconstruct_video
 from stem.rundir import write_run
 from stem.tables import mark_job
@@ -174,14 +181,42 @@ def _ends_on_sigterm(task):
 
 
 def _build(group: str, node: DictConfig, **kwargs):
-    """instantiate() with the library's StemError surfaced instead of Hydra's wrapper."""
+    """instantiate() with the library's StemError surfaced instead of Hydra's wrapper; unknown keys and
+    values of the wrong type are refused first (`stem.precheck.check_arguments`)."""
+    _check_node(group, node, kwargs)
+    literal = {} if kwargs else {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+                                 if isinstance(v, str) and "${" in v}
     try:
+        if literal:  # an escaped \\${...} (a prompt): instantiate() would resolve it twice, so pass it as is
+            trimmed = copy.deepcopy(node)
+            trimmed._set_parent(node._get_parent())  # as instantiate() does: interpolations still resolve
+            with open_dict(trimmed):
+                for key in literal:
+                    del trimmed[key]
+            return instantiate(trimmed, _partial_=True)(**literal)
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, StemError):
             raise type(cause)(f"{group}: {cause}") from cause
         raise
+
+
+def _check_node(group: str, node: DictConfig, kwargs: dict) -> None:
+    """The group's keys and value types against its `_target_`'s signature (one-line ConfigError)."""
+    try:
+        target = get_object(node._target_)
+    except Exception:  # noqa: BLE001 - a target that does not import: instantiate reports it
+        return
+    values = OmegaConf.to_container(node, resolve=True)
+    check_arguments(group, target, {**{k: v for k, v in values.items() if not k.startswith("_")},
+                                    **{k: v for k, v in kwargs.items() if not k.startswith("_")}})
+
+
+def _check_before_model(cfg: DictConfig, method, editor, video) -> None:
+    """Checks that need the model's architecture (steps, K vs tokens, memory), from its config (`stem.precheck`)."""
+    check_before_model(OmegaConf.to_container(cfg.model, resolve=True), method, video, editor,
+                       check_memory=cfg.get("check_memory", True))
 
 
 def job_tracking(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
@@ -191,13 +226,15 @@ def job_tracking(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
     its swept overrides: those whose key the sweep's command line does not fix to one value (e.g.
     "inversion=stem,data=wolf"; experiment-declared sweeps included). A single run is named after all its
     overrides, or `task_name` without any. paths.* and logger* overrides (where results go) are left out."""
-    own = [o for o in hydra_cfg.overrides.task if re.split(r"[.=@]", o.lstrip("+~"))[0] not in ("paths", "logger")]
+    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as typed: `${x}` in a prompt stays text
+    own = [o for o in task if re.split(r"[.=@]", o.lstrip("+~"))[0] not in ("paths", "logger")]
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return {"name": ",".join(own) or cfg.task_name}
     sweep_dir = Path(hydra_cfg.sweep.dir)
     multirun = sweep_dir / "multirun.yaml"  # written by the sweeper before any job starts
     parser = OverridesParser.create()
-    command_line = list(OmegaConf.load(multirun).hydra.overrides.task) if multirun.is_file() else []
+    command_line = (OmegaConf.to_container(OmegaConf.load(multirun).hydra.overrides.task, resolve=False)
+                    if multirun.is_file() else [])
     fixed = {o.get_key_element() for o in parser.parse_overrides(command_line) if not o.is_sweep_override()}
     swept = [text for text, o in zip(own, parser.parse_overrides(own)) if o.get_key_element() not in fixed]
     return {"group": sweep_group(cfg.task_name, sweep_dir), "name": ",".join(swept or own) or cfg.task_name}
@@ -209,6 +246,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) 
     where the config leaves them null (`job_tracking`); an explicit logger.group/logger.name wins."""
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
+    _check_interpolations(cfg)
     _check_missing(cfg)
     make_logger = _build("logger", cfg.logger, _partial_=True)  # a partial: the config is no node to instantiate
     defaults = {k: v for k, v in (tracking or {}).items() if cfg.logger.get(k) is None}
@@ -228,6 +266,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) 
             evaluator.check_without_output()   # an inversion-only run has no video to score
         evaluator.prepare(video, method.num_steps)    # bad metric settings and missing CLIP weights, before the model
         cache = TensorCache(Path(cfg.paths.cache_dir) / "inversion").check_writable() if cfg.use_cache else None
+        _check_before_model(cfg, method, editor, video)   # from the model's config, no weights loaded
         model = _build("model", cfg.model)
         log.info("video %s: %d frames %dx%d, prompt %r; %s; metrics: %s", video.name, video.num_frames, video.width,
                  video.height, video.prompt, method.name if editor is None else
@@ -287,6 +326,20 @@ def _check_missing(cfg: DictConfig) -> None:
     if missing:
         first = missing[0]
         raise ConfigError(f"no value for {', '.join(missing)}: set it on the command line, e.g. {first}='...'")
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """`${...}` that does not resolve (e.g. inside a prompt: OmegaConf reads it as an interpolation) is a one-line
+    error saying how to write it literally, `\\${...}`; one that resolves (`${seed}`) is OmegaConf's feature."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationToMissingValueError:
+        return  # a ??? value: _check_missing names it
+    except (InterpolationResolutionError, UnsupportedInterpolationType) as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"{e.full_key}: {reason}: OmegaConf reads ${{...}} as an interpolation; to write it "
+                          f"literally (e.g. in a prompt) escape it as \\${{...}}, e.g. {e.full_key}='a \\${{x}} cat'"
+                          ) from None
 
 
 # configs/ beside this file (a checkout, an editable install); otherwise the installed copy (a wheel: `stem-run`).

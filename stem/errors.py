@@ -37,3 +37,16 @@ class MetricError(StemError, ValueError):
     """Input a metric cannot score (shapes, NaNs, too few or too small frames, missing weights).
 
     Also a ValueError, so library callers can catch it as the bad value it is."""
+
+
+def is_safetensors(path) -> bool:
+    """Whether the file at `path` is in the safetensors format (an 8-byte little-endian header length, then a
+    JSON header), read without deserialising anything; a pickle (.bin/.pt/.pth/.ckpt) is not."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+        f.seek(0, 2)
+        size = f.tell()
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+PICKLE_RISK = "only for weights you trust: a pickle can run code when loaded"

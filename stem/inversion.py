@@ -43,7 +43,8 @@ class InversionMethod:
         return self.processor(num_frames)
 
     def check(self, unet, num_frames: int, latent_height: int, latent_width: int) -> None:
-        """Raise ConfigError if the method cannot run on such a video (default: it always can)."""
+        """Raise ConfigError if the method cannot run on such a video (default: it always can). `unet`: the
+        UNet or its config dict (run.py checks before building the model, `stem.precheck`)."""
 
     def install(self, unet, num_frames: int, reconstruction: bool = False):
         """Context manager installing this method's attn1 processors (one for all layers by default)."""
@@ -94,20 +95,35 @@ class DDIMInversion(InversionMethod):
         return FrameContextAttnProcessor(num_frames, self.context, self.pairing, self.query_chunk)
 
 
+def _attn1_names(config) -> list[str]:
+    """The attn1 layer names diffusers gives an SD-style UNet with this config (no UNet built)."""
+    layers = config.get("layers_per_block", 2)
+    names = [f"down_blocks.{i}.attentions.{j}" for i, kind in enumerate(config["down_block_types"])
+             if "CrossAttn" in kind for j in range(layers)]
+    if "CrossAttn" in (config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
+        names.append("mid_block.attentions.0")
+    names += [f"up_blocks.{i}.attentions.{j}" for i, kind in enumerate(config["up_block_types"])
+              if "CrossAttn" in kind for j in range(layers + 1)]
+    return [f"{name}.transformer_blocks.0.attn1" for name in names]
+
+
 def self_attention_tokens(unet, latent_height: int, latent_width: int) -> dict[str, tuple[int, int]]:
     """(h, w) token grid of every attn1 of an SD-style UNet for latents of that size.
 
-    down_blocks.i works at the latent size halved i times (stride-2 convs round up), the
-    mid block at the smallest size, up_blocks.j mirrors down_blocks.(L-1-j).
+    `unet`: a UNet2DConditionModel, or its config as a dict (checks before the model is built,
+    `stem.models.architecture`). down_blocks.i works at the latent size halved i times (stride-2
+    convs round up), the mid block at the smallest size, up_blocks.j mirrors down_blocks.(L-1-j).
     """
-    levels = len(unet.config.block_out_channels)
+    config = unet.config if hasattr(unet, "config") else unet
+    names = list(unet.attn_processors) if hasattr(unet, "attn_processors") else _attn1_names(config)
+    levels = len(config["block_out_channels"])
     sizes = [(latent_height, latent_width)]
     for _ in range(levels - 1):
         h, w = sizes[-1]
         sizes.append((math.ceil(h / 2), math.ceil(w / 2)))
     grid = {}
-    for name in unet.attn_processors:
-        if ".attn1." not in name:
+    for name in names:
+        if ".attn1" not in name:
             continue
         part, index = name.split(".")[:2]
         if part == "mid_block":

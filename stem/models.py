@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from stem.device import resolve_device, resolve_dtype
-from stem.errors import StemError
+from stem.errors import PICKLE_RISK, StemError
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,12 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_MAX_LENGTH)
 
 
+TINY_UNET = dict(widths=(32, 32, 64, 64), heads=2, cross_dim=32, groups=8, sample_size=32)
+TINY_VAE = dict(widths=(16, 16, 32, 32), groups=8, layers=1, sample_size=256)
+SD15_UNET = dict(widths=(320, 640, 1280, 1280), heads=8, cross_dim=768, groups=32, sample_size=64)
+SD15_VAE = dict(widths=(128, 256, 512, 512), groups=32, layers=2, sample_size=512)
+
+
 def _sd15_unet_config(widths, heads, cross_dim, groups, sample_size) -> dict:
     return dict(
         sample_size=sample_size,
@@ -190,8 +196,7 @@ def build_tiny(seed: int = 0, device: str = "auto", dtype: str = "auto", out_gai
     tok_size = len(tiny_tokenizer())
     model = _build_random(
         "tiny",
-        _sd15_unet_config(widths=(32, 32, 64, 64), heads=2, cross_dim=32, groups=8, sample_size=32),
-        _sd15_vae_config(widths=(16, 16, 32, 32), groups=8, layers=1, sample_size=256),
+        _sd15_unet_config(**TINY_UNET), _sd15_vae_config(**TINY_VAE),
         CLIPTextConfig(vocab_size=tok_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                        num_attention_heads=4, max_position_embeddings=TEXT_MAX_LENGTH,
                        bos_token_id=tok_size - 2, eos_token_id=tok_size - 1, pad_token_id=tok_size - 1),
@@ -220,14 +225,55 @@ def build_sd15_arch(seed: int = 0, device: str = "auto", dtype: str = "auto") ->
     tok_size = len(tiny_tokenizer())
     return _build_random(
         "sd15_arch",
-        _sd15_unet_config(widths=(320, 640, 1280, 1280), heads=8, cross_dim=768, groups=32, sample_size=64),
-        _sd15_vae_config(widths=(128, 256, 512, 512), groups=32, layers=2, sample_size=512),
+        _sd15_unet_config(**SD15_UNET), _sd15_vae_config(**SD15_VAE),
         CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                        num_attention_heads=12, max_position_embeddings=TEXT_MAX_LENGTH, hidden_act="quick_gelu",
                        projection_dim=768, bos_token_id=tok_size - 2, eos_token_id=tok_size - 1,
                        pad_token_id=tok_size - 1),
         seed, device, dtype,
     )
+
+
+def architecture(target: str, settings: dict) -> dict | None:
+    """What the model preset `target(**settings)` will build, read without loading any weights, for checks
+    before model work: {"unet": its UNet config, "vae_scale": pixels per latent, "num_train_timesteps": the
+    scheduler's}. From the code for `build_tiny`/`build_sd15_arch`; from unet/config.json and
+    vae/config.json for `load_pretrained` (a local folder, else the Hugging Face cache). None when not
+    known without loading (another target, or configs not on this machine): the checks then run after
+    loading, as before."""
+    name = target.removeprefix("stem.models.")
+    if name in ("build_tiny", "build_sd15_arch"):
+        unet, vae = (TINY_UNET, TINY_VAE) if name == "build_tiny" else (SD15_UNET, SD15_VAE)
+        configs = {"unet": _sd15_unet_config(**unet), "vae": _sd15_vae_config(**vae)}
+    elif name == "load_pretrained":
+        configs = {sub: _pretrained_config(settings.get("path", SD15_HUB_ID), sub, settings.get("revision"))
+                   for sub in ("unet", "vae")}
+        if any(c is None or not {"block_out_channels", "down_block_types"} <= set(c) for c in configs.values()):
+            return None  # not an SD-style folder: load_pretrained reports it
+    else:
+        return None
+    return {"unet": configs["unet"], "vae_scale": 2 ** (len(configs["vae"]["block_out_channels"]) - 1),
+            "num_train_timesteps": DDIM_SETTINGS["num_train_timesteps"]}  # ddim_scheduler() sets it for all
+
+
+def _pretrained_config(path: str, sub: str, revision: str | None) -> dict | None:
+    """`sub`/config.json of a local folder or of a Hub id already in the local cache (no download)."""
+    local = Path(path).expanduser() / sub / "config.json"
+    if not local.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(path, f"{sub}/config.json", revision=revision)
+        except Exception:  # noqa: BLE001 - not a valid repo id, no cache: unknown before loading
+            return None
+        if not isinstance(found, str):
+            return None
+        local = Path(found)
+    try:
+        config = json.loads(local.read_text())
+    except (OSError, ValueError):
+        return None  # load_pretrained reports an unreadable folder with its fix
+    return config if isinstance(config, dict) else None
 
 
 def load_pretrained(path: str = SD15_HUB_ID, revision: str | None = None, device: str = "auto",
@@ -245,6 +291,8 @@ def load_pretrained(path: str = SD15_HUB_ID, revision: str | None = None, device
     if local.is_absolute() and not local.exists():
         raise StemError(f"model folder {path} does not exist; set model.path to a folder with "
                         "unet/ vae/ text_encoder/ tokenizer/ scheduler/ (safetensors weights)")
+    if local.is_dir():
+        _refuse_pickled_only(local)
     common = dict(revision=revision, local_files_only=local_files_only)
     weights = dict(common, use_safetensors=True, torch_dtype=dtype_t)
     try:
@@ -268,6 +316,25 @@ def load_pretrained(path: str = SD15_HUB_ID, revision: str | None = None, device
     )
     log.info("loaded %s on %s/%s", path, device_t, dtype_t)
     return model
+
+
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _refuse_pickled_only(folder: Path) -> None:
+    """StemError, with the conversion command, for a component folder with pickled weights and no safetensors
+    (they are never unpickled here). The command loads safetensors where a component has them and the pickles
+    elsewhere (diffusers' default), then writes safetensors only."""
+    for sub in ("unet", "vae", "text_encoder"):
+        files = [p for p in (folder / sub).glob("*") if p.is_file()]
+        pickled = [p.name for p in files if p.suffix in PICKLED_SUFFIXES]
+        if pickled and not any(p.suffix == ".safetensors" for p in files):
+            out = f"{folder}_safetensors"
+            raise StemError(
+                f"{folder / sub} has only pickled weights ({', '.join(sorted(pickled))}), which are refused; convert "
+                f"the folder to safetensors once, {PICKLE_RISK}: python -c \"from diffusers import "
+                f"StableDiffusionPipeline as P; P.from_pretrained('{folder}', safety_checker=None)"
+                f".save_pretrained('{out}', safe_serialization=True)\" and set model.path={out}")
 
 
 def save_pretrained(model: DiffusionModel, path: str | Path) -> None:

@@ -1,4 +1,8 @@
-"""Text conditioning: prompt -> CLIP text-encoder hidden states, with an explicit length policy."""
+r"""Text conditioning: prompt -> CLIP text-encoder hidden states, with an explicit length policy.
+
+A prompt given through run.py is an OmegaConf string: `${...}` in it is an interpolation. To write it
+literally escape it, `data.prompt='a \${x} cat'` (run.py refuses an unresolvable one with that hint and
+passes an escaped one through unchanged)."""
 
 from __future__ import annotations
 

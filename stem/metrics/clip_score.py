@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stem.device import resolve_device
-from stem.errors import ConfigError, MetricError, StemError
+from stem.errors import PICKLE_RISK, ConfigError, MetricError, StemError, is_safetensors
 
 DEFAULT_MODEL = "ViT-B-32-quickgelu"
 DEFAULT_PRETRAINED = "openai"
@@ -100,6 +100,18 @@ def _cached_checkpoint(tag_cfg: dict, cache_dir: str | None) -> str | None:
     return None
 
 
+def _refuse_pickle(model: str, path: str) -> None:
+    """A checkpoint file that is not safetensors is refused before anything unpickles it, with how to convert."""
+    if not is_safetensors(path):
+        out = os.path.splitext(path)[0] + ".safetensors"
+        raise ClipWeightsError(
+            f"{METRIC}: '{path}' is not a safetensors file (pickled weights are refused); convert it once, "
+            f"{PICKLE_RISK}: python -c \"import open_clip; from safetensors.torch import save_file; "
+            f"m = open_clip.create_model('{model}', pretrained='{path}'); "
+            f"save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, '{out}')\" "
+            f"and pass pretrained={out}")
+
+
 def _resolve_weights(model: str, pretrained: str, cache_dir: str | None) -> tuple[str, dict]:
     """(checkpoint file, the tag's preprocessing settings) without waiting on the network."""
     import open_clip
@@ -107,6 +119,7 @@ def _resolve_weights(model: str, pretrained: str, cache_dir: str | None) -> tupl
     tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
     if not tag_cfg:
         if os.path.isfile(pretrained):
+            _refuse_pickle(model, pretrained)
             return pretrained, {}
         looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
         if looks_like_path:

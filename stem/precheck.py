@@ -1,0 +1,156 @@
+"""Checks that run before any model work (run.py's `run_job`): bad settings fail in a second
+with one line, not after minutes of loading weights or inverting.
+
+- `check_arguments`: the keys of a config group against the signature of its `_target_`
+  (an unknown key names the closest known one; a value of the wrong type names the type).
+- `check_before_model`: from the model's config alone (`stem.models.architecture`): DDIM steps
+  within the scheduler's training timesteps, the method's `check` (STEM: K vs tokens) and a
+  lower-bound memory estimate against the free memory (`memory_need`, `available_memory`;
+  top-level `check_memory=false` skips it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+
+from stem.errors import ConfigError
+
+
+def _accepts(annotation, value) -> bool:
+    """Whether `value` (plain config data: None, bool, int, float, str, list, dict) fits `annotation`.
+    Types this cannot judge (classes, callables, typing constructs) accept anything: the target decides."""
+    if annotation is inspect.Parameter.empty or annotation is typing.Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def check_arguments(group: str, target, kwargs: dict) -> None:
+    """ConfigError if `target(**kwargs)` would fail on a key it does not take or a value of the wrong type.
+
+    `kwargs` are the config group's values (resolved, `_`-keys left out). The message names the key, the
+    closest known key (difflib) and all known keys, or the expected type. Targets taking **kwargs accept
+    any key."""
+    try:
+        signature = inspect.signature(target)
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except (TypeError, ValueError, NameError):
+        return  # no introspectable signature: instantiate reports what goes wrong
+    params = {n: p for n, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+    for key, value in kwargs.items():
+        if key not in params:
+            if open_ended:
+                continue
+            close = difflib.get_close_matches(key, params, n=1)
+            hint = f"did you mean {group}.{close[0]}? " if close else ""
+            raise ConfigError(f"{group}.{key} is not a setting of {group} ({_target_name(target)}): {hint}"
+                              f"known: {', '.join(params)}")
+        annotation = hints.get(key, inspect.Parameter.empty)
+        if not _accepts(annotation, value):
+            raise ConfigError(f"{group}.{key}={value!r} must be of type {_type_name(annotation)}, "
+                              f"got {type(value).__name__}")
+
+
+def _target_name(target) -> str:
+    return f"{target.__module__}.{target.__qualname__}"
+
+
+def check_before_model(model: dict, method, video, editor=None, check_memory: bool = True) -> None:
+    """Settings that need the model's architecture, checked from its config (`stem.models.architecture`)
+    before any weights load: DDIM steps within the scheduler's training timesteps, and the method's own
+    `check` (STEM: K at most the tokens of an EM group) on the video's latent size. `model`: the resolved
+    model group (with `_target_`); an unknown architecture skips these (they run after loading then)."""
+    from stem.models import architecture
+
+    arch = architecture(model.get("_target_", ""), model)
+    if arch is None:
+        return
+    limit = arch["num_train_timesteps"]
+    for group, steps in (("inversion", method.num_steps), ("editing", getattr(editor, "num_steps", None))):
+        if steps is not None and steps > limit:
+            raise ConfigError(f"{group}.num_steps={steps} exceeds the scheduler's {limit} training timesteps: "
+                              f"use at most {limit} (the paper: 50)")
+    scale = arch["vae_scale"]
+    method.check(arch["unet"], video.num_frames, video.height // scale, video.width // scale)
+    if check_memory:
+        from stem.device import resolve_device, resolve_dtype
+
+        device = resolve_device(model.get("device", "auto"))
+        dtype = resolve_dtype(model.get("dtype", "auto"), device)
+        need, what = memory_need(arch, video, dtype.itemsize)
+        free = available_memory(device)
+        if free is not None and need > free:
+            raise ConfigError(f"{video.num_frames} frames of {video.width}x{video.height} need at least "
+                              f"{need / 2**30:.2f} GiB on {device} ({what}), {free / 2**30:.2f} GiB is available: "
+                              "use fewer frames (data.n_frames) or a lower resolution, or check_memory=false "
+                              "to run anyway")
+
+
+def memory_need(arch: dict, video, dtype_bytes: int) -> tuple[int, str]:
+    """(bytes, how counted): a lower bound of the memory one UNet call on the whole video needs (every method
+    runs all N frames through the UNet in one batch), so that refusing when it exceeds the available memory
+    refuses only what cannot run. Counted: at the self-attention layer with the most tokens x channels, its
+    input, queries, keys and values for all N frames, 4 x N x tokens x channels x bytes. Left out: weights, the
+    VAE, every other activation, and attention scores: PyTorch's fused attention (CUDA, and the CPU's
+    flash kernel) does not hold them (measured on the CPU: 3 MiB peak for a 2 x 2048 x 65536 score matrix,
+    1 GiB if held), so `ddim_allframe`'s N x tokens keys cost what its keys and values cost."""
+    from stem.inversion import self_attention_tokens
+
+    config = arch["unet"]
+    h, w = video.height // arch["vae_scale"], video.width // arch["vae_scale"]
+    widths = list(config["block_out_channels"])
+    sizes = [(h, w)]
+    for _ in widths[1:]:
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))  # as self_attention_tokens: halving rounds up
+    layers = {(gh * gw, min(c for c, size in zip(widths, sizes) if size == (gh, gw)))
+              for gh, gw in self_attention_tokens(config, h, w).values()}
+    tokens, channels = max(layers, key=lambda tc: tc[0] * tc[1])
+    n = video.num_frames
+    return 4 * n * tokens * channels * dtype_bytes, f"4 x {n} frames x {tokens} tokens x {channels} channels x " \
+                                                    f"{dtype_bytes} bytes at the largest self-attention layer"
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for this run: CUDA's free memory on the device; on the CPU the cgroup's memory.max when one
+    is set (a container or a SLURM job), else the kernel's MemAvailable. None when unknown."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit.isdigit():
+            return int(limit)
+    except OSError:
+        pass
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
