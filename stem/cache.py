@@ -67,16 +67,19 @@ class TensorCache:
         return self.root / key
 
     def check_writable(self) -> TensorCache:
-        """Create the cache folder if needed and check that entries can be written in it (a probe folder is
-        created and removed); return the cache. Else a one-line ConfigError naming the folder and the fixes.
+        """Check that entries can be written (a probe folder is created and removed in the cache folder, or in
+        its nearest existing parent when it does not exist yet: nothing is left behind, so a run refused later
+        creates no cache folder); return the cache. Else a one-line ConfigError naming the folder and the fixes.
 
         An error rather than a warning and a run without saving: it comes before any model work (the project's
         promise for bad input), and a cache that silently stops saving would recompute every rerun. A read-only
         cache of finished entries is therefore refused too; use a writable copy of it.
         """
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            os.rmdir(tempfile.mkdtemp(dir=self.root, prefix=".write-check."))
+            existing = self.root
+            while not existing.exists():  # a file on the way makes mkdtemp fail: not writable either
+                existing = existing.parent
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-check."))
         except OSError as e:
             raise ConfigError(f"cache folder {self.root} is not writable ({e.strerror or e}): set paths.cache_dir "
                               f"to a writable folder, or use_cache=false to run without the cache") from None
