@@ -166,14 +166,16 @@ class STEMAttnProcessor(SelfAttnProcessor):
                                          f"{x.shape[1]} tokens)")
             if self.space == "features":
                 xg = _to_groups(x[:, None], n, f0, f1, size)[:, 0]    # (G*m, size*S, C)
-                mu = self.em(xg, shard=shard).bases.to(x.dtype)
-                kb, vb = self.project(attn, mu, "k", "v")             # (G*m, h, K, d)
+                res = self.em(xg, shard=shard)
             else:
                 kg, vg = (_to_groups(y, n, f0, f1, size).flatten(0, 1) for y in (k, v))  # (G*m*h, size*S, d)
                 res = self.em(kg, values=vg, shard=shard)
-                kb, vb = (t.to(x.dtype).view(qg.shape[0], heads, *t.shape[1:]) for t in (res.bases, res.values))
             if f1 == f0:
                 continue  # another process's groups: only their initial draws were made
+            if self.space == "features":
+                kb, vb = self.project(attn, res.bases.to(x.dtype), "k", "v")  # (G*m, h, K, d)
+            else:
+                kb, vb = (t.to(x.dtype).view(qg.shape[0], heads, *t.shape[1:]) for t in (res.bases, res.values))
             outs.append(_from_groups(chunked_attention(qg, kb, vb, self.query_chunk), g, size))
         out = torch.cat(outs, dim=1)                                   # (G, N, h, S, d)
         return out.reshape(g * n, *out.shape[2:])
