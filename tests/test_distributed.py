@@ -11,14 +11,17 @@ import copy
 import multiprocessing
 import socket
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from stem.distributed import Distributed, frame_slices, init
+from stem.distributed import Distributed, choose_backend, frame_slices, from_env, init, submitit_environ
 from stem.em import DEAD_MASS, EMShard, em_bases
-from stem.inversion import DDIMInversion, STEMInversion
+from stem.errors import ConfigError
+from stem.inversion import DDIMInversion, FateZeroInversion, STEMInversion
 from stem.sharded import invert_sharded, reconstruct_sharded, shard_processor, shard_video
+from stem.stem_attention import STEMAttnProcessor
 
 N_FRAMES, STEPS = 7, 3
 
@@ -253,3 +256,132 @@ def test_sharded_runs_equal_one_process(tiny_model, reference, tmp_path, world):
         if ref["rec"] is not None:
             close(got[0]["rec"], ref["rec"], f"{name} reconstruction")
         assert all(g["rec"] is None for g in got[1:]), "only rank 0 receives the reconstruction"
+
+
+def die_in_em(model, rank_to_die: int):
+    """A job whose rank `rank_to_die` raises inside its third EM call (the others wait in an all-reduce)."""
+    def job(d: Distributed):
+        import stem.stem_attention as sa
+        calls, em = [0], sa.em_bases
+
+        def failing(*args, **kwargs):
+            calls[0] += 1
+            if d.rank == rank_to_die and calls[0] == 3:
+                raise RuntimeError("rank died inside the EM")
+            return em(*args, **kwargs)
+        sa.em_bases = failing  # a forked rank: the patch dies with it
+        method = STEMInversion(num_steps=STEPS, **STEM_SPECS["stem"])
+        latents, cond = video()
+        fs = shard_video(d, method, N_FRAMES)
+        return invert_sharded(method, model, fs.local(latents), cond, fs, progress=False)
+    return job
+
+
+def test_a_rank_that_dies_makes_the_others_fail_fast(tiny_model, tmp_path):
+    """Rank 1 raises in the middle of the EM of the first layer: rank 0, waiting in the M-step all-reduce,
+    exits non-zero within seconds (its peer's connection closes) instead of hanging, and writes nothing.
+
+    Mutation seen failing: a rank that swallows the error (returns partial results) exits 0."""
+    codes, seconds, results = run_ranks(2, die_in_em(tiny_model, 1), tmp_path, timeout=60)
+    assert codes[1] != 0 and codes[0] != 0, f"exit codes {codes}: the surviving rank must fail too"
+    assert results == [None, None], "a failed rank saved results"
+    assert seconds < 30, f"the surviving rank took {seconds:.0f} s to fail"
+
+
+def test_frame_slices_follow_the_documented_rule():
+    """Contiguous slices, the first U mod W ranks one unit longer (7 frames over 3 ranks: 3, 2, 2), units of
+    whole EM groups when a group is set (the last, shorter group a unit of its own).
+
+    Mutations seen failing: the longer slices at the end (2, 2, 3); slices cut at frame, not group, boundaries."""
+    assert frame_slices(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert frame_slices(7, 2) == [(0, 4), (4, 7)]
+    assert frame_slices(7, 2, group=2) == [(0, 4), (4, 7)]       # groups 0-1 2-3 | 4-5 6
+    assert frame_slices(7, 3, group=2) == [(0, 4), (4, 6), (6, 7)]
+    assert frame_slices(7, 2, group=3) == [(0, 6), (6, 7)]
+    for n in range(1, 13):
+        for group in (None, 1, 2, 3, 5, 8):
+            units = -(-n // (group or 1))
+            for w in range(1, min(n, units) + 1):
+                s = frame_slices(n, w, group)
+                assert s[0][0] == 0 and s[-1][1] == n and all(a[1] == b[0] for a, b in zip(s, s[1:]))
+                sizes = [-(-(b - a) // (group or 1)) for a, b in s]    # units per rank
+                assert sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1
+                assert all(a % (group or 1) == 0 for a, _ in s)
+
+
+def test_bad_setups_fail_before_model_work(monkeypatch):
+    """Too many ranks, EM groups that would straddle ranks, NCCL without CUDA: ConfigError from functions
+    that need no model and start no process group.
+
+    Mutations seen failing: no world-size check (a rank with no frame); groups not rounded (straddling);
+    NCCL accepted on a CPU-only machine (init_process_group would fail later, or hang)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="world size 8 exceeds the 7 frames"):
+        shard_video(Distributed(rank=0, world_size=8), STEMInversion(), 7)
+    with pytest.raises(ConfigError, match="world size 8 exceeds the 7 frames"):
+        shard_video(Distributed(rank=0, world_size=8), DDIMInversion(), 7)
+    with pytest.raises(ConfigError, match="EM groups of 8 frames would straddle ranks.*only 1 group"):
+        shard_video(Distributed(rank=0, world_size=2), STEMInversion(group=8), 7)
+    with pytest.raises(ConfigError, match="EM groups of 4 frames would straddle"):
+        shard_video(Distributed(rank=0, world_size=3), STEMInversion(group=4), 7)
+    shard_video(Distributed(rank=0, world_size=2), STEMInversion(group=4), 7)  # 2 groups: fine
+    with pytest.raises(ConfigError, match="backend=nccl needs CUDA"):
+        choose_backend("nccl")
+    assert choose_backend("auto") == "gloo" and choose_backend("auto", cuda=True) == "nccl"
+    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    with pytest.raises(ConfigError, match="backend=nccl needs CUDA"):
+        from_env(env, backend="nccl")
+    with pytest.raises(ConfigError, match="MASTER_ADDR, MASTER_PORT unset: launch with torchrun"):
+        from_env({"WORLD_SIZE": "2", "RANK": "0"})
+    assert not torch.distributed.is_initialized()
+    # a shard cut for other groups, or a processor told the wrong local frame count
+    cut = Distributed(rank=0, world_size=2).shard(7)                  # 4 + 3 frames: cuts groups of 3
+    with pytest.raises(ConfigError, match="cut EM groups of 3 frames"):
+        STEMAttnProcessor(4, group=3, shard=cut)
+    with pytest.raises(ConfigError, match="num_frames=7 but this process holds 4 frames"):
+        STEMAttnProcessor(7, shard=cut)
+    with pytest.raises(ConfigError, match="runs on one process only"):
+        shard_video(Distributed(rank=0, world_size=2), FateZeroInversion(), 7)
+
+
+def test_launch_environments():
+    """No WORLD_SIZE (plain python) or WORLD_SIZE=1: the one-process job, nothing initialised; submitit's
+    JobEnvironment maps to torchrun's variables (first host is the master)."""
+    for env in ({}, {"WORLD_SIZE": "1"}):
+        d = from_env(env)
+        assert not d.active and d.group is None and d.world_size == 1
+    job = SimpleNamespace(global_rank=3, num_tasks=4, local_rank=1, hostnames=["node7", "node8"])
+    assert submitit_environ(job, master_port=1234) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                                      "MASTER_ADDR": "node7", "MASTER_PORT": "1234"}
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (2 shared cores: several threads each slow everything down), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_one_process_is_bitwise_the_unsharded_code(tiny_model, one_thread):
+    """With one process (Distributed()), sharded inversion and reconstruction equal method.invert /
+    method.reconstruct bit for bit, and every collective returns its input.
+
+    Mutations seen failing: reconstruct_sharded using the inversion's processor (stem_in_reconstruction=False
+    must sample back per frame); invert_sharded with the method's default 50 steps."""
+    one = Distributed()
+    t = torch.randn(3, 2)
+    assert one.all_reduce_sum(t) is t and one.broadcast(t) is t and one.all_gather_slices(t, [3]) is t
+    assert one.gather_slices(t, [3]) is t and one.all_gather(t)[0] is t
+    latents, cond = video()
+    cases = {**methods(), "stem_1frame_reconstruction": STEMInversion(num_steps=STEPS, stem_in_reconstruction=False,
+                                                                      **STEM_SPECS["stem"])}
+    for name, method in cases.items():
+        fs = shard_video(one, method, N_FRAMES)
+        want = method.invert(tiny_model, latents, cond, progress=False).latents
+        got = invert_sharded(method, tiny_model, latents, cond, fs, progress=False).latents
+        assert torch.equal(got, want), name
+        if isinstance(method, STEMInversion):
+            back = method.reconstruct(tiny_model, want[-1], cond, progress=False)
+            assert torch.equal(reconstruct_sharded(method, tiny_model, want[-1], cond, fs, progress=False), back), name
