@@ -116,34 +116,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, job, path):
+def _rank_main(rank, world, port, job, path, timeout_s):
     torch.set_num_threads(1)  # two cores shared by all ranks: one thread each
-    d = init(rank, world, "127.0.0.1", port, backend="gloo", timeout_s=20)
+    d = init(rank, world, "127.0.0.1", port, backend="gloo", timeout_s=timeout_s)
     try:
         torch.save(job(d), path)
     finally:
         d.close()
 
 
-def run_ranks(world: int, job, tmp_path, timeout: float = 120.0):
-    """Run job(Distributed) on `world` forked gloo ranks; returns (exit codes, seconds, results or None)."""
+def run_ranks(world: int, job, tmp_path, timeout: float = 120.0, timeout_s: float = 20.0, wait=None):
+    """Run job(Distributed) on `world` forked gloo ranks (collective timeout `timeout_s`); waits up to `timeout`
+    seconds for the ranks `wait` (default all) and kills the others then. Returns (exit codes, seconds, results)."""
     ctx, port = multiprocessing.get_context("fork"), free_port()
     paths = [tmp_path / f"rank{r}_of_{world}.pt" for r in range(world)]
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, job, paths[r])) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, job, paths[r], timeout_s)) for r in range(world)]
     start = time.monotonic()
     for p in procs:
         p.start()
     try:
-        for p in procs:
-            p.join(max(0.0, timeout - (time.monotonic() - start)))
+        for r in range(world) if wait is None else wait:
+            procs[r].join(max(0.0, timeout - (time.monotonic() - start)))
+        seconds = time.monotonic() - start
+        hung = [r for r in (range(world) if wait is None else wait) if procs[r].is_alive()]
     finally:
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-    assert not alive, f"{len(alive)} rank(s) still running after {timeout} s: a hang"
-    codes = [p.exitcode for p in procs]
-    results = [torch.load(p) if p.exists() else None for p in paths]
-    return codes, time.monotonic() - start, results
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert not hung, f"rank(s) {hung} still running after {timeout} s: a hang"
+    return [p.exitcode for p in procs], seconds, [torch.load(p) if p.exists() else None for p in paths]
 
 
 def sharded_job(model, noise: dict, inputs: dict):
@@ -258,8 +260,9 @@ def test_sharded_runs_equal_one_process(tiny_model, reference, tmp_path, world):
         assert all(g["rec"] is None for g in got[1:]), "only rank 0 receives the reconstruction"
 
 
-def die_in_em(model, rank_to_die: int):
-    """A job whose rank `rank_to_die` raises inside its third EM call (the others wait in an all-reduce)."""
+def die_in_em(model, rank_to_die: int, stall: float = 0.0):
+    """A job whose rank `rank_to_die` raises inside its third EM call (the others wait in an all-reduce), or
+    with `stall` seconds, stays alive there that long (a hung rank)."""
     def job(d: Distributed):
         import stem.stem_attention as sa
         calls, em = [0], sa.em_bases
@@ -267,6 +270,7 @@ def die_in_em(model, rank_to_die: int):
         def failing(*args, **kwargs):
             calls[0] += 1
             if d.rank == rank_to_die and calls[0] == 3:
+                time.sleep(stall)
                 raise RuntimeError("rank died inside the EM")
             return em(*args, **kwargs)
         sa.em_bases = failing  # a forked rank: the patch dies with it
@@ -286,6 +290,16 @@ def test_a_rank_that_dies_makes_the_others_fail_fast(tiny_model, tmp_path):
     assert codes[1] != 0 and codes[0] != 0, f"exit codes {codes}: the surviving rank must fail too"
     assert results == [None, None], "a failed rank saved results"
     assert seconds < 30, f"the surviving rank took {seconds:.0f} s to fail"
+
+
+def test_a_hung_rank_makes_the_others_fail_after_the_timeout(tiny_model, tmp_path):
+    """Rank 1 stalls for 60 s inside the EM without dying: rank 0 gives up after the collective timeout given
+    to `init` (3 s here; 10 min by default, torch's own is 30 min) and exits non-zero.
+
+    Mutation seen failing: `init` not passing timeout_s to init_process_group (rank 0 still waiting at 25 s)."""
+    codes, seconds, _ = run_ranks(2, die_in_em(tiny_model, 1, stall=60), tmp_path, timeout=25, timeout_s=3, wait=[0])
+    assert codes[0] not in (0, None), f"exit codes {codes}"
+    assert seconds < 25
 
 
 def test_frame_slices_follow_the_documented_rule():
