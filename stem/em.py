@@ -41,7 +41,9 @@ every process the bases one process holding everything would get (up to float su
   random_tokens / kmeans++ draw token indices from the GLOBAL token set with the same generator
   on every process (identical draws), and the drawn tokens are assembled by an all-reduce of
   zero-filled buffers (each token is held by one process, so the sum is exact); dead-base
-  reseeding merges every process's worst tokens (an all-gather) and picks the globally worst.
+  reseeding, in an iteration that has dead bases (the all-reduced masses say so on every
+  process alike), merges every process's worst tokens (an all-gather of as many tokens as the
+  most dead bases of a group, with their values) and picks the globally worst.
 - group-scoped bases, whole groups per process (`rows`, `total_rows`): no communication; the
   random initial draws are made for all `total_rows` groups and this process keeps its rows, so
   every group gets the draws it gets in one process and the generators stay in step.
@@ -273,8 +275,9 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
                 worst_score, worst_x, worst_v = _keep_worst(sim.amax(-1), xc, vc, worst_score, worst_x, worst_v, k)
         if shard is not None:  # the sums over all processes' tokens (Eq. 10/11 sum over the whole video)
             num, mass, num_v = shard.reduce(num, mass, num_v)
-            if dead_bases == "reseed":
-                worst_x, worst_v = _global_worst(shard, worst_score, worst_x, worst_v, k, shard.tokens(t))
+            needed = int((mass < DEAD_MASS).sum(1).max()) if dead_bases == "reseed" and b else 0
+            if needed:  # the same on every process (mass is all-reduced): only then are worst tokens exchanged
+                worst_x, worst_v = _global_worst(shard, worst_score, worst_x, worst_v, needed, shard.tokens(t))
         mu = num / (mass[..., None] + mass_eps)
         if num_v is not None:
             value_bases = num_v / (mass[..., None] + mass_eps)
@@ -295,13 +298,14 @@ def _keep_worst(score, xc, vc, best_score, best_x, best_v, k):
     return torch.gather(score, 1, keep), take(xc), (take(vc) if vc is not None else None)
 
 
-def _global_worst(shard: EMShard, score, wx, wv, k: int, total_tokens: int):
-    """The k worst-fit tokens over all processes (each offers its own k worst; padded with +inf scores)."""
+def _global_worst(shard: EMShard, score, wx, wv, needed: int, total_tokens: int):
+    """The `needed` worst-fit tokens over all processes, in order (as many as the most dead bases of a group):
+    each process offers its own `needed` worst (sorted, padded with +inf scores), one all-gather merges them."""
     if shard.comm is None:
         return wx, wv
     parts = [score[..., None], wx] + ([wv] if wv is not None else [])
-    packed = torch.cat(parts, -1)
-    missing = k - packed.shape[1]
+    packed = torch.cat(parts, -1)[:, :needed]
+    missing = needed - packed.shape[1]
     if missing:
         pad = packed.new_zeros(packed.shape[0], missing, packed.shape[2])
         pad[..., 0] = float("inf")
@@ -309,8 +313,8 @@ def _global_worst(shard: EMShard, score, wx, wv, k: int, total_tokens: int):
     packed = torch.cat(shard.comm.all_gather(packed), 1)
     c = wx.shape[-1]
     _, wx, wv = _keep_worst(packed[..., 0], packed[..., 1:1 + c], packed[..., 1 + c:] if wv is not None else None,
-                            None, None, None, k)
-    m = min(k, total_tokens)
+                            None, None, None, needed)
+    m = min(needed, total_tokens)
     return wx[:, :m], (wv[:, :m] if wv is not None else None)
 
 
