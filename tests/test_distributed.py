@@ -39,7 +39,7 @@ STEM_SPECS = {
 DDIM_SPECS = {
     "ddim_2frame_fatezero": dict(context="2frame", pairing="fatezero"),
     "ddim_2frame_tuneavideo": dict(context="2frame", pairing="tuneavideo"),
-    "ddim_allframe": dict(context="allframe", query_chunk=24),  # 24 divides no slice's token count
+    "ddim_allframe": dict(context="allframe", query_chunk=24),  # query chunks of 24 tokens end mid-frame
 }
 
 
