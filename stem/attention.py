@@ -16,6 +16,16 @@ Contexts (spec/STEM.md section 2), frame indices 0-based:
              pairing "tuneavideo": frames 0 (first) and max(n-1, 0) (previous).
 - "allframe": all N frames. Cost O((N S)^2) per layer; queries are processed in chunks of
   `query_chunk` tokens so the score matrix in memory is at most query_chunk x N*S.
+
+Frame-sharded (`shard`, a `stem.distributed.FrameShard`; issue #14): the processor holds frames
+start .. stop - 1 of the N-frame video (frame indices above are those of the whole video) and
+fetches the keys/values its context needs from the other processes:
+- "1frame": nothing.
+- "2frame" fatezero: the middle frame (N-1)//2, broadcast by the process holding it.
+- "2frame" tuneavideo: frame 0, broadcast by the first process, and each process's last frame,
+  all-gathered (one frame per process), for the previous frame across a slice boundary.
+- "allframe": every frame's keys and values, all-gathered (slices padded to the longest); the
+  local queries keep their chunking.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from stem.distributed import FrameShard
 from stem.errors import ConfigError, check_choice, check_token_count
 
 CONTEXTS = ("1frame", "2frame", "allframe")
@@ -109,6 +120,17 @@ def finish_attention(attn, heads_out: torch.Tensor, x: torch.Tensor) -> torch.Te
     return out / attn.rescale_output_factor
 
 
+def sharded(shard: FrameShard | None, num_frames: int) -> FrameShard | None:
+    """The shard a processor for `num_frames` local frames works with: None for one process (then the
+    processor runs its single-process code, bit for bit)."""
+    if shard is None or not shard.dist.active:
+        return None
+    if shard.num_frames != num_frames:
+        raise ConfigError(f"num_frames={num_frames} but this process holds {shard.num_frames} frames "
+                          f"({shard.start}..{shard.stop - 1} of {shard.total}): pass the local frame count")
+    return shard
+
+
 def context_frames(num_frames: int, context: str, pairing: str = "fatezero") -> torch.Tensor | None:
     """Index table (N, k): row n lists the frames whose keys/values frame n attends to.
 
@@ -125,16 +147,20 @@ def context_frames(num_frames: int, context: str, pairing: str = "fatezero") -> 
 
 
 class FrameContextAttnProcessor(SelfAttnProcessor):
-    """1-frame, 2-frame or all-frame self-attention for DDIM inversion (paper Eq. 6)."""
+    """1-frame, 2-frame or all-frame self-attention for DDIM inversion (paper Eq. 6).
+
+    `shard`: this process's frames of a frame-sharded video (module docstring); num_frames is then
+    the local frame count. None (or a one-process shard): the whole video is here."""
 
     def __init__(self, num_frames: int, context: str = "1frame", pairing: str = "fatezero",
-                 query_chunk: int | None = 2048):
+                 query_chunk: int | None = 2048, shard: FrameShard | None = None):
         super().__init__(num_frames)
         check_choice("context", context, CONTEXTS)
         check_choice("pairing", pairing, PAIRINGS)
         check_token_count("query_chunk", query_chunk)
         self.context, self.pairing, self.query_chunk = context, pairing, query_chunk
         self.index = context_frames(num_frames, context, pairing)
+        self.shard = sharded(shard, num_frames)
 
     def attend(self, attn, x):
         q, k, v = self.project(attn, x, "q", "k", "v")
@@ -142,11 +168,37 @@ class FrameContextAttnProcessor(SelfAttnProcessor):
         n = self.num_frames
         if self.context == "1frame":
             return F.scaled_dot_product_attention(q, k, v)
+        if self.shard is not None:
+            return self.attend_sharded(q, k, v)
         if self.context == "2frame":
             return F.scaled_dot_product_attention(q, gather_frames(k, self.index, n), gather_frames(v, self.index, n))
         # allframe: one sequence of N*S tokens per group; every query sees all of them
         out = chunked_attention(*(frames_to_tokens(y, n) for y in (q, k, v)), self.query_chunk)
         return tokens_to_frames(out, n)
+
+
+    def attend_sharded(self, q, k, v):
+        """2-frame / all-frame attention of this process's frames, with the other processes' keys/values."""
+        sh, n = self.shard, self.num_frames
+        kv = torch.stack([k, v]).unflatten(1, (-1, n))                 # (2, G, n, h, S, d) local frames
+        if self.context == "allframe":
+            kv = sh.dist.all_gather_slices(kv, sh.sizes, dim=2)           # (2, G, N, h, S, d)
+            k_all, v_all = (y.flatten(0, 1) for y in kv)
+            out = chunked_attention(frames_to_tokens(q, n), frames_to_tokens(k_all, sh.total),
+                                    frames_to_tokens(v_all, sh.total), self.query_chunk)
+            return tokens_to_frames(out, n)
+        if self.pairing == "fatezero":                                  # [frame n, middle frame]
+            mid = (sh.total - 1) // 2
+            shared = kv[:, :, mid - sh.start] if sh.owner(mid) == sh.dist.rank else torch.zeros_like(kv[:, :, 0])
+            shared = sh.dist.broadcast(shared.contiguous(), src=sh.owner(mid))
+            first, second = kv, shared[:, :, None].expand_as(kv)
+        else:                                                           # tuneavideo: [frame 0, frame n - 1]
+            first = sh.dist.broadcast(kv[:, :, 0].contiguous(), src=0)[:, :, None].expand_as(kv)
+            last = sh.dist.all_gather(kv[:, :, -1].contiguous())          # every process's last frame
+            before = last[sh.dist.rank - 1] if sh.dist.rank else kv[:, :, 0]   # frame start - 1 (or frame 0 itself)
+            second = torch.cat([before[:, :, None], kv[:, :, :-1]], 2)
+        k2, v2 = (torch.cat([a, b], dim=-2).flatten(0, 1) for a, b in zip(first, second, strict=True))
+        return F.scaled_dot_product_attention(q, k2, v2)
 
 
 def gather_frames(y: torch.Tensor, index: torch.Tensor, frames: int) -> torch.Tensor:

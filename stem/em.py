@@ -32,11 +32,25 @@ Dead bases: a basis with (almost) no responsibility, sum_i z_ik < `DEAD_MASS`, b
 0 / eps = a zero vector that still takes part in attention (as in the released code,
 `dead_bases="keep"`). `dead_bases="reseed"` replaces it after the M-step by one of the
 tokens worst represented by the current bases (lowest best similarity), with its value.
+
+Distributed EM (`EMShard`, issue #14): when each process holds part of the EM problem, EM gives
+every process the bases one process holding everything would get (up to float summation order):
+- global bases, tokens split over processes (`token_start`, `total_tokens`, `comm`): the M-step
+  sums sum_i z_ik x_i, sum_i z_ik (and sum_i z_ik v_i) are all-reduced once per iteration, right
+  after the chunk loop; the gaussian init's per-channel sums all-reduced in both passes;
+  random_tokens / kmeans++ draw token indices from the GLOBAL token set with the same generator
+  on every process (identical draws), and the drawn tokens are assembled by an all-reduce of
+  zero-filled buffers (each token is held by one process, so the sum is exact); dead-base
+  reseeding merges every process's worst tokens (an all-gather) and picks the globally worst.
+- group-scoped bases, whole groups per process (`rows`, `total_rows`): no communication; the
+  random initial draws are made for all `total_rows` groups and this process keeps its rows, so
+  every group gets the draws it gets in one process and the generators stay in step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -55,6 +69,49 @@ class EMResult:
     bases: torch.Tensor                 # (B, K, C) fp32, mu after R iterations
     values: torch.Tensor | None         # (B, K, Cv) fp32 value bases, when values were given
     mass: torch.Tensor                  # (B, K) sum_i z_ik of the last E-step
+
+
+class Comm(Protocol):
+    """The collectives distributed EM needs (`stem.distributed.Distributed` has them)."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class EMShard:
+    """Where this process's tokens x (B, T, C) sit in the EM problem of all processes.
+
+    rows, total_rows: x's groups are groups `rows` (B,) of `total_rows` (group-scoped bases; None: all).
+    token_start, total_tokens: x holds tokens token_start .. token_start + T - 1 of each group's
+        `total_tokens` (global bases split over processes; None: all T).
+    comm: the collectives that sum over processes (needed when tokens are split).
+    """
+
+    rows: torch.Tensor | None = None
+    total_rows: int | None = None
+    token_start: int = 0
+    total_tokens: int | None = None
+    comm: Comm | None = None
+
+    def tokens(self, t: int) -> int:
+        """Tokens per group over all processes."""
+        return self.total_tokens if self.total_tokens is not None else t
+
+    def reduce(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The tensors summed over processes, with one all-reduce (None entries stay None)."""
+        if self.comm is None:
+            return list(tensors)
+        present = [t for t in tensors if t is not None]
+        flat = self.comm.all_reduce_sum(torch.cat([t.reshape(-1) for t in present]))
+        out, pos = [], 0
+        for t in tensors:
+            if t is None:
+                out.append(None)
+                continue
+            out.append(flat[pos:pos + t.numel()].view_as(t))
+            pos += t.numel()
+        return out
 
 
 def check_em_settings(num_bases: int, n_iters: int, tau: float, init: str, dead_bases: str,
@@ -104,7 +161,7 @@ def _randperm(n: int, generator: torch.Generator | None) -> torch.Tensor:
 
 
 def init_bases(x: torch.Tensor, num_bases: int, init: str = "gaussian", generator: torch.Generator | None = None,
-               chunk_size: int | None = None) -> torch.Tensor:
+               chunk_size: int | None = None, shard: EMShard | None = None) -> torch.Tensor:
     """Initial bases (B, K, C) in fp32.
 
     - "gaussian" (released code): mu_kc ~ Normal(mean_c, std_c), the per-channel mean and
@@ -112,43 +169,74 @@ def init_bases(x: torch.Tensor, num_bases: int, init: str = "gaussian", generato
       in two passes; drawn as mean + std * randn.
     - "random_tokens": K distinct tokens of the group.
     - "kmeans++": D^2 seeding (Arthur & Vassilvitskii 2007) on at most 64 K random tokens.
+
+    With a `shard` (module docstring): statistics over all processes' tokens, draws made for all
+    groups and tokens, so that this process's bases are its rows of the one-process bases.
     """
     b, t, c = x.shape
+    rows_total = b if shard is None or shard.total_rows is None else shard.total_rows
+    t_all = t if shard is None else shard.tokens(t)
+    keep = (lambda a: a) if shard is None or shard.rows is None else (lambda a: a[shard.rows.to(a.device)])  # noqa: E731
+    reduce = shard.reduce if shard is not None else (lambda *a: a)  # noqa: E731
     if init == "gaussian":
         total = torch.zeros(b, c, device=x.device)
         for s, e in _chunks(t, chunk_size):
             total += x[:, s:e].float().sum(1)
-        mean = total / t
+        total, = reduce(total)
+        mean = total / t_all
         squares = torch.zeros(b, c, device=x.device)  # second pass: no cancellation when |mean| >> std
         for s, e in _chunks(t, chunk_size):
             squares += ((x[:, s:e].float() - mean[:, None]) ** 2).sum(1)
-        std = (squares / max(t - 1, 1)).sqrt()  # unbiased, as torch.std; one token: std 0
-        return mean[:, None] + std[:, None] * _randn((b, num_bases, c), generator, x.device)
+        squares, = reduce(squares)
+        std = (squares / max(t_all - 1, 1)).sqrt()  # unbiased, as torch.std; one token: std 0
+        return mean[:, None] + std[:, None] * keep(_randn((rows_total, num_bases, c), generator, x.device))
     if init == "random_tokens":
-        idx = torch.stack([_randperm(t, generator)[:num_bases] for _ in range(b)]).to(x.device)
-        return torch.gather(x, 1, idx[..., None].expand(-1, -1, c)).float()
+        idx = torch.stack([_randperm(t_all, generator)[:num_bases] for _ in range(rows_total)]).to(x.device)
+        return _take_tokens(x, keep(idx), shard)
     # kmeans++
-    sample = min(t, KMEANSPP_SAMPLE * num_bases)
-    idx = torch.stack([_randperm(t, generator)[:sample] for _ in range(b)]).to(x.device)
-    pts = torch.gather(x, 1, idx[..., None].expand(-1, -1, c)).float()  # (B, P, C)
-    first = torch.randint(sample, (b,), generator=generator, device=generator.device if generator else "cpu")
-    centres = [pts[torch.arange(b), first.to(x.device)]]
+    sample = min(t_all, KMEANSPP_SAMPLE * num_bases)
+    idx = torch.stack([_randperm(t_all, generator)[:sample] for _ in range(rows_total)]).to(x.device)
+    pts = _all_rows(_take_tokens(x, keep(idx), shard), shard)  # (B, P, C), zeros in other processes' groups
+    rows = torch.arange(rows_total, device=x.device)
+    first = torch.randint(sample, (rows_total,), generator=generator, device=generator.device if generator else "cpu")
+    centres = [pts[rows, first.to(x.device)]]
     dist = ((pts - centres[0][:, None]) ** 2).sum(-1)
     for _ in range(1, num_bases):
         weights = dist / dist.sum(-1, keepdim=True).clamp_min(1e-30)
         weights = torch.where(dist.sum(-1, keepdim=True) > 0, weights, torch.ones_like(weights))
         pick = torch.multinomial(weights.to(generator.device if generator else "cpu"), 1, generator=generator)
-        centre = pts[torch.arange(b), pick[:, 0].to(x.device)]
+        centre = pts[rows, pick[:, 0].to(x.device)]
         centres.append(centre)
         dist = torch.minimum(dist, ((pts - centre[:, None]) ** 2).sum(-1))
-    return torch.stack(centres, dim=1)
+    return keep(torch.stack(centres, dim=1))
+
+
+def _take_tokens(x: torch.Tensor, idx: torch.Tensor, shard: EMShard | None) -> torch.Tensor:
+    """Tokens idx (B, P) of each group in fp32; when tokens are split over processes, idx counts all
+    processes' tokens and the tokens held elsewhere arrive by an exact all-reduce of zero-filled buffers."""
+    c = x.shape[-1]
+    if shard is None or shard.comm is None:
+        return torch.gather(x, 1, idx[..., None].expand(-1, -1, c)).float()
+    local = idx - shard.token_start
+    here = (local >= 0) & (local < x.shape[1])
+    got = torch.gather(x, 1, local.clamp(0, x.shape[1] - 1)[..., None].expand(-1, -1, c)).float()
+    return shard.reduce(torch.where(here[..., None], got, torch.zeros_like(got)))[0]
+
+
+def _all_rows(a: torch.Tensor, shard: EMShard | None) -> torch.Tensor:
+    """This process's groups placed at their rows among all groups (zeros elsewhere)."""
+    if shard is None or shard.rows is None:
+        return a
+    out = a.new_zeros(shard.total_rows, *a.shape[1:])
+    out[shard.rows.to(a.device)] = a
+    return out
 
 
 def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float = 0.05,
              normalize_bases: bool = True, init: str = "gaussian", dead_bases: str = "keep",
              generator: torch.Generator | None = None, chunk_size: int | None = None,
              values: torch.Tensor | None = None, bases: torch.Tensor | None = None,
-             mass_eps: float = MASS_EPS) -> EMResult:
+             mass_eps: float = MASS_EPS, shard: EMShard | None = None) -> EMResult:
     """Run R EM iterations on tokens `x` (B, T, C); see the module docstring.
 
     Args:
@@ -159,10 +247,11 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
         values: optional (B, T, Cv) tensor whose bases follow the last responsibilities.
         bases: optional initial bases (B, K, C).
         mass_eps: the M-step's denominator is sum_i z_ik + mass_eps (released code: 1e-4).
+        shard: this process's part of a distributed EM (module docstring); None: x is everything.
     """
     check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size, mass_eps)
     b, t, c = x.shape
-    mu = init_bases(x, num_bases, init, generator, chunk_size) if bases is None else bases.float()
+    mu = init_bases(x, num_bases, init, generator, chunk_size, shard) if bases is None else bases.float()
     k = mu.shape[1]
     value_bases = None
     for it in range(n_iters):
@@ -182,6 +271,10 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
                 num_v += z.transpose(1, 2) @ vc
             if dead_bases == "reseed":
                 worst_score, worst_x, worst_v = _keep_worst(sim.amax(-1), xc, vc, worst_score, worst_x, worst_v, k)
+        if shard is not None:  # the sums over all processes' tokens (Eq. 10/11 sum over the whole video)
+            num, mass, num_v = shard.reduce(num, mass, num_v)
+            if dead_bases == "reseed":
+                worst_x, worst_v = _global_worst(shard, worst_score, worst_x, worst_v, k, shard.tokens(t))
         mu = num / (mass[..., None] + mass_eps)
         if num_v is not None:
             value_bases = num_v / (mass[..., None] + mass_eps)
@@ -200,6 +293,25 @@ def _keep_worst(score, xc, vc, best_score, best_x, best_v, k):
     keep = score.topk(m, dim=1, largest=False).indices
     take = lambda a: torch.gather(a, 1, keep[..., None].expand(-1, -1, a.shape[-1]))  # noqa: E731
     return torch.gather(score, 1, keep), take(xc), (take(vc) if vc is not None else None)
+
+
+def _global_worst(shard: EMShard, score, wx, wv, k: int, total_tokens: int):
+    """The k worst-fit tokens over all processes (each offers its own k worst; padded with +inf scores)."""
+    if shard.comm is None:
+        return wx, wv
+    parts = [score[..., None], wx] + ([wv] if wv is not None else [])
+    packed = torch.cat(parts, -1)
+    missing = k - packed.shape[1]
+    if missing:
+        pad = packed.new_zeros(packed.shape[0], missing, packed.shape[2])
+        pad[..., 0] = float("inf")
+        packed = torch.cat([packed, pad], 1)
+    packed = torch.cat(shard.comm.all_gather(packed), 1)
+    c = wx.shape[-1]
+    _, wx, wv = _keep_worst(packed[..., 0], packed[..., 1:1 + c], packed[..., 1 + c:] if wv is not None else None,
+                            None, None, None, k)
+    m = min(k, total_tokens)
+    return wx[:, :m], (wv[:, :m] if wv is not None else None)
 
 
 def _reseed(mu, value_bases, mass, worst_x, worst_v):

@@ -12,14 +12,26 @@ Per call (one self-attention layer at one timestep) the frames of a UNet batch, 
 Then Q = X^n W_Q of every frame of the group attends to those K bases in one fused
 `scaled_dot_product_attention` call over (groups, heads): no loop over heads, no copies of
 the bases per frame. Cost O(N S K (R + 1)) instead of O((N S)^2) for all-frame attention.
+
+Frame-sharded (`shard`, a `stem.distributed.FrameShard`; issue #14): this process holds frames
+start .. stop - 1 of the N-frame video, and its bases are those of one process holding all N:
+- group=None (global bases): the EM runs on this slice's tokens and all-reduces its sums over
+  processes every iteration (`stem.em.EMShard`); all processes end with the same bases.
+  Per layer and call that exchanges R x (K x C + K) floats per branch (keys space: per head,
+  K x d + K, plus K x d for the value bases), and the initialisation's statistics.
+- group=G: EM groups are local: the slices are made of whole groups (`frame_slices`), so no
+  group straddles two processes and nothing is exchanged; every process walks all groups of
+  the video in order to draw their initial bases, so its generator stays in step with the
+  one-process generator, and keeps the draws of its own groups.
 """
 
 from __future__ import annotations
 
 import torch
 
-from stem.attention import SelfAttnProcessor, chunked_attention
-from stem.em import MASS_EPS, check_em_settings, em_bases
+from stem.attention import SelfAttnProcessor, chunked_attention, sharded
+from stem.distributed import FrameShard, frame_units
+from stem.em import MASS_EPS, EMShard, check_em_settings, em_bases
 from stem.errors import ConfigError, check_choice, check_token_count
 
 SPACES = ("features", "keys")
@@ -78,13 +90,15 @@ class STEMAttnProcessor(SelfAttnProcessor):
             init="gaussian", the only init that does not pick K distinct tokens).
         chunk_size: tokens per EM accumulation chunk (memory O(chunk x K)); None = all at once.
         query_chunk: query tokens per attention call; None = all at once.
+        shard: the frames of this process in a frame-sharded job (module docstring); num_frames is
+            then this process's frame count. None (or a one-process shard): the whole video is here.
     """
 
     def __init__(self, num_frames: int, num_bases: int = 256, n_iters: int = 3, tau: float = 0.05,
                  space: str = "features", group: int | None = None, init: str = "gaussian",
                  normalize_bases: bool = True, dead_bases: str = "keep", seed: int = 0,
                  excess_bases: str = "error", mass_eps: float = MASS_EPS, chunk_size: int | None = 16384,
-                 query_chunk: int | None = 65536):
+                 query_chunk: int | None = 65536, shard: FrameShard | None = None):
         super().__init__(num_frames)
         check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size, mass_eps)
         check_choice("space", space, SPACES)
@@ -100,12 +114,42 @@ class STEMAttnProcessor(SelfAttnProcessor):
         self.excess_bases, self.mass_eps = excess_bases, mass_eps
         self.chunk_size, self.query_chunk = chunk_size, query_chunk
         self.generator = torch.Generator().manual_seed(seed)
+        self.shard = sharded(shard, num_frames)
+        if self.shard is not None and group is not None:
+            starts = {a for a, _ in frame_units(self.shard.total, group)}
+            if any(a not in starts for a, _ in self.shard.slices):
+                raise ConfigError(f"frame slices {list(self.shard.slices)} cut EM groups of {group} frames: "
+                                  f"build the shard with Distributed.shard(num_frames, group={group})")
 
-    def em(self, x: torch.Tensor, values: torch.Tensor | None = None):
-        # fewer only with excess_bases="clamp" (checked in attend)
-        k = self.num_bases if self.excess_bases == "allow" else min(self.num_bases, x.shape[1])
+    def em(self, x: torch.Tensor, values: torch.Tensor | None = None, shard: EMShard | None = None):
+        # fewer only with excess_bases="clamp" (checked in attend); tokens of the whole group, over all processes
+        tokens = x.shape[1] if shard is None else shard.tokens(x.shape[1])
+        k = self.num_bases if self.excess_bases == "allow" else min(self.num_bases, tokens)
         return em_bases(x, k, self.n_iters, self.tau, self.normalize_bases, self.init,
-                        self.dead_bases, self.generator, self.chunk_size, values, mass_eps=self.mass_eps)
+                        self.dead_bases, self.generator, self.chunk_size, values, mass_eps=self.mass_eps, shard=shard)
+
+    def em_calls(self, tokens_per_frame: int, branches: int, heads: int):
+        """(first, end local frame, frames per group, EMShard or None) of every EM call of a layer, in order.
+
+        Sharded with group=G: every group span of the whole video, possibly empty here (the EM then
+        only draws the initial bases of other processes' groups, keeping the generator in step)."""
+        sh, n = self.shard, self.num_frames
+        if sh is None:
+            return [(f0, f1, size, None) for f0, f1, size in group_spans(n, self.group)]
+        if self.group is None:
+            return [(0, n, n, EMShard(token_start=sh.start * tokens_per_frame,
+                                      total_tokens=sh.total * tokens_per_frame, comm=sh.dist))]
+        per_row = heads if self.space == "keys" else 1  # keys space: one EM row per (group, head)
+        calls = []
+        for f0, f1, size in group_spans(sh.total, self.group):
+            a, b = max(f0, sh.start), min(f1, sh.stop)
+            if a >= b:
+                a = b = sh.start
+            m, j0, m_here = (f1 - f0) // size, (a - f0) // size, (b - a) // size
+            groups = torch.arange(branches)[:, None] * m + j0 + torch.arange(m_here)   # (G, m_here) rows of (G, m)
+            rows = (groups[..., None] * per_row + torch.arange(per_row)).flatten()
+            calls.append((a - sh.start, b - sh.start, size, EMShard(rows=rows, total_rows=branches * m * per_row)))
+        return calls
 
     def attend(self, attn, x):
         n, heads = self.num_frames, attn.heads
@@ -114,18 +158,23 @@ class STEMAttnProcessor(SelfAttnProcessor):
         if self.space == "keys":
             k, v = self.project(attn, x, "k", "v")
         outs = []
-        for f0, f1, size in group_spans(n, self.group):
+        for f0, f1, size, shard in self.em_calls(x.shape[1], g, heads):
             qg = _to_groups(q, n, f0, f1, size)                       # (G*m, h, size*S, d)
-            if qg.shape[2] < self.num_bases and self.excess_bases == "error":
-                raise excess_bases_error(self.num_bases, qg.shape[2], f"a layer ({size} frames x "
-                                         f"{qg.shape[2] // size} tokens)")
+            tokens = qg.shape[2] if shard is None else shard.tokens(qg.shape[2])
+            if tokens < self.num_bases and self.excess_bases == "error":
+                raise excess_bases_error(self.num_bases, tokens, f"a layer ({tokens // x.shape[1]} frames x "
+                                         f"{x.shape[1]} tokens)")
             if self.space == "features":
                 xg = _to_groups(x[:, None], n, f0, f1, size)[:, 0]    # (G*m, size*S, C)
-                mu = self.em(xg).bases.to(x.dtype)
-                kb, vb = self.project(attn, mu, "k", "v")             # (G*m, h, K, d)
+                res = self.em(xg, shard=shard)
             else:
                 kg, vg = (_to_groups(y, n, f0, f1, size).flatten(0, 1) for y in (k, v))  # (G*m*h, size*S, d)
-                res = self.em(kg, values=vg)
+                res = self.em(kg, values=vg, shard=shard)
+            if f1 == f0:
+                continue  # another process's groups: only their initial draws were made
+            if self.space == "features":
+                kb, vb = self.project(attn, res.bases.to(x.dtype), "k", "v")  # (G*m, h, K, d)
+            else:
                 kb, vb = (t.to(x.dtype).view(qg.shape[0], heads, *t.shape[1:]) for t in (res.bases, res.values))
             outs.append(_from_groups(chunked_attention(qg, kb, vb, self.query_chunk), g, size))
         out = torch.cat(outs, dim=1)                                   # (G, N, h, S, d)
