@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 1  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "f27d5a8a6e39fcc3364e99a3dd1c172c4d41e8801b57916d341e361001cfff20"
+INVERSION_SOURCES_DIGEST = "6ff958b5b7254af5cd4426bdcf08b0e880d5a609dbac07dc95a6e1aa9feab797"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).
