@@ -194,7 +194,7 @@ def test_slurm_multigpu_preset_runs_one_task_per_gpu():
 
 def test_benchmark_nproc_reports_each_rank_and_the_collective_share(tmp_path):
     """scripts/benchmark_inversion.py --nproc 1,2 (tiny model, gloo): one row per method and process count, the
-    frames of every rank, a peak per rank, and the share of time in collectives (0 for one process, > 0 for two).
+    frames of every rank, a peak per rank, and the share of time in collectives (~0 for one process, > 0 for two).
 
     Mutations seen failing: the ranks' Distributed not timed (share 0 with two processes); every rank inverting
     all frames (frames per rank 3, 3)."""
@@ -205,7 +205,8 @@ def test_benchmark_nproc_reports_each_rank_and_the_collective_share(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [(r["nproc"], r["frames_per_rank"]) for r in rows] == [(1, [3]), (2, [2, 1])]
-    assert rows[0]["comm_share_per_rank"] == [0.0] and all(0 < c < 1 for c in rows[1]["comm_share_per_rank"])
+    assert rows[0]["comm_share_per_rank"][0] < 1e-2  # identity calls only
+    assert all(1e-2 < c < 1 for c in rows[1]["comm_share_per_rank"])  # the EM all-reduces of every STEM layer
     assert len(rows[1]["peak_mib_per_rank"]) == 2 and rows[1]["seconds"] > 0
     bad = run_script("benchmark_inversion.py", "--model", "tiny", "--frames", 2, "--nproc", "3", "--device", "cpu")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --nproc 3")
