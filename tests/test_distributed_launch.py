@@ -52,9 +52,9 @@ def test_torchrun_two_ranks_equal_one_process_write_one_folder_and_a_reusable_ca
     agree; a single-process TokenFlow edit then reuses that entry (cache hit: no second inversion).
 
     Mutations seen failing: rank_overrides leaving rank 1's command line as typed (two run folders, each
-    resolving ${now:}); rank 1 writing no temporary folder removal (a leftover under TMPDIR); rank 0 caching
-    only its own slice (latents of 3 frames); the cache key of the sharded path computed from the rank's
-    frames; the reconstruction sampled back with 1-frame attention on each slice (metrics differ)."""
+    resolving ${now:}); no removal of rank 1's temporary folder at exit (a leftover under TMPDIR); every rank
+    sampling back from the first frames' z_T instead of its own slice; the reconstruction sampled back with
+    1-frame attention on each slice instead of the global STEM bases (metrics differ)."""
     log_dir, cache = tmp_path / "outputs", tmp_path / "cache"
     proc = torchrun(tmp_path, *FAST, *JOB, "device=cpu", f"paths.log_dir={log_dir}", f"paths.cache_dir={cache}")
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
@@ -102,8 +102,8 @@ def _no_process_group(*args, **kwargs):
 def test_bad_sharded_setups_fail_on_every_rank_before_the_process_group(tmp_path, monkeypatch, overrides, message):
     """Rank 0 and rank 1 of a 2-process job raise the same ConfigError before any process group or model exists.
 
-    Mutations seen failing: no `_check_sharded` call (the process group starts); editing or feature metrics
-    allowed under torchrun."""
+    Mutation seen failing: no `_check_sharded` call (editing reaches the process group; the world-size and
+    straddling cases are still refused by the sharded memory check, which slices the video first)."""
     monkeypatch.setattr(run, "from_env", _no_process_group)
     monkeypatch.setattr("stem.models.build_tiny", _no_process_group)
     for rank in (0, 1):
@@ -116,7 +116,7 @@ def test_bad_sharded_setups_fail_on_every_rank_before_the_process_group(tmp_path
 def test_torchrun_bad_setup_is_one_error_line_per_rank(tmp_path):
     """torchrun with more ranks than frames: each rank ends with `error: ...` and status 2, no traceback of ours.
 
-    Mutation seen failing: `main` letting the ConfigError escape (a traceback, status 1)."""
+    Mutation seen failing: `_main` letting the ConfigError escape (a traceback, status 1)."""
     proc = torchrun(tmp_path, *FAST, "data.n_frames=1", "data.width=64", "data.height=64",
                     f"paths.log_dir={tmp_path / 'out'}", timeout=120)
     assert proc.returncode != 0
@@ -153,8 +153,7 @@ def test_launch_environ_reads_torchrun_then_submitit(monkeypatch):
     by submitit: the master is the first host of the node list, the port the configured one or one derived
     from the job id); a one-task submitit job or a plain process: {} (one process).
 
-    Mutations seen failing: the submitit branch ignoring num_tasks (a 1-task job initialising a group);
-    hostnames[-1] as master; a port differing between the tasks of one job."""
+    Mutation seen failing: the submitit branch ignoring num_tasks (a 1-task job would start a process group)."""
     torchrun_env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "5"}
     assert run.launch_environ({}, {**torchrun_env, "SUBMITIT_EXECUTOR": "slurm"}) == torchrun_env
     assert run.launch_environ({}, {}) == {}
@@ -172,10 +171,10 @@ def test_launch_environ_reads_torchrun_then_submitit(monkeypatch):
 
 def test_slurm_multigpu_preset_runs_one_task_per_gpu():
     """hydra/launcher=slurm_multigpu: G tasks on G GPUs of one node (G = gpus_per_node, default 2; tasks follow
-    it), SLURM killing the other tasks when one fails, partition from the local config; the job config carries
-    the distributed settings run.py reads.
+    it), SLURM killing the other tasks when one fails (srun's SLURM_KILL_BAD_EXIT), partition from the local
+    config; the job config carries the distributed settings run.py reads.
 
-    Mutations seen failing: tasks_per_node fixed at 1 (one process, no sharding); no --kill-on-bad-exit."""
+    Mutations seen failing: tasks_per_node fixed at 1 (one process, no sharding); no SLURM_KILL_BAD_EXIT."""
     def launcher(*overrides):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -196,8 +195,7 @@ def test_benchmark_nproc_reports_each_rank_and_the_collective_share(tmp_path):
     """scripts/benchmark_inversion.py --nproc 1,2 (tiny model, gloo): one row per method and process count, the
     frames of every rank, a peak per rank, and the share of time in collectives (~0 for one process, > 0 for two).
 
-    Mutations seen failing: the ranks' Distributed not timed (share 0 with two processes); every rank inverting
-    all frames (frames per rank 3, 3)."""
+    Mutation seen failing: the ranks' Distributed not timed (share 0 with two processes)."""
     out = tmp_path / "table.md"
     proc = run_script("benchmark_inversion.py", "--model", "tiny", "--frames", 3, "--width", 32, "--height", 32,
                       "--steps", 1, "--repeats", 1, "--methods", "stem_k4", "--device", "cpu", "--nproc", "1,2",
