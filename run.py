@@ -4,23 +4,33 @@
     python run.py inversion=ddim_allframe data=car_turn model=sd15
     python run.py -m inversion=ddim_1frame,ddim_2frame,ddim_allframe
     python run.py metrics=all                       # + CLIP, warp error, feature similarity (docs/METRICS.md)
+    torchrun --standalone --nproc-per-node=2 run.py inversion=stem   # frames sharded over 2 processes
 
 `main` only hands the composed config to `run_job`, a plain function that builds every
 object from its `_target_`, runs the job and always closes the logger (failures marked).
 Bad input ends with one line `error: ...` on stderr and exit status 2.
+
+Several processes (torchrun, or hydra/launcher=slurm_multigpu: docs/SCALING.md) share one job: each
+inverts and reconstructs its slice of the frames; rank 0 alone writes the run folder, the cache
+entry, the logs and the W&B run.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
+import dataclasses
 import functools
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,12 +51,14 @@ from omegaconf.errors import (
 from callbacks import sweep_group
 from stem.cache import TensorCache
 from stem.device import device_name
+from stem.distributed import Distributed, from_env, submitit_environ
 from stem.editing.pipeline import edit_video
 from stem.errors import ConfigError, StemError
 from stem.evaluation import inversion_reconstruction_sections, per_frame_columns, summary_scalars
 from stem.precheck import check_arguments, check_before_model
 from stem.reconstruction import invert_video, reconstruct_video
 from stem.rundir import write_run
+from stem.sharded import shard_video
 from stem.tables import mark_job
 
 log = logging.getLogger("run")
@@ -213,10 +225,29 @@ def _check_node(group: str, node: DictConfig, kwargs: dict) -> None:
                                     **{k: v for k, v in kwargs.items() if not k.startswith("_")}})
 
 
-def _check_before_model(cfg: DictConfig, method, editor, video) -> None:
-    """Checks that need the model's architecture (steps, K vs tokens, memory), from its config (`stem.precheck`)."""
-    check_before_model(OmegaConf.to_container(cfg.model, resolve=True), method, video, editor,
-                       check_memory=cfg.get("check_memory", True))
+def _check_before_model(cfg: DictConfig, method, editor, video, planned: Distributed | None = None) -> None:
+    """Checks that need the model's architecture (steps, K vs tokens, memory), from its config (`stem.precheck`).
+    A frame-sharded job checks the memory of one rank: its largest slice of frames."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    check_memory = cfg.get("check_memory", True)
+    if planned is None or not planned.active:
+        check_before_model(model, method, video, editor, check_memory=check_memory)
+        return
+    check_before_model(model, method, video, editor, check_memory=False)
+    if check_memory:
+        largest = max(shard_video(planned, method, video.num_frames).sizes)
+        part = dataclasses.replace(video, frames=video.frames[:largest], flow=None, source_indices=None)
+        check_before_model(model, _Checked(method.num_steps), part, None, check_memory=True)
+
+
+@dataclasses.dataclass
+class _Checked:
+    """A method whose own check already ran on the whole video (for the memory check of one rank's slice)."""
+
+    num_steps: int
+
+    def check(self, *args) -> None:
+        pass
 
 
 def job_tracking(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
@@ -240,19 +271,27 @@ def job_tracking(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
     return {"group": sweep_group(cfg.task_name, sweep_dir), "name": ",".join(swept or own) or cfg.task_name}
 
 
-def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) -> dict:
+def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None,
+            environ: dict | None = None) -> dict | None:
     """Build model, data, inversion, editing (if any) and metrics from `cfg`; reconstruct or edit the
     video; write `run_dir`; return the metrics.json content. `tracking`: the logger's `group` and `name`
-    where the config leaves them null (`job_tracking`); an explicit logger.group/logger.name wins."""
+    where the config leaves them null (`job_tracking`); an explicit logger.group/logger.name wins.
+    `environ`: torchrun's variables of a frame-sharded job (`launch_environ`; None: one process); then
+    every rank builds the same objects and runs its slice, rank 0 alone writes `run_dir`, the cache and the
+    logger, and the other ranks return None."""
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     _check_interpolations(cfg)
     _check_missing(cfg)
-    make_logger = _build("logger", cfg.logger, _partial_=True)  # a partial: the config is no node to instantiate
+    environ = environ or {}
+    planned = Distributed(rank=int(environ.get("RANK", "0")), world_size=int(environ.get("WORLD_SIZE", "1")))
+    lead = planned.rank == 0
+    progress = cfg.progress and lead
+    make_logger = _build("logger", cfg.logger, _partial_=True) if lead else NullLogger  # a partial: no node
     defaults = {k: v for k, v in (tracking or {}).items() if cfg.logger.get(k) is None}
     logger = make_logger(run_config=OmegaConf.to_container(cfg, resolve=True), dir=str(run_dir), **defaults)
     tag = getattr(logger, "tag", lambda *tags: None)  # a logger of your own may have no tag()
-    failed = True
+    failed, dist = True, Distributed()
     try:
         method = _build("inversion", cfg.inversion)   # cheap objects first: bad settings fail fast
         editor = _build("editing", cfg.editing) if cfg.get("editing") is not None else None
@@ -265,8 +304,13 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) 
         elif not cfg.reconstruct:
             evaluator.check_without_output()   # an inversion-only run has no video to score
         evaluator.prepare(video, method.num_steps)    # bad metric settings and missing CLIP weights, before the model
-        cache = TensorCache(Path(cfg.paths.cache_dir) / "inversion").check_writable() if cfg.use_cache else None
-        _check_before_model(cfg, method, editor, video)   # from the model's config, no weights loaded
+        if planned.active:
+            _check_sharded(planned, method, editor, evaluator, video)
+        cache = TensorCache(Path(cfg.paths.cache_dir) / "inversion").check_writable() \
+            if cfg.use_cache and lead else None
+        _check_before_model(cfg, method, editor, video, planned)   # from the model's config, no weights loaded
+        if planned.active:  # the process group, once every check passed (each rank ran the same checks)
+            dist = from_env(environ, backend=cfg.distributed.backend, timeout_s=cfg.distributed.timeout_s)
         model = _build("model", cfg.model)
         log.info("video %s: %d frames %dx%d, prompt %r; %s; metrics: %s", video.name, video.num_frames, video.width,
                  video.height, video.prompt, method.name if editor is None else
@@ -276,13 +320,13 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) 
                  "device": str(model.device), "device_name": device_name(model.device), "dtype": str(model.dtype)}
         videos = {}
         if editor is None and not cfg.reconstruct:   # inversion only (Table 1 timing jobs): no sampling back
-            inverted = invert_video(model, video, method, cache, cfg.prompt_overflow, cfg.progress, recorder,
-                                    warmup_steps=cfg.warmup_steps)
+            inverted = invert_video(model, video, method, cache, cfg.prompt_overflow, progress, recorder,
+                                    warmup_steps=cfg.warmup_steps, dist=dist)
             frames, output, prompt, label, references = None, "reconstruction", None, method.name, None
             facts["seconds"] = {"inversion": inverted.seconds}
         elif editor is None:
-            result = reconstruct_video(model, video, method, cache, cfg.prompt_overflow, cfg.progress, recorder,
-                                       warmup_steps=cfg.warmup_steps)
+            result = reconstruct_video(model, video, method, cache, cfg.prompt_overflow, progress, recorder,
+                                       warmup_steps=cfg.warmup_steps, dist=dist)
             inverted, frames, output, prompt = result.inverted, result.frames, "reconstruction", None
             label = method.name
             references = {"input": video.frames, "vae": result.vae_frames}
@@ -300,6 +344,11 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) 
                 facts.update(inversion_reconstruction_sections(
                     result.reconstruction, {"input": video.frames, "vae": result.vae_frames}))
                 videos["reconstruction"] = result.reconstruction
+        if dist.active:
+            facts["distributed"] = _per_rank(dist, inverted, video.num_frames, method)
+            if not lead:
+                failed = False
+                return None
         facts["seconds"]["vae_encode"] = inverted.encode_seconds
         facts["seconds"]["inversion_per_frame"] = inverted.seconds / video.num_frames
         facts["memory"] = {"inversion_peak_mib": inverted.peak_mib,  # None when the inversion came from the cache
@@ -318,6 +367,32 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None) 
         return metrics
     finally:
         logger.finish(failed)
+        dist.close()
+
+
+def _check_sharded(planned: Distributed, method, editor, evaluator, video) -> None:
+    """What a frame-sharded job cannot do, refused on every rank before any process group or model work:
+    more ranks than frames, EM groups straddling ranks, FateZero's inversion (`stem.sharded.shard_video`),
+    editing, and feature similarity (it records the UNet of one process)."""
+    if editor is not None:
+        raise ConfigError(f"editing ({editor.name}) runs on one process: invert with torchrun (editing=null), "
+                          "then edit without torchrun; the edit reuses the sharded run's cached latents")
+    if evaluator.features:
+        raise ConfigError("metrics feature similarity records the UNet of one process: use metrics=recon or "
+                          "metrics=edit with torchrun, or run without torchrun")
+    shard_video(planned, method, video.num_frames)
+
+
+def _per_rank(dist: Distributed, inverted, num_frames: int, method) -> dict:
+    """metrics.json's `distributed` section (rank 0): world size, backend, every rank's frames, inversion
+    seconds and peak memory increase (None on a cache hit); every rank takes part."""
+    mine = torch.tensor([inverted.seconds, float("nan") if inverted.peak_mib is None else inverted.peak_mib],
+                        dtype=torch.float64, device=dist.device)
+    seconds, peaks = zip(*(t.tolist() for t in dist.all_gather(mine)), strict=True)
+    return {"world_size": dist.world_size, "backend": dist.backend,
+            "frame_slices": [list(s) for s in shard_video(dist, method, num_frames).slices],
+            "inversion_seconds_per_rank": list(seconds),
+            "inversion_peak_mib_per_rank": [None if p != p else p for p in peaks]}
 
 
 def _check_missing(cfg: DictConfig) -> None:
@@ -348,16 +423,53 @@ _REPO_CONFIGS = Path(__file__).resolve().parent / "configs"
 CONFIG_PATH = str(_REPO_CONFIGS) if (_REPO_CONFIGS / "config.yaml").is_file() else "pkg://stem_configs"
 
 
+def launch_environ(settings: dict | None = None, environ: dict | None = None) -> dict[str, str]:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) of this process's job:
+    torchrun's own; under submitit with several tasks (hydra/launcher=slurm_multigpu) those of its
+    `JobEnvironment` (`stem.distributed.submitit_environ`; the port `settings["master_port"]`, or one derived
+    from the job id when null); else {} (one process)."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env:
+        return {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in env}
+    if env.get("SUBMITIT_EXECUTOR"):  # set by submitit in its jobs
+        import submitit
+
+        job = submitit.JobEnvironment()
+        if job.num_tasks > 1:
+            port = (settings or {}).get("master_port") or 20000 + zlib.crc32(str(job.job_id).encode()) % 20000
+            return submitit_environ(job, master_port=port)
+    return {}
+
+
+def _follow() -> None:
+    """A rank > 0 logs warnings and errors only, to the console (submitit's tasks share the job folder: rank 0
+    alone writes its log file)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.WARNING)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 @_ends_on_sigterm
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    mark_job(hydra_cfg.runtime.output_dir, "running")  # status.json: make_tables tells running from failed
     try:
-        run_job(cfg, hydra_cfg.runtime.output_dir, job_tracking(cfg, hydra_cfg))
-        mark_job(hydra_cfg.runtime.output_dir, "done")
+        environ = launch_environ(OmegaConf.to_container(cfg.distributed, resolve=True))
+    except (StemError, RuntimeError) as e:  # submitit's environment unreadable
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    lead = int(environ.get("RANK", "0")) == 0
+    if not lead:
+        _follow()
+    mark = functools.partial(mark_job, hydra_cfg.runtime.output_dir) if lead else lambda status: None
+    mark("running")  # status.json: make_tables tells running from failed
+    try:
+        run_job(cfg, hydra_cfg.runtime.output_dir, job_tracking(cfg, hydra_cfg), environ)
+        mark("done")
     except BaseException as e:
-        mark_job(hydra_cfg.runtime.output_dir, "failed")  # an error, Ctrl-C, SystemExit
+        mark("failed")  # an error, Ctrl-C, SystemExit
         if not isinstance(e, StemError):
             raise
         log.error("%s", e)
@@ -365,6 +477,38 @@ def main(cfg: DictConfig) -> None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # in a sweep: Hydra marks this job failed, runs the others, then exits non-zero
         sys.exit(2)
+
+
+def rank_overrides(argv: list[str], environ=None) -> list[str]:
+    """The command line of one process of a torchrun job (WORLD_SIZE > 1): rank 0 runs it as typed; the other
+    ranks must not create a run folder of their own (each process resolves ${now:...} itself: a second,
+    empty folder), so their Hydra output goes to a temporary folder removed at exit, without .hydra/, and
+    they log warnings and errors to the console only. A sweep (-m) is refused: one job per torchrun."""
+    env = os.environ if environ is None else environ
+    rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return argv
+    if any(a in ("-m", "--multirun") or a.lstrip("+").startswith("hydra.mode=") for a in argv):
+        raise ConfigError("a sweep (-m) under torchrun: start one torchrun per job, or sweep with "
+                          "hydra/launcher=slurm_multigpu (each job then runs on several GPUs)")
+    if rank == 0:
+        return argv
+    tmp = tempfile.mkdtemp(prefix=f"stem-rank{rank}-")
+    atexit.register(shutil.rmtree, tmp, True)
+    own = [a for a in argv if re.split(r"[=@]", a.lstrip("+~"))[0]
+           not in ("hydra.run.dir", "hydra.output_subdir", "hydra/job_logging", "hydra.job_logging.root.level")]
+    return [*own, f"hydra.run.dir={tmp}", "hydra.output_subdir=null", "hydra/job_logging=stdout",
+            "hydra.job_logging.root.level=WARNING"]
+
+
+def main() -> None:
+    """`python run.py <overrides>` and `stem-run <overrides>` (also one process of `torchrun ... run.py`)."""
+    try:
+        sys.argv[1:] = rank_overrides(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _main()
 
 
 if __name__ == "__main__":

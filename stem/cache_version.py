@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 1  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "1f7281c99dd88ffdd397f57853aaabda74d4fd02f0ad43fde2cf5575aa588c2d"
+INVERSION_SOURCES_DIGEST = "9408ce348d208ea7def449fe2326cc3db57408e9e6d66189c741c08fcae08e5c"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).
@@ -41,6 +41,9 @@ INVERSION_SOURCES = (
     "stem.vae",                 # z_0 = E(x) * scaling factor
     "stem.reconstruction:invert_video",  # what is inverted and stored
     "stem.reconstruction:_trajectory",   # dtype and memory format of the stored trajectory
+    "stem.reconstruction:_invert_sharded",  # a frame-sharded inversion: slices, gather on rank 0
+    "stem.sharded",             # the sharded processors and inversion loop
+    "stem.distributed",         # how frames are sliced and gathered
     "stem.editing.fatezero:groupnorms",  # FateZero's clip-wide GroupNorm, active during its inversion
     "stem.editing.fatezero:clip_groupnorm",
 )

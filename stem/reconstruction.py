@@ -6,11 +6,18 @@ content hash of (frames, weights, dtype, device type, prompt, method settings) a
 inversion code's version (`stem.cache_version.INVERSION_CACHE_VERSION`).
 `reconstruct_video` adds DDIM sampling back from z_T and decodes both the reconstruction and
 the VAE round trip of the input (the VAE alone caps PSNR); `stem.evaluation` scores them.
+
+Frame-sharded jobs (`dist`, a `stem.distributed.Distributed` with several processes, docs/SCALING.md):
+every process encodes, inverts, samples back and decodes its own contiguous slice of the frames
+(`stem.sharded`); rank 0 alone reads and writes the cache and receives every frame's trajectory
+and decoded frames (the other ranks get None there). The cache entry is the one a single-process
+run writes and reuses: same key (the same inputs), same tensors up to float summation order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -19,10 +26,14 @@ from pathlib import Path
 import torch
 
 from stem import cache_version
-from stem.benchmarking import time_inversion, warm_up
+from stem.attention import self_attention_processors
+from stem.benchmarking import measure, time_inversion, warm_up
 from stem.cache import TensorCache, content_key
-from stem.ddim import Trajectory
+from stem.ddim import Trajectory, ddim_sample
+from stem.distributed import Distributed
+from stem.errors import ConfigError
 from stem.prompts import encode_prompt
+from stem.sharded import invert_sharded, shard_processor, shard_video
 from stem.vae import decode_latents, encode_frames
 from stem.video import Video
 
@@ -31,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Inverted:
-    trajectory: Trajectory
+    trajectory: Trajectory | None  # None on ranks > 0 of a frame-sharded job (rank 0 holds every frame)
     cond: torch.Tensor        # source prompt embedding (1, 77, C)
     key: str                  # cache key
     entry: Path | None        # cache entry folder (None without a cache)
@@ -44,14 +55,14 @@ class Inverted:
 @dataclass
 class Reconstruction:
     inverted: Inverted
-    vae_frames: torch.Tensor      # VAE round trip of the input, (N, 3, H, W) in [0, 1]
-    frames: torch.Tensor          # reconstruction, (N, 3, H, W) in [0, 1]
+    vae_frames: torch.Tensor | None  # VAE round trip of the input, (N, 3, H, W) in [0, 1]; None on ranks > 0
+    frames: torch.Tensor | None      # reconstruction, (N, 3, H, W) in [0, 1]; None on ranks > 0
     seconds: float
 
 
 def invert_video(model, video: Video, method, cache: TensorCache | None = None, prompt_overflow: str = "error",
                  progress: bool = True, observer: contextlib.AbstractContextManager | None = None,
-                 cache_extra: dict | None = None, warmup_steps: int = 0) -> Inverted:
+                 cache_extra: dict | None = None, warmup_steps: int = 0, dist: Distributed | None = None) -> Inverted:
     """The inverted trajectory of `video` under `video.prompt` with `method` (cached).
 
     `observer` (e.g. a `stem.metrics.feature_similarity.FeatureRecorder`) is entered around the
@@ -59,6 +70,7 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     hit; the cached latents are returned then, and nothing is written. `cache_extra`: anything else
     that changes the inversion (e.g. hooks an observer installs that alter the UNet), added to the key.
     `warmup_steps`: untimed inversion steps run first (timing jobs, `stem.benchmarking.warm_up`).
+    `dist`: a frame-sharded job (module docstring); None or one process: the single-process code.
     """
     cond = encode_prompt(model, video.prompt, prompt_overflow)  # refuses a bad prompt before any work
     method.check(model.unet, video.num_frames, video.height // 8, video.width // 8)
@@ -67,6 +79,8 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
                       prompt=video.prompt, method=method.settings(),
                       scheduler={k: model.scheduler.config[k] for k in sorted(model.scheduler.config)
                                  if not k.startswith("_")}, **({"extra": cache_extra} if cache_extra else {}))
+    if dist is not None and dist.active:
+        return _invert_sharded(model, video, method, cache, cond, key, dist, progress, observer, warmup_steps)
     hit = cache.load(key) if cache is not None else None
     if hit is not None and observer is None:
         log.info("inversion cache hit %s", cache.path(key))
@@ -84,18 +98,73 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
         log.info("inversion cache hit %s (inverted again for %s)", cache.path(key), type(observer).__name__)
         return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, seconds, peak_mib,
                         encode_seconds)
-    entry = None
-    if cache is not None:
-        meta = {"video": video.name, "source": video.source, "prompt": video.prompt, "model": model.name,
-                "fingerprint": model.fingerprint, "dtype": str(model.dtype), "method": method.settings(),
-                "frames": list(video.frames.shape), "seconds": seconds}
-        try:
-            entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
-            log.info("inverted latents cached in %s", entry)
-        except OSError as e:  # e.g. a full disk: the inversion is done, keep it for this run
-            log.warning("could not write the inversion cache entry %s (%s); continuing without caching it",
-                        cache.path(key), e)
+    entry = _save(cache, key, traj, video, model, method, seconds)
     return Inverted(traj, cond, key, entry, False, seconds, peak_mib, encode_seconds)
+
+
+def _save(cache: TensorCache | None, key: str, traj: Trajectory, video: Video, model, method,
+          seconds: float) -> Path | None:
+    """Write the cache entry of a finished inversion (None without a cache, or when it cannot be written)."""
+    if cache is None:
+        return None
+    meta = {"video": video.name, "source": video.source, "prompt": video.prompt, "model": model.name,
+            "fingerprint": model.fingerprint, "dtype": str(model.dtype), "method": method.settings(),
+            "frames": list(video.frames.shape), "seconds": seconds}
+    try:
+        entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
+        log.info("inverted latents cached in %s", entry)
+        return entry
+    except OSError as e:  # e.g. a full disk: the inversion is done, keep it for this run
+        log.warning("could not write the inversion cache entry %s (%s); continuing without caching it",
+                    cache.path(key), e)
+        return None
+
+
+def _invert_sharded(model, video: Video, method, cache: TensorCache | None, cond: torch.Tensor, key: str,
+                    dist: Distributed, progress: bool, observer, warmup_steps: int) -> Inverted:
+    """`invert_video` of a frame-sharded job: rank 0 looks the key up and tells the others; on a miss every
+    rank encodes and inverts its slice (`stem.sharded.invert_sharded`), rank 0 receives and caches all N frames.
+    `seconds` and `peak_mib` are this rank's."""
+    if observer is not None:
+        raise ConfigError(f"{type(observer).__name__} records the UNet of one process: run feature metrics "
+                          "without torchrun (one process)")
+    shard = shard_video(dist, method, video.num_frames)
+    hit = cache.load(key) if cache is not None and dist.rank == 0 else None
+    if _from_rank0(dist, hit is not None):
+        if dist.rank != 0:
+            return Inverted(None, cond, key, None, True, 0.0)
+        log.info("inversion cache hit %s", cache.path(key))
+        return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, 0.0)
+    if cache is not None and dist.rank == 0:
+        cache.check_writable()  # before the inversion, not when saving its result
+    start = time.perf_counter()
+    latents = encode_frames(model, shard.local(video.frames), progress=progress)
+    encode_seconds = time.perf_counter() - start
+    if warmup_steps > 0:  # as `stem.benchmarking.warm_up`, sharded: every rank takes part
+        short = copy.copy(method)
+        short.num_steps = warmup_steps
+        invert_sharded(short, model, latents, cond, shard, progress=False)
+    out = {}
+    seconds, peak = measure(lambda: out.update(traj=invert_sharded(method, model, latents, cond, shard,
+                                                                   progress=progress)), model.device)
+    if out["traj"] is None:  # ranks > 0
+        return Inverted(None, cond, key, None, False, seconds, peak / 2**20, encode_seconds)
+    traj = _trajectory({"latents": out["traj"].latents, "timesteps": out["traj"].timesteps}, model)
+    entry = _save(cache, key, traj, video, model, method, seconds)
+    return Inverted(traj, cond, key, entry, False, seconds, peak / 2**20, encode_seconds)
+
+
+def _from_rank0(dist: Distributed, flag: bool) -> bool:
+    """Rank 0's `flag` on every rank."""
+    return bool(dist.broadcast(torch.tensor([int(flag)], device=dist.device)).item())
+
+
+def _broadcast_from_rank0(dist: Distributed, tensor: torch.Tensor | None, ndim: int, device, dtype) -> torch.Tensor:
+    """Rank 0's `tensor` (None elsewhere) on every rank: its shape first, then its values."""
+    shape = torch.tensor(tensor.shape if dist.rank == 0 else [0] * ndim, device=dist.device)
+    dist.broadcast(shape)
+    out = tensor.contiguous() if dist.rank == 0 else torch.empty(shape.tolist(), device=device, dtype=dtype)
+    return dist.broadcast(out)
 
 
 def _trajectory(tensors: dict, model) -> Trajectory:
@@ -109,14 +178,40 @@ def _trajectory(tensors: dict, model) -> Trajectory:
 def reconstruct_video(model, video: Video, method, cache: TensorCache | None = None,
                       prompt_overflow: str = "error", progress: bool = True,
                       observer: contextlib.AbstractContextManager | None = None,
-                      warmup_steps: int = 0) -> Reconstruction:
-    """Invert (cached; `observer` and `warmup_steps` as in `invert_video`), reconstruct with guidance 1,
+                      warmup_steps: int = 0, dist: Distributed | None = None) -> Reconstruction:
+    """Invert (cached; `observer`, `warmup_steps` and `dist` as in `invert_video`), reconstruct with guidance 1,
     decode both the reconstruction and the clean latents (the VAE round trip of the input)."""
     inverted = invert_video(model, video, method, cache, prompt_overflow, progress, observer,
-                            warmup_steps=warmup_steps)
+                            warmup_steps=warmup_steps, dist=dist)
+    if dist is not None and dist.active:
+        return _reconstruct_sharded(model, video, method, inverted, dist, progress)
     start = time.perf_counter()
     latents = method.reconstruct(model, inverted.trajectory.latents[-1], inverted.cond, progress=progress)
     frames = decode_latents(model, latents, progress=progress)
     seconds = time.perf_counter() - start
     vae_frames = decode_latents(model, inverted.trajectory.latents[0], progress=progress)
     return Reconstruction(inverted, vae_frames, frames, seconds)
+
+
+def _reconstruct_sharded(model, video: Video, method, inverted: Inverted, dist: Distributed,
+                         progress: bool) -> Reconstruction:
+    """`reconstruct_video` of a frame-sharded job: rank 0 sends every rank z_T and z_0 of the video (it alone
+    holds the trajectory, inverted or cached); each rank samples back and decodes its slice; rank 0 receives
+    all decoded frames. The STEM bases of the sampling are global, as in the inversion (`stem.sharded`)."""
+    shard = shard_video(dist, method, video.num_frames)
+    ends = inverted.trajectory.latents[[0, -1]] if dist.rank == 0 else None
+    ends = _broadcast_from_rank0(dist, ends, 5, model.device, model.dtype)  # (2, N, c, h, w): z_0, z_T
+    clean, noise = (shard.local(z).contiguous() for z in ends)
+    start = time.perf_counter()
+    with self_attention_processors(model.unet, shard_processor(method, shard, reconstruction=True)):
+        latents = ddim_sample(model.unet, noise, inverted.cond, model.scheduler, method.num_steps, progress=progress)
+    frames = _gather_frames(dist, shard, decode_latents(model, latents, progress=progress))
+    seconds = time.perf_counter() - start
+    vae_frames = _gather_frames(dist, shard, decode_latents(model, clean, progress=progress))
+    return Reconstruction(inverted, vae_frames, frames, seconds)
+
+
+def _gather_frames(dist: Distributed, shard, frames: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's decoded frames (CPU) concatenated on rank 0; None on the others."""
+    full = dist.gather_slices(frames.to(dist.device), shard.sizes)
+    return None if full is None else full.cpu()
