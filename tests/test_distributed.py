@@ -292,6 +292,45 @@ def test_a_rank_that_dies_makes_the_others_fail_fast(tiny_model, tmp_path):
     assert seconds < 30, f"the surviving rank took {seconds:.0f} s to fail"
 
 
+def die_in_cached_inversion(model, cache_root):
+    """A job inverting a 7-frame video through `invert_video` with a cache, whose rank 1 raises inside its third
+    EM call (rank 0 waits in the M-step all-reduce, before any gather or cache write)."""
+    def job(d: Distributed):
+        import stem.stem_attention as sa
+        from stem.cache import TensorCache
+        from stem.reconstruction import invert_video
+        from stem.video import Video
+
+        calls, em = [0], sa.em_bases
+
+        def failing(*args, **kwargs):
+            calls[0] += 1
+            if d.rank == 1 and calls[0] == 3:
+                raise RuntimeError("rank died inside the EM")
+            return em(*args, **kwargs)
+        sa.em_bases = failing  # a forked rank: the patch dies with it
+        frames = torch.rand(N_FRAMES, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        video = Video(frames=frames, fps=8, prompt="a clip", name="clip")
+        method = STEMInversion(num_steps=STEPS, **STEM_SPECS["stem"])
+        invert_video(model, video, method, TensorCache(cache_root), progress=False, dist=d)
+        return "finished"
+    return job
+
+
+def test_a_rank_that_dies_leaves_no_cache_entry(tiny_model, tmp_path):
+    """Rank 1 dies mid-inversion of a cached, sharded `invert_video`: both ranks exit non-zero, and the cache
+    folder holds no entry, complete or partial (rank 0 writes only after the last gather, atomically).
+
+    Mutation seen failing: rank 0 saving the entry before the inversion has finished (e.g. its own slice's
+    trajectory) leaves an entry behind."""
+    cache_root = tmp_path / "cache"
+    codes, seconds, results = run_ranks(2, die_in_cached_inversion(tiny_model, cache_root), tmp_path, timeout=60)
+    assert codes[0] != 0 and codes[1] != 0, f"exit codes {codes}"
+    assert results == [None, None]
+    assert not cache_root.exists() or not any(cache_root.rglob("*")), sorted(cache_root.rglob("*"))
+    assert seconds < 30
+
+
 def test_a_hung_rank_makes_the_others_fail_after_the_timeout(tiny_model, tmp_path):
     """Rank 1 stalls for 60 s inside the EM without dying: rank 0 gives up after the collective timeout given
     to `init` (3 s here; 10 min by default, torch's own is 30 min) and exits non-zero.
