@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 1  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "9408ce348d208ea7def449fe2326cc3db57408e9e6d66189c741c08fcae08e5c"
+INVERSION_SOURCES_DIGEST = "d770f10939449fdd4fe2c7819dd6134967134aa9f0c18d410cf7a28de940905a"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).

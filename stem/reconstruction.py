@@ -91,6 +91,7 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     latents = encode_frames(model, video.frames, progress=progress)
     encode_seconds = time.perf_counter() - start
     warm_up(method, model, latents, cond, warmup_steps)
+    log.info("inverting %d frames with %s (%d DDIM steps)", video.num_frames, method.name, method.num_steps)
     traj, seconds, peak = time_inversion(method, model, latents, cond, progress, observer)
     traj = _trajectory({"latents": traj.latents, "timesteps": traj.timesteps}, model)
     peak_mib = peak / 2**20
