@@ -164,6 +164,22 @@ def _sigterm_deferred():
             raise Terminated("terminated by signal SIGTERM")
 
 
+def _redeliver_dropped(previous_hook):
+    """A `sys.unraisablehook` that sends SIGTERM again (50 ms later) when a finaliser (`__del__`, a weakref
+    callback, run during garbage collection) dropped the Terminated its handler raised: the handler then runs
+    again outside the finaliser, in the job's own code. Other unraisable exceptions go to `previous_hook`."""
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, Terminated):
+            _SigtermState.raised = False
+            # from another thread, a moment later: sent from here the handler would run inside this hook
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            return
+        previous_hook(unraisable)
+
+    return hook
+
+
 def _ends_on_sigterm(task):
     """`task` (Hydra's task function, main) with SIGTERM raised as `Terminated` in it; the process then exits
     with status 143 (128 + SIGTERM), the previous handler restored.
@@ -179,6 +195,7 @@ def _ends_on_sigterm(task):
         if threading.current_thread() is not threading.main_thread():  # handlers are set from the main thread only
             return task(cfg)
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_dropped(sys.unraisablehook)
         _SigtermState.pending = _SigtermState.raised = False
         try:
             return task(cfg)
@@ -188,6 +205,7 @@ def _ends_on_sigterm(task):
             sys.exit(128 + signal.SIGTERM)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            sys.unraisablehook = previous_hook
 
     return wrapped
 

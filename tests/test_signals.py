@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from conftest import FAST, ROOT, read_wandb_records
 
 # The tiny model on 2 frames of 64x64, inversion only, with W&B on: 1000 DDIM steps keep it inverting for
@@ -29,10 +28,6 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
         time.sleep(0.05)
 
 
-# slow, for now: on a loaded machine with a cold page cache (fresh install), about every other try the job
-# went on inverting 30 s after the SIGTERM (cause not found; docs/REPRODUCE.md, "Stopping a sweep"). Warm, it
-# passes. The handler's unit tests below stay in the default run. Issue #13 stays open on this.
-@pytest.mark.slow
 def test_sigterm_during_the_inversion_finishes_the_wandb_run_as_failed_and_marks_the_job_failed(tmp_path):
     """Catches: no SIGTERM handler (Python's default kills the process at once: no W&B exit record, status.json
     left "running"), a handler that exits without unwinding (os._exit: run_job's `finally` never finishes the
@@ -45,8 +40,7 @@ def test_sigterm_during_the_inversion_finishes_the_wandb_run_as_failed_and_marks
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = run_dir / "run.log"   # Hydra's job log: "inverting ..." once W&B is up, the model built, the frames encoded
     wait_for(lambda: log.is_file() and "inverting 2 frames" in log.read_text(), 60, "the inversion to start", proc)
-    time.sleep(0.5)   # into the inversion loop (a SIGTERM landing in a cold first import was once not seen to end
-    # the job: docs/REPRODUCE.md, "Stopping a sweep")
+    time.sleep(0.5)   # into the inversion loop
     assert proc.poll() is None, "the job ended before SIGTERM: give it more steps"
     proc.send_signal(signal.SIGTERM)
     try:
@@ -151,3 +145,27 @@ def test_sigterm_ends_a_submitit_job_whose_own_handler_ignores_it():
         assert terminated(lambda cfg: signal.raise_signal(signal.SIGTERM)) == 143   # `terminated` checks the restore
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_handled_inside_a_finaliser_still_ends_the_job():
+    """The handler can run while Python executes a finaliser (`__del__`, a weakref callback, during garbage
+    collection), where a raised exception is only reported and dropped: seen on a loaded machine, the job then
+    went on inverting after its SIGTERM (`measure` calls gc.collect()). Catches: no re-delivery of a Terminated
+    that a finaliser swallowed (the job runs to its end and returns normally)."""
+    class RaisesInFinaliser:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)   # the signal arrives while this finaliser runs
+            sum(range(1000))                       # Python code in the finaliser: the handler runs here
+
+    ran_on = []
+
+    def job(cfg):
+        obj = RaisesInFinaliser()
+        del obj                                    # Terminated raised inside __del__ is dropped by Python
+        for i in range(300):                       # the job's own code, 3 s: Terminated must come here
+            ran_on.append(i)
+            time.sleep(0.01)
+        return "finished"
+
+    assert terminated(job) == 143
+    assert len(ran_on) < 300, "the job ran to its end after the SIGTERM"
