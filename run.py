@@ -51,12 +51,14 @@ from omegaconf.errors import (
 from callbacks import sweep_group
 from stem.cache import TensorCache
 from stem.device import device_name
+from stem.display import bases_label, bases_line, display_value
 from stem.distributed import Distributed, from_env, submitit_environ
 from stem.editing.pipeline import edit_video
 from stem.errors import ConfigError, StemError
 from stem.evaluation import inversion_reconstruction_sections, per_frame_columns, summary_scalars
+from stem.plots import BASES_PLOT, plot_bases
 from stem.precheck import check_arguments, check_before_model
-from stem.reconstruction import invert_video, reconstruct_video
+from stem.reconstruction import bases_section, invert_video, reconstruct_video
 from stem.rundir import write_run
 from stem.sharded import shard_video
 from stem.tables import mark_job
@@ -367,6 +369,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None,
             if not lead:
                 failed = False
                 return None
+        _report_bases(facts, method, inverted, editor is None, model, video, run_dir)
         facts["seconds"]["vae_encode"] = inverted.encode_seconds
         facts["seconds"]["inversion_per_frame"] = inverted.seconds / video.num_frames
         facts["memory"] = {"inversion_peak_mib": inverted.peak_mib,  # None when the inversion came from the cache
@@ -386,6 +389,27 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None,
     finally:
         logger.finish(failed)
         dist.close()
+
+
+def _report_bases(facts: dict, method, inverted, sampled_back: bool, model, video, run_dir: Path) -> None:
+    """STEM runs: the K per layer (`stem.reconstruction.bases_section`) into `facts["bases"]` (metrics.json),
+    one log line per phase, and the plot `bases_per_layer.png` in `run_dir`. Other methods: nothing."""
+    section = bases_section(method, inverted, sampled_back)
+    if section is None:
+        return
+    facts["bases"] = section
+    settings = method.settings()
+    records = {phase: section.get(phase) for phase in ("inversion", "reconstruction") if section.get(phase)}
+    for phase, record in records.items():
+        log.info("%s", bases_line(phase, record, bases_label(settings)))
+    if not records:  # a cache entry written before bases records were kept
+        log.info("K per layer: not recorded in the cache entry %s (invert again with use_cache=false)",
+                 inverted.entry)
+        return
+    plot_bases(run_dir / BASES_PLOT, records,
+               title=f"{video.name}: bases per layer, {display_value('inversion', method.name, facts)}",
+               caption=f"{model.name}, {video.num_frames} frames {video.width}x{video.height}, "
+                       f"{method.num_steps} DDIM steps")
 
 
 def _check_sharded(planned: Distributed, method, editor, evaluator, video) -> None:

@@ -5,10 +5,14 @@
                                                                 -> "STEM (K=512)"   (the K the run used)
     display_value("table2", "stem_tokenflow")                   -> "STEM-TokenFlow"
     display_value("data.n_frames", 120)                         -> "120"
+    display_value("adaptive_k", "auto_tight", {"inversion": {"method": "stem", "num_bases": "auto",
+                                                             "auto": {"target": 0.2, ...}}})
+                                                                -> "STEM (auto, target 0.2)"
+    short_layer("down_blocks.0.attentions.1.transformer_blocks.0.attn1") -> "down0.1"
 
-The K of a STEM row comes from the run's own metrics.json (`inversion.num_bases`) when given, so
-`inversion=stem inversion.num_bases=128` is never shown as the preset's K=256. Values without a
-display name are shown as they are.
+The K of a STEM row comes from the run's own metrics.json (`inversion.num_bases`, or its `auto.target`
+for adaptive K) when given, so `inversion=stem inversion.num_bases=128` is never shown as the preset's
+K=256. Values without a display name are shown as they are.
 """
 
 from __future__ import annotations
@@ -44,35 +48,93 @@ _FIG4 = {
     "ddim_i_pnp": "DDIM, fashion (i) as TokenFlow PnP",
     "stem_i_pnp": "STEM, fashion (i) as TokenFlow PnP",
 }
-_BY_COLUMN = {"inversion": _INVERSIONS, "editing": _EDITS, "table2": _EDITS, "fig4": _FIG4}
+_ADAPTIVE_K = {  # rows of configs/adaptive_k/ (experiment=ablation_adaptive_k); a finished run names its own K
+    "k128": "STEM (K=128)",
+    "k256": "STEM (K=256)",
+    "k512": "STEM (K=512)",
+    "auto_tight": "STEM (auto, tight)",
+    "auto_loose": "STEM (auto, loose)",
+}
+_BY_COLUMN = {"inversion": _INVERSIONS, "editing": _EDITS, "table2": _EDITS, "fig4": _FIG4, "adaptive_k": _ADAPTIVE_K}
 _STEM_K = re.compile(r"^stem_k(\d+)$")
 COLUMN_NAMES = {"inversion": "Inversion", "editing": "Editing", "table2": "Method", "fig4": "Method",
-                "data": "Video", "data.n_frames": "Frames N", "data.width": "Resolution",
+                "adaptive_k": "Inversion", "data": "Video", "data.n_frames": "Frames N", "data.width": "Resolution",
                 "inversion.num_bases": "K"}
 
 
-def _num_bases(metrics: dict | None):
-    inversion = (metrics or {}).get("inversion")
-    if isinstance(inversion, dict) and inversion.get("method") == "stem":
-        return inversion.get("num_bases")
-    return None
+def bases_label(settings: dict | None) -> str | None:
+    """How a STEM inversion's settings (metrics.json's `inversion`, `method.settings()`) choose K:
+    "K=128", or "auto, target 0.3" for adaptive K; None for other methods."""
+    if not isinstance(settings, dict) or settings.get("method") != "stem" or settings.get("num_bases") is None:
+        return None
+    k = settings["num_bases"]
+    if k != "auto":
+        return f"K={k}"
+    target = (settings.get("auto") or {}).get("target")
+    return "auto" if target is None else f"auto, target {target:g}"
 
 
 def display_value(column: str, value, metrics: dict | None = None) -> str:
     """The display name of `value` in `column` (an override key); `metrics` (the run's metrics.json)
-    supplies the K of STEM inversions."""
+    supplies the K (or the adaptive-K target) of STEM inversions."""
     text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    k = bases_label((metrics or {}).get("inversion"))
     if column == "inversion":
-        k = _num_bases(metrics)
         match = _STEM_K.match(text)
         if match:
-            return f"STEM (K={k if k is not None else match.group(1)})"
+            return f"STEM ({k or f'K={match.group(1)}'})"
+        if text == "stem_auto":
+            return f"STEM ({k or 'auto'})"
         if text in _STEM_VARIANTS:
             base = _STEM_VARIANTS[text]
-            return f"{base} (K={k})" if k is not None else base
+            return f"{base} ({k})" if k is not None else base
+    if column == "adaptive_k" and k is not None:
+        return f"STEM ({k})"
     return _BY_COLUMN.get(column, {}).get(text, text)
 
 
 def display_column(column: str) -> str:
     """The header of an override-key column ("data.n_frames" -> "Frames N"); unknown keys as they are."""
     return COLUMN_NAMES.get(column, column)
+
+
+# attn1 paths of an SD-style UNet: down_blocks.<i>.attentions.<j>..., mid_block.attentions.<j>..., up_blocks...
+_LAYER = re.compile(r"^(down_blocks|mid_block|up_blocks)(?:\.(\d+))?\.attentions\.(\d+)"
+                    r"\.transformer_blocks\.(\d+)\.attn1$")
+_PART = {"down_blocks": (0, "down"), "mid_block": (1, "mid"), "up_blocks": (2, "up")}
+
+
+def short_layer(path: str) -> str:
+    """A UNet self-attention layer's short name: "down0.1" (down block 0, attention 1), "mid", "up3.2";
+    a transformer block other than the first gets "/t<n>"; a path of another shape is returned as it is."""
+    match = _LAYER.match(path)
+    if not match:
+        return path
+    part, block, attention, transformer = match.groups()
+    name = _PART[part][1] + ("" if part == "mid_block" else f"{block}.{attention}")
+    if part == "mid_block" and attention != "0":
+        name += f".{attention}"
+    return name + (f"/t{transformer}" if transformer != "0" else "")
+
+
+def layer_order(path: str) -> tuple:
+    """Sort key of attn1 paths in the UNet's order: down blocks, the mid block, up blocks (numbers by value),
+    other names after them, alphabetically."""
+    match = _LAYER.match(path)
+    if not match:
+        return (3, 0, 0, 0, path)
+    part, block, attention, transformer = match.groups()
+    return (_PART[part][0], int(block or 0), int(attention), int(transformer), path)
+
+
+def bases_line(phase: str, record: dict, how: str | None = None) -> str:
+    """One log line of a STEM bases record (`method.bases_report()[phase]`, metrics.json's `bases.<phase>`):
+    "K per layer (inversion, auto, target 0.3): down0.0 64, down0.1 64, ..., mid 32, ..., up3.2 128; mean 72.0",
+    layers in the UNet's order; a layer whose K changed between steps (auto.when=every_step) shows its range
+    "64-128". `how`: `bases_label` of the run's settings."""
+    cells = []
+    for path in sorted(record["layers"], key=layer_order):
+        ks = record["layers"][path]["k"]
+        lo, hi = min(ks), max(ks)
+        cells.append(f"{short_layer(path)} {lo}" if lo == hi else f"{short_layer(path)} {lo}-{hi}")
+    return f"K per layer ({phase}{', ' + how if how else ''}): {', '.join(cells)}; mean {record['mean_k']:.1f}"

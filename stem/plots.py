@@ -1,6 +1,7 @@
 """Figures people look at: curves (a sweep's metric against its setting, paper Fig. 3 and Tables
-4/5; per-frame PSNR/SSIM, Fig. 4; feature similarity per inversion step, Fig. 9) and image grids
-(PCA of features, Fig. 6).
+4/5; per-frame PSNR/SSIM, Fig. 4; feature similarity per inversion step, Fig. 9; a sweep's metric
+against a measured value, e.g. PSNR against the mean K chosen), image grids (PCA of features, Fig. 6)
+and the number of STEM bases per layer of a run (`bases_figure`).
 
     fig = curves_figure([Panel({"STEM (K=256)": [33.1, 32.9]}, x=[8, 16], ylabel="PSNR (dB)",
                                points={"paper": ([8, 16], [32.702, 33.279])})],
@@ -22,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from stem.atomic import atomic_file
-from stem.display import display_column, display_value
+from stem.display import display_column, display_value, layer_order, short_layer
 from stem.errors import TableError
 
 DPI = 120
@@ -220,12 +222,14 @@ def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: s
     """The figure of a sweep (`stem.tables.collect_runs`), None when no run finished.
 
     spec: {"y": dotted path into metrics.json, or a list of them (one panel each: Fig. 4's PSNR and
-    SSIM), "x": dotted path of per-frame/per-step x values (e.g. video.frame_numbers) or null,
-    "title", "xlabel", "ylabel" (one per y), "paper_label": the metric label of `paper` that y is
-    (one per y)}.
+    SSIM), "x": dotted path of per-frame/per-step x values (e.g. video.frame_numbers), or of a number
+    measured by each run (e.g. bases.inversion.mean_k), or null, "title", "xlabel", "ylabel" (one per
+    y), "paper_label": the metric label of `paper` that y is (one per y)}.
     A list-valued y draws one curve per finished run, labelled with the display names of its column
-    values (Figs. 4, 9); a number draws one curve over the first column's values per value of the
-    other columns (Fig. 3, Tables 4 and 5), with the paper's values of `paper_label` as markers.
+    values (Figs. 4, 9); a number with a number x draws one point per finished run at (its x, its y),
+    labelled the same way (ablation_adaptive_k: PSNR against the mean K each run chose); a number
+    without x draws one curve over the first column's values per value of the other columns (Fig. 3,
+    Tables 4 and 5), with the paper's values of `paper_label` as markers.
     """
     from stem.tables import _lookup, _sort_key
 
@@ -241,12 +245,13 @@ def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: s
     x = spec.get("x")
     panels = []
     for y, ylabel, paper_label in zip(ys, ylabels, paper_labels):
-        if isinstance(_lookup(ok[0]["metrics"], y), list):  # per frame / per step: the paper draws curves only
+        per_run = isinstance(_lookup(ok[0]["metrics"], y), list)  # per frame / per step: one curve per run
+        if per_run or x:  # or a point per run at the x it measured
             curves, xs = {}, {}
             for run in ok:
                 label = _legend(run, columns) or str(run["job"])
-                curves[label] = _lookup(run["metrics"], y)
-                xs[label] = _lookup(run["metrics"], x) if x else None
+                value, at = _lookup(run["metrics"], y), _lookup(run["metrics"], x) if x else None
+                curves[label], xs[label] = (value, at) if per_run else ([value], [at])
             panels.append(Panel(curves, xs, ylabel))
             continue
         first, rest = columns[0], columns[1:]
@@ -260,3 +265,74 @@ def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: s
         panels.append(Panel(curves, xs if numeric else None, ylabel, points))
     return curves_figure(panels, xlabel=spec.get("xlabel", x or (display_column(columns[0]) if columns else "")),
                          title=spec.get("title", ""), caption=caption)
+
+
+# ---- a run's bases per layer (metrics.json's "bases" section) ----------------------------------
+BASES_PLOT = "bases_per_layer.png"
+PHASE_STYLE = {"inversion": {"marker": "o", "linestyle": "-"}, "reconstruction": {"marker": "x", "linestyle": "--"}}
+
+
+def _per_layer(record: dict, layers: list[str]) -> tuple[list[float], list[float], list[float]]:
+    """(mean, min, max) of K over the choices of each of `layers` (nan where the record lacks a layer)."""
+    stats = []
+    for path in layers:
+        ks = [float(k) for k in (record["layers"].get(path) or {}).get("k") or []]
+        stats.append((sum(ks) / len(ks), min(ks), max(ks)) if ks else (math.nan,) * 3)
+    return tuple(list(column) for column in zip(*stats))
+
+
+def bases_figure(section: Mapping, title: str = "", caption: str = "") -> Figure:
+    """K against layer (UNet order, short names "down0.0" ... "mid" ... "up3.2") for each phase of a run's
+    bases section ({"inversion": record, "reconstruction": record}, records as `method.bases_report()`
+    gives them; a phase that is None or absent is not drawn). One K per layer: a line per phase. Several
+    (auto.when=every_step, one per step): the mean over steps with a min-max band, and below it one
+    heatmap per such phase, K per layer (x) and step (y)."""
+    phases = {phase: record for phase, record in section.items()
+              if phase in PHASE_STYLE and isinstance(record, Mapping) and record.get("layers")}
+    if not phases:
+        raise ValueError(f"bases plot: no phase with layers in {sorted(section)}")
+    layers = sorted({path for record in phases.values() for path in record["layers"]}, key=layer_order)
+    names = [short_layer(path) for path in layers]
+    stepped = [phase for phase, record in phases.items()
+               if any(len(v.get("k") or []) > 1 for v in record["layers"].values())]
+    fig = Figure(figsize=(max(6.0, 0.45 * len(layers) + 1.5), 3.6 + 2.6 * len(stepped)), layout="constrained")
+    axes = fig.subplots(1 + len(stepped), 1, squeeze=False)[:, 0]
+    ax, xs = axes[0], list(range(len(layers)))
+    for phase, record in phases.items():
+        mean, lo, hi = _per_layer(record, layers)
+        stepwise = phase in stepped
+        band = "; per layer: mean over steps, band min-max" if stepwise else ""
+        label = f"{phase} (mean {record['mean_k']:.1f}{band})"
+        line, = ax.plot(xs, mean, label=label, markersize=5, **PHASE_STYLE[phase])
+        if stepwise:
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    values = sorted({k for record in phases.values() for v in record["layers"].values() for k in v["k"]})
+    ax.set_yscale("log", base=2)
+    ticks = values if len(values) <= 12 else [2 ** e for e in range(int(math.log2(values[0])),
+                                                                    int(math.log2(values[-1])) + 2)]
+    ax.set_yticks(ticks, [str(int(t)) for t in ticks])  # the K values themselves, never 2^n labels
+    ax.minorticks_off()
+    ax.set_xticks(xs, names, rotation=90)
+    ax.set_ylabel("K (number of bases)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    for ax, phase in zip(axes[1:], stepped):
+        layers_k = [(phases[phase]["layers"].get(path) or {}).get("k") or [] for path in layers]
+        steps = max(len(ks) for ks in layers_k)
+        grid = [[float(ks[i]) if i < len(ks) else math.nan for ks in layers_k] for i in range(steps)]
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", origin="lower",
+                          norm=LogNorm(values[0], values[-1] if values[-1] > values[0] else values[0] * 2),
+                          extent=(-0.5, len(layers) - 0.5, 0.5, steps + 0.5))
+        bar = fig.colorbar(image, ax=ax, label="K")
+        bar.set_ticks(ticks, labels=[str(int(t)) for t in ticks])
+        bar.minorticks_off()
+        ax.set_xticks(xs, names, rotation=90)
+        ax.set_ylabel(f"{phase} step")
+    add_caption(fig, caption)
+    return fig
+
+
+def plot_bases(path: str | Path, section: Mapping, title: str = "", caption: str = "") -> Path:
+    """`bases_figure(section, title, caption)` saved as PNG."""
+    return save_png(bases_figure(section, title, caption), path)

@@ -12,12 +12,18 @@ every process encodes, inverts, samples back and decodes its own contiguous slic
 (`stem.sharded`); rank 0 alone reads and writes the cache and receives every frame's trajectory
 and decoded frames (the other ranks get None there). The cache entry is the one a single-process
 run writes and reuses: same key (the same inputs), same tensors up to float summation order.
+
+STEM inversions also record how many bases each layer used (`method.bases_report()`, adaptive K:
+`inversion.num_bases=auto`): the inversion's record is stored in the cache entry's meta.json (key
+`BASES_META`, beside the key's inputs, never in the key), so a cache hit reports the K per layer of the
+run that inverted (`inversion_bases`); `bases_section` is metrics.json's "bases".
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +34,7 @@ import torch
 from stem import cache_version
 from stem.attention import self_attention_processors
 from stem.benchmarking import measure, time_inversion, warm_up
-from stem.cache import TensorCache, content_key
+from stem.cache import META, TensorCache, content_key
 from stem.ddim import Trajectory, ddim_sample
 from stem.distributed import Distributed
 from stem.errors import ConfigError
@@ -38,6 +44,7 @@ from stem.vae import decode_latents, encode_frames
 from stem.video import Video
 
 log = logging.getLogger(__name__)
+BASES_META = "bases"  # key of a cache entry's meta.json: the STEM inversion's bases record (not part of the key)
 
 
 @dataclass
@@ -111,6 +118,9 @@ def _save(cache: TensorCache | None, key: str, traj: Trajectory, video: Video, m
     meta = {"video": video.name, "source": video.source, "prompt": video.prompt, "model": model.name,
             "fingerprint": model.fingerprint, "dtype": str(model.dtype), "method": method.settings(),
             "frames": list(video.frames.shape), "seconds": seconds}
+    record = _report(method).get("inversion")
+    if record is not None:
+        meta[BASES_META] = record
     try:
         entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
         log.info("inverted latents cached in %s", entry)
@@ -153,6 +163,40 @@ def _invert_sharded(model, video: Video, method, cache: TensorCache | None, cond
     traj = _trajectory({"latents": out["traj"].latents, "timesteps": out["traj"].timesteps}, model)
     entry = _save(cache, key, traj, video, model, method, seconds)
     return Inverted(traj, cond, key, entry, False, seconds, peak / 2**20, encode_seconds)
+
+
+def _report(method) -> dict:
+    """`method.bases_report()` (STEM), or {} (other methods, or before any STEM attention ran)."""
+    report = getattr(method, "bases_report", None)
+    return (report() if report is not None else None) or {}
+
+
+def inversion_bases(inverted: Inverted, method) -> dict | None:
+    """The bases record (K per layer, `method.bases_report()["inversion"]`) of the inversion behind `inverted`:
+    on a cache hit the one stored in its entry's meta.json (None for an entry written before records were
+    kept, or by another method), else the record of the inversion `method` just ran (None: not STEM)."""
+    if not inverted.cache_hit:
+        return _report(method).get("inversion")
+    if inverted.entry is None:  # ranks > 0 of a frame-sharded job: rank 0 holds the entry
+        return None
+    try:
+        return json.loads((Path(inverted.entry) / META).read_text()).get(BASES_META)
+    except (OSError, ValueError, AttributeError) as e:  # read a moment ago by the cache; replaced since
+        log.warning("cannot read the bases record of cache entry %s: %s", inverted.entry, e)
+        return None
+
+
+def bases_section(method, inverted: Inverted, sampled_back: bool = True) -> dict | None:
+    """metrics.json's "bases" of a STEM run (None for other methods): {"auto": the adaptive-K settings or
+    None (fixed K), "inversion": `inversion_bases`, and with `sampled_back` (a reconstruction, not an
+    edit) "reconstruction": the record of the sampling back when it used STEM attention}."""
+    if getattr(method, "bases_report", None) is None:
+        return None
+    section = {"auto": method.settings().get("auto"), "inversion": inversion_bases(inverted, method)}
+    reconstruction = _report(method).get("reconstruction") if sampled_back else None
+    if reconstruction is not None:
+        section["reconstruction"] = reconstruction
+    return section
 
 
 def _from_rank0(dist: Distributed, flag: bool) -> bool:
