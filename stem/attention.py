@@ -227,13 +227,15 @@ def self_attention_processors(unet, processor=None, *, per_layer=None, cross_per
 
     Or `per_layer(path)`: a function of the attention module's path (e.g.
     "up_blocks.1.attentions.1.transformer_blocks.0.attn1") returning one processor per layer.
+    A `processor` with a `for_layer(path)` method (STEM's, which records per layer) is installed
+    as `processor.for_layer(path)` on each layer.
     Cross-attention processors are left as they are, unless `cross_per_layer(path)` returns one
     for an `attn2` (None keeps it). All processors are restored on exit.
     """
     if (processor is None) == (per_layer is None):
         raise ValueError("self_attention_processors: give either processor or per_layer")
     original = dict(unet.attn_processors)
-    per_layer = per_layer or (lambda name: processor)
+    per_layer = per_layer or getattr(processor, "for_layer", None) or (lambda name: processor)
     cross = cross_per_layer or (lambda name: None)
 
     def choose(name, proc):

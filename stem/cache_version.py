@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 1  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "d770f10939449fdd4fe2c7819dd6134967134aa9f0c18d410cf7a28de940905a"
+INVERSION_SOURCES_DIGEST = "f8901ca5a1b1ad22e7057bdd5258f5655f850c8c0e7c3b25c35353af4299bcf9"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).
@@ -35,6 +35,7 @@ INVERSION_SOURCES = (
     "stem.ddim",                # DDIM inversion steps (Eq. 2-3) and the trajectory
     "stem.em",                  # EM bases of STEM (Eq. 5-7)
     "stem.stem_attention",      # STEM self-attention over the bases
+    "stem.adaptive",            # the choice of K per layer with num_bases=auto
     "stem.attention",           # attention processors and their maths
     "stem.fatezero_attention",  # spatio-temporal attention of the FateZero-style inversion
     "stem.prompts",             # the source prompt embedding the inversion is conditioned on

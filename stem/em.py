@@ -71,6 +71,8 @@ class EMResult:
     bases: torch.Tensor                 # (B, K, C) fp32, mu after R iterations
     values: torch.Tensor | None         # (B, K, Cv) fp32 value bases, when values were given
     mass: torch.Tensor                  # (B, K) sum_i z_ik of the last E-step
+    error_sq: torch.Tensor | None = None  # (B,) sum_i ||x_i - z_i mu||^2 (measure_error; module docstring)
+    energy: torch.Tensor | None = None    # (B,) sum_i ||x_i||^2 (measure_error)
 
 
 class Comm(Protocol):
@@ -238,7 +240,7 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
              normalize_bases: bool = True, init: str = "gaussian", dead_bases: str = "keep",
              generator: torch.Generator | None = None, chunk_size: int | None = None,
              values: torch.Tensor | None = None, bases: torch.Tensor | None = None,
-             mass_eps: float = MASS_EPS, shard: EMShard | None = None) -> EMResult:
+             mass_eps: float = MASS_EPS, shard: EMShard | None = None, measure_error: bool = False) -> EMResult:
     """Run R EM iterations on tokens `x` (B, T, C); see the module docstring.
 
     Args:
@@ -250,6 +252,8 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
         bases: optional initial bases (B, K, C).
         mass_eps: the M-step's denominator is sum_i z_ik + mass_eps (released code: 1e-4).
         shard: this process's part of a distributed EM (module docstring); None: x is everything.
+        measure_error: also return the reconstruction error of the tokens by their responsibilities,
+            `error_sq` and `energy` (module docstring); off, nothing extra is computed.
     """
     check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size, mass_eps)
     b, t, c = x.shape
@@ -261,6 +265,8 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
         num = torch.zeros(b, k, c, device=x.device)
         mass = torch.zeros(b, k, device=x.device)
         num_v = torch.zeros(b, k, values.shape[-1], device=x.device) if (last and values is not None) else None
+        gram = torch.zeros(b, k, k, device=x.device) if (last and measure_error) else None
+        energy = torch.zeros(b, device=x.device) if (last and measure_error) else None
         worst_score = worst_x = worst_v = None
         for s, e in _chunks(t, chunk_size):
             xc = x[:, s:e].float()
@@ -271,10 +277,13 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
             vc = values[:, s:e].float() if values is not None else None
             if num_v is not None:
                 num_v += z.transpose(1, 2) @ vc
+            if gram is not None:
+                gram += z.transpose(1, 2) @ z
+                energy += xc.square().sum((1, 2))
             if dead_bases == "reseed":
                 worst_score, worst_x, worst_v = _keep_worst(sim.amax(-1), xc, vc, worst_score, worst_x, worst_v, k)
         if shard is not None:  # the sums over all processes' tokens (Eq. 10/11 sum over the whole video)
-            num, mass, num_v = shard.reduce(num, mass, num_v)
+            num, mass, num_v, gram, energy = shard.reduce(num, mass, num_v, gram, energy)
             needed = int((mass < DEAD_MASS).sum(1).max()) if dead_bases == "reseed" and b else 0
             if needed:  # the same on every process (mass is all-reduced): only then are worst tokens exchanged
                 worst_x, worst_v = _global_worst(shard, worst_score, worst_x, worst_v, needed, shard.tokens(t))
@@ -283,7 +292,11 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
             value_bases = num_v / (mass[..., None] + mass_eps)
         if dead_bases == "reseed":
             mu, value_bases = _reseed(mu, value_bases, mass, worst_x, worst_v)
-    return EMResult(mu, value_bases, mass)
+    if not measure_error:
+        return EMResult(mu, value_bases, mass)
+    # sum_i ||x_i - z_i mu||^2 = sum_i ||x_i||^2 - 2 <mu, Z^T X>_F + trace(mu^T Z^T Z mu), Z of the last E-step
+    error_sq = energy - 2 * (mu * num).sum((1, 2)) + ((gram @ mu) * mu).sum((1, 2))
+    return EMResult(mu, value_bases, mass, error_sq.clamp_min(0), energy)
 
 
 def _keep_worst(score, xc, vc, best_score, best_x, best_v, k):

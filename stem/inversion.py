@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Literal
 
 import torch
 
+from stem.adaptive import resolve_auto
 from stem.attention import FrameContextAttnProcessor, self_attention_processors
 from stem.ddim import Callback, Trajectory, ddim_invert, ddim_sample
+from stem.distributed import FrameShard
 from stem.em import MASS_EPS
 from stem.errors import ConfigError
 from stem.fatezero_attention import fatezero_frames, spatio_temporal_processors
@@ -163,7 +166,8 @@ class STEMInversion(InversionMethod):
     Args (defaults: the `stem` preset, `configs/inversion/stem.yaml`: the paper's numbers, with the
     released code's normalised bases and reseeded dead bases; `stem_literal.yaml` is Eq. 8 to the
     letter, `stem_official.yaml` the released code; docs/STEM.md):
-        num_bases: K (paper: 256). n_iters: R EM iterations (paper: 3). tau: E-step temperature (0.05).
+        num_bases: K (paper: 256), or "auto": K chosen per layer (`auto`, docs/STEM.md "Adaptive K").
+        n_iters: R EM iterations (paper: 3). tau: E-step temperature (0.05).
         space: "features" (EM on the attention input, one mu for all heads, as written in the
             paper) or "keys" (per-head EM on projected keys, value bases from the last
             responsibilities, as the released code does).
@@ -173,45 +177,77 @@ class STEMInversion(InversionMethod):
             normalises). dead_bases: "keep" (Eq. 10 as written, released code) | "reseed". seed: initialisation seed.
         excess_bases: a layer whose EM group has fewer tokens than K: "error" (checked
             before any model work), "clamp" (use as many bases as tokens there, logged) or
-            "allow" (K bases anyway, as the released code; logged).
+            "allow" (K bases anyway, as the released code; logged). Not read with num_bases="auto".
         mass_eps: M-step denominator sum Z + mass_eps (paper: none written; released code: 1e-4).
         stem_in_reconstruction: also use STEM self-attention when sampling back (as the
             released code); False samples back with plain per-frame attention.
         num_steps: DDIM steps. chunk_size, query_chunk: memory bounds (no effect on results
             beyond float summation order).
+        auto: settings of num_bases="auto": target, k_min, k_max, k_step, when (`stem.adaptive.AUTO_DEFAULTS`
+            fills the missing ones); validated whatever num_bases is, read only when it is "auto".
+
+    `bases_report()` gives the K used per layer (and chosen, with its error, when auto) by the last
+    inversion and reconstruction.
     """
 
-    def __init__(self, num_bases: int = 256, n_iters: int = 3, tau: float = 0.05, space: str = "features",
-                 group: int | None = None, init: str = "gaussian", normalize_bases: bool = True,
-                 dead_bases: str = "reseed", seed: int = 0, excess_bases: str = "error",
-                 mass_eps: float = MASS_EPS, stem_in_reconstruction: bool = True,
-                 num_steps: int = 50, chunk_size: int | None = 16384, query_chunk: int | None = 65536):
+    def __init__(self, num_bases: int | Literal["auto"] = 256, n_iters: int = 3, tau: float = 0.05,
+                 space: str = "features", group: int | None = None, init: str = "gaussian",
+                 normalize_bases: bool = True, dead_bases: str = "reseed", seed: int = 0, excess_bases: str = "error",
+                 mass_eps: float = MASS_EPS, stem_in_reconstruction: bool = True, num_steps: int = 50,
+                 chunk_size: int | None = 16384, query_chunk: int | None = 65536, auto: dict | None = None):
         super().__init__(num_steps)
         self.kwargs = dict(num_bases=num_bases, n_iters=n_iters, tau=tau, space=space, group=group, init=init,
                            normalize_bases=normalize_bases, dead_bases=dead_bases, seed=seed,
                            excess_bases=excess_bases, mass_eps=mass_eps)
+        auto = resolve_auto(auto)  # a bad auto setting is refused even with an integer K
+        self.auto = auto if num_bases == "auto" else None
         self.memory = dict(chunk_size=chunk_size, query_chunk=query_chunk)
         self.stem_in_reconstruction = stem_in_reconstruction
+        self.processors = {}  # phase -> the STEM processor of the last inversion / reconstruction
         self.processor(num_frames=1)  # validates every knob now, before model work
 
     @property
     def name(self) -> str:
-        return f"stem_k{self.kwargs['num_bases']}"
+        return "stem_auto" if self.auto else f"stem_k{self.kwargs['num_bases']}"
 
     def settings(self) -> dict:
         return {"method": "stem", "num_steps": self.num_steps, "stem_in_reconstruction": self.stem_in_reconstruction,
-                **self.kwargs}
+                **self.kwargs, **({"auto": dict(self.auto)} if self.auto else {})}
 
-    def processor(self, num_frames: int) -> STEMAttnProcessor:
-        return STEMAttnProcessor(num_frames, **self.kwargs, **self.memory)
+    def processor(self, num_frames: int, shard: FrameShard | None = None,
+                  phase: str = "inversion") -> STEMAttnProcessor:
+        return STEMAttnProcessor(num_frames, **self.kwargs, **self.memory, shard=shard, auto=self.auto, phase=phase)
 
     def reconstruction_processor(self, num_frames: int):
         if self.stem_in_reconstruction:
-            return self.processor(num_frames)
+            return self.processor(num_frames, phase="reconstruction")
         return FrameContextAttnProcessor(num_frames, "1frame")
 
+    def phase_processor(self, num_frames: int, reconstruction: bool = False, shard: FrameShard | None = None):
+        """The processor of an inversion (or reconstruction) about to run; its records go to `bases_report`."""
+        phase = "reconstruction" if reconstruction else "inversion"
+        if reconstruction and not self.stem_in_reconstruction:
+            self.processors.pop(phase, None)
+            return FrameContextAttnProcessor(num_frames, "1frame")
+        self.processors[phase] = self.processor(num_frames, shard, phase)
+        return self.processors[phase]
+
+    def install(self, unet, num_frames: int, reconstruction: bool = False):
+        return self_attention_processors(unet, self.phase_processor(num_frames, reconstruction))
+
+    def bases_report(self) -> dict | None:
+        """K per attn1 layer of the last inversion and reconstruction (docs/STEM.md "Adaptive K"):
+        {"auto": settings or None, "inversion": {"layers": {path: {"k", "error", "tried"}}, "mean_k"},
+        "reconstruction": the same when STEM attention sampled back}; None before any STEM attention ran."""
+        phases = {phase: proc.bases_record() for phase, proc in self.processors.items()}
+        phases = {phase: record for phase, record in phases.items() if record is not None}
+        return {"auto": dict(self.auto) if self.auto else None, **phases} if phases else None
+
     def check(self, unet, num_frames: int, latent_height: int, latent_width: int) -> None:
-        """K must not exceed the tokens of an EM group at any layer (the smallest one binds)."""
+        """K must not exceed the tokens of an EM group at any layer (the smallest one binds); num_bases="auto"
+        caps its candidates at the tokens there, so it always runs."""
+        if self.auto:
+            return
         k = self.kwargs["num_bases"]
         frames = min(size for _, _, size in group_spans(num_frames, self.kwargs["group"]))
         grids = self_attention_tokens(unet, latent_height, latent_width)

@@ -29,6 +29,8 @@ def _accepts(annotation, value) -> bool:
         return any(_accepts(a, value) for a in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
@@ -45,6 +47,14 @@ def _accepts(annotation, value) -> bool:
 
 
 def _type_name(annotation) -> str:
+    """How a type reads in a message: `int or 'auto'` for int | Literal["auto"]."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 

@@ -19,7 +19,6 @@ from stem.ddim import Callback, Trajectory, ddim_invert, ddim_sample
 from stem.distributed import Distributed, FrameShard
 from stem.errors import ConfigError
 from stem.inversion import DDIMInversion, InversionMethod, STEMInversion
-from stem.stem_attention import STEMAttnProcessor
 
 
 def shard_video(dist: Distributed, method: InversionMethod, num_frames: int) -> FrameShard:
@@ -34,12 +33,10 @@ def shard_video(dist: Distributed, method: InversionMethod, num_frames: int) -> 
 def shard_processor(method: InversionMethod, shard: FrameShard, reconstruction: bool = False):
     """The attn1 processor of `method` for this process's frames."""
     n = shard.num_frames
-    if isinstance(method, STEMInversion) and (method.stem_in_reconstruction or not reconstruction):
-        return STEMAttnProcessor(n, **method.kwargs, **method.memory, shard=shard)
+    if isinstance(method, STEMInversion):  # stem_in_reconstruction=False samples back per frame
+        return method.phase_processor(n, reconstruction, shard)  # its K per layer goes to method.bases_report()
     if isinstance(method, DDIMInversion):
         return FrameContextAttnProcessor(n, method.context, method.pairing, method.query_chunk, shard=shard)
-    if isinstance(method, STEMInversion):
-        return FrameContextAttnProcessor(n, "1frame")  # stem_in_reconstruction=False: per-frame attention
     raise ConfigError(f"inversion {getattr(method, 'name', type(method).__name__)} has no frame-sharded form: "
                       "use a DDIM or STEM inversion, or one process")
 

@@ -27,8 +27,12 @@ start .. stop - 1 of the N-frame video, and its bases are those of one process h
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
 
+from stem.adaptive import candidates, error_totals, phase_record, relative_error, resolve_auto
 from stem.attention import SelfAttnProcessor, chunked_attention, sharded
 from stem.distributed import FrameShard, frame_units
 from stem.em import MASS_EPS, EMShard, check_em_settings, em_bases
@@ -36,6 +40,7 @@ from stem.errors import ConfigError, check_choice, check_token_count
 
 SPACES = ("features", "keys")
 EXCESS_POLICIES = ("error", "clamp", "allow")
+log = logging.getLogger(__name__)
 
 
 def group_spans(num_frames: int, group: int | None) -> list[tuple[int, int, int]]:
@@ -78,7 +83,8 @@ class STEMAttnProcessor(SelfAttnProcessor):
 
     Args:
         num_frames: N, frames of the video in every UNet batch.
-        num_bases: K. n_iters: R. tau: E-step temperature.
+        num_bases: K, or "auto": K chosen per layer by `auto` (`stem.adaptive`, docs/STEM.md "Adaptive K").
+        n_iters: R. tau: E-step temperature.
         space: "features" (EM on X, as the paper writes) or "keys" (per-head EM on keys, as released).
         group: frames per EM group; None = the whole video (global bases).
         init, normalize_bases, dead_bases, mass_eps: see `stem.em.em_bases`.
@@ -87,20 +93,32 @@ class STEMAttnProcessor(SelfAttnProcessor):
         excess_bases: a layer whose EM group has fewer tokens than K: "error", "clamp" to
             use as many bases as there are tokens there, or "allow" to run EM with K bases
             anyway, as the released code does (surplus bases duplicate others or die; needs
-            init="gaussian", the only init that does not pick K distinct tokens).
+            init="gaussian", the only init that does not pick K distinct tokens). Not read with
+            num_bases="auto", which never uses more bases than the smallest EM group of a layer has tokens.
         chunk_size: tokens per EM accumulation chunk (memory O(chunk x K)); None = all at once.
         query_chunk: query tokens per attention call; None = all at once.
         shard: the frames of this process in a frame-sharded job (module docstring); num_frames is
             then this process's frame count. None (or a one-process shard): the whole video is here.
+        auto: the settings of num_bases="auto" (`stem.adaptive.AUTO_DEFAULTS`; ignored for an integer K).
+        phase: "inversion" or "reconstruction", for the log lines of the choices.
+
+    One processor serves every attn1 layer: `stem.attention.self_attention_processors` installs its
+    per-layer views (`for_layer`), which share the generator and the records (`records`, K per layer
+    and choice: `stem.adaptive.phase_record`).
     """
 
-    def __init__(self, num_frames: int, num_bases: int = 256, n_iters: int = 3, tau: float = 0.05,
+    def __init__(self, num_frames: int, num_bases: int | str = 256, n_iters: int = 3, tau: float = 0.05,
                  space: str = "features", group: int | None = None, init: str = "gaussian",
                  normalize_bases: bool = True, dead_bases: str = "keep", seed: int = 0,
                  excess_bases: str = "error", mass_eps: float = MASS_EPS, chunk_size: int | None = 16384,
-                 query_chunk: int | None = 65536, shard: FrameShard | None = None):
+                 query_chunk: int | None = 65536, shard: FrameShard | None = None, auto: dict | None = None,
+                 phase: str = "inversion"):
         super().__init__(num_frames)
-        check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size, mass_eps)
+        self.auto = resolve_auto(auto) if num_bases == "auto" else None
+        if self.auto is None and (isinstance(num_bases, bool) or not isinstance(num_bases, int)):
+            raise ConfigError(f"num_bases={num_bases!r} must be an integer of at least 1 (paper: 256) or auto")
+        check_em_settings(num_bases if self.auto is None else self.auto["k_min"], n_iters, tau, init, dead_bases,
+                          chunk_size, mass_eps)
         check_choice("space", space, SPACES)
         if group is not None and group < 1:
             raise ConfigError(f"group={group} must be at least 1 frame, or null for the whole video")
@@ -120,13 +138,25 @@ class STEMAttnProcessor(SelfAttnProcessor):
             if any(a not in starts for a, _ in self.shard.slices):
                 raise ConfigError(f"frame slices {list(self.shard.slices)} cut EM groups of {group} frames: "
                                   f"build the shard with Distributed.shard(num_frames, group={group})")
+        self.phase, self.layer, self.records = phase, None, {}
 
-    def em(self, x: torch.Tensor, values: torch.Tensor | None = None, shard: EMShard | None = None):
-        # fewer only with excess_bases="clamp" (checked in attend); tokens of the whole group, over all processes
-        tokens = x.shape[1] if shard is None else shard.tokens(x.shape[1])
-        k = self.num_bases if self.excess_bases == "allow" else min(self.num_bases, tokens)
-        return em_bases(x, k, self.n_iters, self.tau, self.normalize_bases, self.init,
-                        self.dead_bases, self.generator, self.chunk_size, values, mass_eps=self.mass_eps, shard=shard)
+    def for_layer(self, path: str) -> STEMAttnProcessor:
+        """This processor on the layer `path` (what `self_attention_processors` installs there): a shallow copy
+        that shares the generator and the records, and knows its layer."""
+        view = copy.copy(self)
+        view.layer = path
+        return view
+
+    def em(self, x: torch.Tensor, values: torch.Tensor | None = None, shard: EMShard | None = None,
+           k: int | None = None, generator: torch.Generator | None = None, measure_error: bool = False):
+        """EM bases of one call's groups: K = `k`, or the fixed K (fewer only with excess_bases="clamp", checked
+        in attend; tokens of the whole group, over all processes); `generator` defaults to the processor's."""
+        if k is None:
+            tokens = x.shape[1] if shard is None else shard.tokens(x.shape[1])
+            k = self.num_bases if self.excess_bases == "allow" else min(self.num_bases, tokens)
+        return em_bases(x, k, self.n_iters, self.tau, self.normalize_bases, self.init, self.dead_bases,
+                        self.generator if generator is None else generator, self.chunk_size, values,
+                        mass_eps=self.mass_eps, shard=shard, measure_error=measure_error)
 
     def em_calls(self, tokens_per_frame: int, branches: int, heads: int):
         """(first, end local frame, frames per group, EMShard or None) of every EM call of a layer, in order.
@@ -152,26 +182,29 @@ class STEMAttnProcessor(SelfAttnProcessor):
         return calls
 
     def attend(self, attn, x):
-        n, heads = self.num_frames, attn.heads
+        n, heads, s = self.num_frames, attn.heads, x.shape[1]
         g = x.shape[0] // n
         q, = self.project(attn, x, "q")
-        if self.space == "keys":
-            k, v = self.project(attn, x, "k", "v")
+        kv = self.project(attn, x, "k", "v") if self.space == "keys" else None
+
+        def em_input(f0: int, f1: int, size: int):
+            """The EM's tokens (and values in keys space) of one call's groups."""
+            if kv is None:
+                return _to_groups(x[:, None], n, f0, f1, size)[:, 0], None                  # (G*m, size*S, C)
+            return tuple(_to_groups(y, n, f0, f1, size).flatten(0, 1) for y in kv)      # (G*m*h, size*S, d)
+
+        calls = self.em_calls(s, g, heads)
+        tokens = [size * s if sh is None else sh.tokens(size * s) for _, _, size, sh in calls]  # per group
+        key = self.layer if self.layer is not None else attn
+        if self.auto is None:
+            results = self.fixed_bases(key, calls, tokens, em_input, s)
+        else:
+            results = self.adaptive_bases(key, calls, min(tokens), em_input)
         outs = []
-        for f0, f1, size, shard in self.em_calls(x.shape[1], g, heads):
-            qg = _to_groups(q, n, f0, f1, size)                       # (G*m, h, size*S, d)
-            tokens = qg.shape[2] if shard is None else shard.tokens(qg.shape[2])
-            if tokens < self.num_bases and self.excess_bases == "error":
-                raise excess_bases_error(self.num_bases, tokens, f"a layer ({tokens // x.shape[1]} frames x "
-                                         f"{x.shape[1]} tokens)")
-            if self.space == "features":
-                xg = _to_groups(x[:, None], n, f0, f1, size)[:, 0]    # (G*m, size*S, C)
-                res = self.em(xg, shard=shard)
-            else:
-                kg, vg = (_to_groups(y, n, f0, f1, size).flatten(0, 1) for y in (k, v))  # (G*m*h, size*S, d)
-                res = self.em(kg, values=vg, shard=shard)
+        for (f0, f1, size, _), res in zip(calls, results, strict=True):
             if f1 == f0:
                 continue  # another process's groups: only their initial draws were made
+            qg = _to_groups(q, n, f0, f1, size)                       # (G*m, h, size*S, d)
             if self.space == "features":
                 kb, vb = self.project(attn, res.bases.to(x.dtype), "k", "v")  # (G*m, h, K, d)
             else:
@@ -179,3 +212,56 @@ class STEMAttnProcessor(SelfAttnProcessor):
             outs.append(_from_groups(chunked_attention(qg, kb, vb, self.query_chunk), g, size))
         out = torch.cat(outs, dim=1)                                   # (G, N, h, S, d)
         return out.reshape(g * n, *out.shape[2:])
+
+    def fixed_bases(self, key, calls, tokens: list[int], em_input, per_frame: int) -> list:
+        """The EM of every call with the fixed K; records the K of the layer's smallest group once."""
+        results = []
+        for (f0, f1, size, shard), t in zip(calls, tokens, strict=True):
+            if t < self.num_bases and self.excess_bases == "error":
+                raise excess_bases_error(self.num_bases, t, f"a layer ({t // per_frame} frames x {per_frame} tokens)")
+            results.append(self.em(*em_input(f0, f1, size), shard))
+        if key not in self.records:
+            k = self.num_bases if self.excess_bases == "allow" else min(self.num_bases, min(tokens))
+            self.records[key] = {"k": [k], "error": None, "tried": None}
+        return results
+
+    def adaptive_bases(self, key, calls, tokens: int, em_input) -> list:
+        """The EM of every call with the K chosen for this layer (`stem.adaptive`): the first candidate whose
+        relative error over all calls is at most the target, else the last; with when=first_step a layer
+        chosen before keeps its K. One seed per call from the processor's generator: every candidate starts
+        from a fresh generator with that seed, so the choice does not depend on the candidates tried before."""
+        seeds = [int(torch.randint(2**62, (1,), generator=self.generator)) for _ in calls]
+        kept = self.records.get(key) if self.auto["when"] == "first_step" else None
+        tried = []
+        for k in [kept["k"][0]] if kept else candidates(self.auto, tokens):
+            results = [self.em(*em_input(f0, f1, size), shard, k=k, generator=torch.Generator().manual_seed(seed),
+                               measure_error=not kept)
+                       for (f0, f1, size, shard), seed in zip(calls, seeds, strict=True)]
+            if kept:
+                return results
+            totals = error_totals(results)
+            if self.shard is not None and self.group is not None:  # group-scoped: each process has its groups' sums
+                totals = self.shard.dist.all_reduce_sum(totals)
+            tried.append({"k": k, "error": relative_error(totals)})
+            if tried[-1]["error"] <= self.auto["target"]:
+                break
+        self.record_choice(key, tried)
+        return results
+
+    def record_choice(self, key, tried: list[dict]) -> None:
+        """Append the chosen K (the last tried) and its error to the layer's record, and log it."""
+        chosen, target = tried[-1], self.auto["target"]
+        rec = self.records.setdefault(key, {"k": [], "error": [], "tried": tried})
+        rec["k"].append(chosen["k"])
+        rec["error"].append(chosen["error"])
+        if self.shard is None or self.shard.dist.rank == 0:
+            reached = f"<= {target:g}" if chosen["error"] <= target else f"> {target:g}, target not reached"
+            log.log(logging.INFO if self.auto["when"] == "first_step" else logging.DEBUG,
+                    "adaptive K %s %s: K=%d (error %.3g %s)", self.phase,
+                    key if isinstance(key, str) else "(unnamed layer)", chosen["k"], chosen["error"], reached)
+
+    def bases_record(self) -> dict | None:
+        """K (and error) per layer and choice of the layers this processor ran on (`stem.adaptive.phase_record`);
+        None before any call through an installed (named) layer."""
+        layers = {name: rec for name, rec in self.records.items() if isinstance(name, str)}
+        return phase_record(layers) if layers else None

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stem.adaptive import AUTO_DEFAULTS
 from stem.errors import ConfigError
 from stem.inversion import STEMInversion
 from stem.stem_attention import STEMAttnProcessor
@@ -26,7 +27,22 @@ def test_python_defaults_equal_the_stem_preset():
     defaults = {n: p.default for n, p in inspect.signature(STEMInversion).parameters.items()}
     for knob in ("seed", "excess_bases"):  # read from the top-level knobs
         assert preset.pop(knob) == "${" + knob + "}" and defaults.pop(knob) == top[knob]
+    assert defaults.pop("auto") is None and preset.pop("auto") == AUTO_DEFAULTS  # None: the defaults
     assert defaults == preset
+
+
+def test_auto_preset_is_the_paper_preset_with_adaptive_k():
+    """Catches: stem_auto differing from the paper preset in anything but num_bases, or its settings (cache key)
+    missing the resolved auto block; the fixed-K presets' settings gaining an auto entry (their cache keys)."""
+    preset = load("stem_auto")
+    assert preset.pop("defaults") == ["stem", "_self_"] and preset == {"num_bases": "auto"}
+    method = STEMInversion(num_bases="auto", auto={"target": 0.2})
+    assert method.name == "stem_auto"
+    assert method.settings()["num_bases"] == "auto"
+    assert method.settings()["auto"] == {**AUTO_DEFAULTS, "target": 0.2}
+    fixed = STEMInversion(num_bases=128, auto={"target": 0.2})
+    assert fixed.name == "stem_k128" and "auto" not in fixed.settings()
+    assert fixed.settings() == STEMInversion(num_bases=128).settings()
 
 
 def test_literal_preset_is_the_paper_preset_with_raw_bases_and_no_reseeding():
