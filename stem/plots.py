@@ -34,6 +34,7 @@ DPI = 120
 CAPTION_FONTSIZE = 6
 PAPER = "paper"  # legend entry of the paper's values
 MEASURED = "measured"  # legend entry of a sweep's single curve (no other column to name it)
+POINT_MARKERS = "osD^vPX"  # one-point curves (a sweep's point per run)
 POINT_STYLE = {"linestyle": "none", "marker": "*", "markersize": 10, "color": "black", "zorder": 3}
 MAX_TICKS = 20  # integer x values up to this many distinct: one tick at each (frames, K, sizes)
 PLOT_KEYS = {"y", "x", "title", "xlabel", "ylabel", "paper_label"}
@@ -95,11 +96,13 @@ def curves_figure(panels: Sequence[Panel], xlabel: str = "step", title: str = ""
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, panel in zip(axes, panels):
         xs_all = []
-        for label, values in panel.curves.items():
+        for i, (label, values) in enumerate(panel.curves.items()):
             xs = _curve_x(panel, label, len(values))
             xs_all += xs
-            ax.plot(xs, _floats(values, f"curve {label!r}"), marker="o" if len(values) <= 20 else None, markersize=3,
-                    label=label)
+            style = {"marker": "o" if len(values) <= 20 else None, "markersize": 3}
+            if len(values) == 1:  # a point per run: hollow, each its own shape, so that equal points all show
+                style = {"marker": POINT_MARKERS[i % len(POINT_MARKERS)], "markersize": 9, "markerfacecolor": "none"}
+            ax.plot(xs, _floats(values, f"curve {label!r}"), label=label, **style)
         for label, (pxs, pys) in panel.points.items():
             pxs = _floats(pxs, f"points {label!r}")
             xs_all += pxs

@@ -67,7 +67,7 @@ def test_log_line_lists_k_per_layer_in_unet_order_with_the_mean():
     ks[UNET[6]] = [32]
     ks[UNET[0]] = [64, 128, 128]
     line = bases_line("inversion", record(ks), "auto, target 0.3")
-    cells = ", ".join(["down0.0 64-128"] + [f"{s} 64" for s in SHORT[1:6]] + ["mid 32"] + [f"{s} 64" for s in SHORT[7:]])
+    cells = ", ".join(["down0.0 64-128", *(f"{s} 64" for s in SHORT[1:6]), "mid 32", *(f"{s} 64" for s in SHORT[7:])])
     mean = (64 + 128 + 128 + 32 + 64 * 14) / 18
     assert line == f"K per layer (inversion, auto, target 0.3): {cells}; mean {mean:.1f}"
 
@@ -141,4 +141,4 @@ def test_sweep_plot_puts_one_labelled_point_per_row_at_its_own_mean_k():
     points = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].get_lines()}
     assert points == {"STEM (K=128)": ([90.0], [30.0]), "STEM (auto, target 0.2)": ([70.5], [29.0]),
                       "STEM (auto, target 0.4)": ([40.25], [27.5])}
-    assert all(line.get_marker() == "o" for line in fig.axes[0].get_lines())
+    assert len({line.get_marker() for line in fig.axes[0].get_lines()}) == 3  # equal points stay visible
