@@ -142,3 +142,134 @@ def test_sweep_plot_puts_one_labelled_point_per_row_at_its_own_mean_k():
     assert points == {"STEM (K=128)": ([90.0], [30.0]), "STEM (auto, target 0.2)": ([70.5], [29.0]),
                       "STEM (auto, target 0.4)": ([40.25], [27.5])}
     assert len({line.get_marker() for line in fig.axes[0].get_lines()}) == 3  # equal points stay visible
+
+
+# ---- runs on the tiny CPU setting -------------------------------------------------------------------------
+SMALL = ["data.n_frames=4", "data.width=64", "data.height=64", "inversion.num_steps=2"]
+
+
+def tiny_tokens(path: str, frames=4, latent=8, levels=4) -> int:
+    """Tokens of one EM group (the whole video) at an attn1 of the tiny SD-shaped UNet: down_blocks.i works at
+    the latent size halved i times, the mid block at the smallest, up_blocks.j mirrors down_blocks.(levels-1-j)."""
+    part, index = path.split(".")[:2]
+    level = levels - 1 if part == "mid_block" else int(index) if part == "down_blocks" else levels - 1 - int(index)
+    return frames * (latent >> level) ** 2
+
+
+def expected_short(path: str) -> str:
+    """`short_layer` written out for the tiny UNet's paths (one transformer block per attention)."""
+    parts = path.split(".")
+    return "mid" if parts[0] == "mid_block" else f"{parts[0].split('_')[0]}{parts[1]}.{parts[3]}"
+
+
+def mean_of(record: dict) -> float:
+    ks = [k for layer in record["layers"].values() for k in layer["k"]]
+    return sum(ks) / len(ks)
+
+
+def logged_k(line: str) -> dict:
+    """{short name: K} of a "K per layer (...): down0.0 64, ...; mean 72.0" log line."""
+    cells = line.split("): ", 1)[1].rsplit("; mean ", 1)[0]
+    return {name: int(k) for name, k in (cell.split(" ") for cell in cells.split(", "))}
+
+
+def test_auto_run_reports_k_per_layer_and_a_cached_rerun_reports_the_same(tmp_path, tiny_model, caplog):
+    """run.py with inversion=stem_auto: metrics.json's "bases" holds the auto settings and, for the inversion and
+    the sampling back, a record of every attn1 layer of the UNet whose mean_k is the mean of its per-layer K; one
+    INFO line per phase lists those K; bases_per_layer.png is in the run folder. A rerun hits the cache (no STEM
+    attention runs while inverting) and reports the same inversion record, read from the entry's meta.json.
+    Mutations caught: the record not stored in meta.json (the hit reports none), the hit reporting the
+    reconstruction's record as the inversion's, the section built from the first run's method only."""
+    from conftest import compose_config
+
+    from run import run_job
+
+    cfg = compose_config(tmp_path, "inversion=stem_auto", "inversion.auto.target=0.3", *SMALL)
+    layers = {p.removesuffix(".processor") for p in tiny_model.unet.attn_processors if ".attn1" in p}
+    with caplog.at_level("INFO", logger="run"):
+        first = run_job(cfg, tmp_path / "first")
+    bases = first["bases"]
+    assert bases["auto"] == first["inversion"]["auto"] and bases["auto"]["target"] == 0.3
+    assert set(bases) == {"auto", "inversion", "reconstruction"} and not first["inversion_cache"]["hit"]
+    for phase in ("inversion", "reconstruction"):
+        record = bases[phase]
+        assert set(record["layers"]) == layers
+        assert record["mean_k"] == pytest.approx(mean_of(record), rel=1e-12)
+        lines = [r.getMessage() for r in caplog.records
+                 if r.getMessage().startswith(f"K per layer ({phase}, auto, target 0.3): ")]
+        assert len(lines) == 1 and lines[0].endswith(f"; mean {record['mean_k']:.1f}")
+        assert logged_k(lines[0]) == {expected_short(p): v["k"][0] for p, v in record["layers"].items()}
+    assert (tmp_path / "first" / "bases_per_layer.png").stat().st_size > 1000
+    assert (tmp_path / "first" / "metrics.json").is_file()
+
+    again = run_job(cfg, tmp_path / "again")
+    assert again["inversion_cache"]["hit"] and again["inversion_cache"]["key"] == first["inversion_cache"]["key"]
+    assert again["bases"]["inversion"] == bases["inversion"]
+    assert again["bases"]["reconstruction"] == bases["reconstruction"]  # sampled back from the same z_T
+    assert (tmp_path / "again" / "bases_per_layer.png").is_file()
+
+
+def test_fixed_k_run_reports_the_k_used_per_layer_without_errors(tmp_path):
+    """A fixed-K STEM run has the section too: no auto settings, per layer the K used (clamped where the layer has
+    fewer tokens, excess_bases=clamp; computed here from the latent grid) and no error. Mutations caught: the
+    section only for auto runs; the configured K reported where the layer clamped it."""
+    from conftest import compose_config
+
+    from run import run_job
+
+    metrics = run_job(compose_config(tmp_path, "inversion=stem", "inversion.num_bases=32", "excess_bases=clamp",
+                                     *SMALL), tmp_path / "run")
+    bases = metrics["bases"]
+    assert bases["auto"] is None and metrics["method"] == "stem_k32"
+    for phase in ("inversion", "reconstruction"):
+        layers = bases[phase]["layers"]
+        assert {p: v["k"] for p, v in layers.items()} == {p: [min(32, tiny_tokens(p))] for p in layers}
+        assert all(v["error"] is None for v in layers.values())
+        assert bases[phase]["mean_k"] == pytest.approx(sum(min(32, tiny_tokens(p)) for p in layers) / len(layers))
+    assert (tmp_path / "run" / "bases_per_layer.png").is_file()
+
+
+ROWS = ["k128", "k256", "k512", "auto_tight", "auto_loose"]
+
+
+def test_sweep_tabulates_fixed_and_auto_rows_with_their_mean_k(tmp_path):
+    """`experiment=ablation_adaptive_k` on the tiny CPU setting: one row per setting in the declared order, named
+    as the paper names STEM (auto rows by their own target), its Mean K the job's metrics.json
+    bases.inversion.mean_k, the mean of its per-layer record (a fixed row's: K clamped at each layer's tokens),
+    the loose target choosing no more bases than the tight one, real inversion times (no cache hit), the plot.
+    Mutations caught: use_cache left on (a rerun would read 0 s), a row out of order, the mean K of the config's K
+    instead of the record's, the auto targets swapped between the rows."""
+    import csv
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli("-m", "experiment=ablation_adaptive_k", "model=tiny", "data=synthetic", "progress=false", *SMALL,
+                   f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "ablation_adaptive_k.csv").open()))
+    assert [r["adaptive_k"] for r in rows] == ROWS
+    jobs = {}
+    for job in tmp_path.iterdir():
+        if (job / "metrics.json").is_file():
+            row = [o for o in (job / ".hydra" / "overrides.yaml").read_text().split() if o.startswith("adaptive_k=")]
+            jobs[row[0].split("=")[1]] = json.loads((job / "metrics.json").read_text())
+    assert sorted(jobs) == sorted(ROWS)
+    for row in rows:
+        metrics = jobs[row["adaptive_k"]]
+        record = metrics["bases"]["inversion"]
+        assert float(row["Mean K"]) == record["mean_k"] == pytest.approx(mean_of(record), rel=1e-12)
+        assert float(row["Inversion s"]) == metrics["seconds"]["inversion"] > 0
+        assert metrics["inversion_cache"]["path"] is None and float(row["PSNR vs VAE"]) > 20  # no cache: real times
+    for k in (128, 256, 512):
+        layers = jobs[f"k{k}"]["bases"]["inversion"]["layers"]
+        assert float(rows[ROWS.index(f"k{k}")]["Mean K"]) == pytest.approx(
+            sum(min(k, tiny_tokens(p)) for p in layers) / len(layers), rel=1e-12)
+    tight, loose = (jobs[f"auto_{t}"]["bases"] for t in ("tight", "loose"))
+    assert (tight["auto"]["target"], loose["auto"]["target"]) == (0.2, 0.4)
+    assert loose["inversion"]["mean_k"] <= tight["inversion"]["mean_k"]
+    md = (tmp_path / "ablation_adaptive_k.md").read_text().splitlines()
+    assert [line.split(" | ")[0].lstrip("| ") for line in md if line.startswith("| STEM")] == [
+        "STEM (K=128)", "STEM (K=256)", "STEM (K=512)", "STEM (auto, target 0.2)", "STEM (auto, target 0.4)"]
+    assert (tmp_path / "ablation_adaptive_k.png").stat().st_size > 1000
+    assert all((tmp_path / str(job) / "bases_per_layer.png").is_file() for job in range(len(ROWS)))

@@ -25,6 +25,8 @@ def test_default_cli_run_writes_the_run_directory_and_reuses_the_cache(tmp_path)
     # the VAE round trip is the ceiling: reconstruction vs VAE is far closer than vs input (random VAE)
     assert metrics["vs_vae"]["psnr"] > metrics["vs_input"]["psnr"] + 10
     assert metrics["method"] == "ddim_1frame" and metrics["inversion"]["num_steps"] == 5
+    # no STEM bases: no "bases" section, no K-per-layer plot (mutation: an empty section for every method)
+    assert "bases" not in metrics and not (run_dir / "bases_per_layer.png").exists()
     assert json.loads((run_dir / "git.json").read_text())["commit"]
 
     video = load_video(run_dir / "comparison.mp4", prompt="")

@@ -103,6 +103,10 @@ def test_editing_run_reports_the_plain_reconstruction_of_its_latents(tmp_path, i
         for key in ("psnr", "ssim"):
             assert edit[f"reconstruction_vs_{ref}"][key] == pytest.approx(plain[f"vs_{ref}"][key], rel=1e-5)
     assert (edit_dir / "reconstruction.mp4").is_file() and (edit_dir / "edited.mp4").is_file()
+    if inversion == "stem":  # the edit reports its inversion's K per layer (not the editing's); the cached
+        # plain run the same, from the cache entry (mutations: the edit's sampling reported, the hit reporting none)
+        assert set(edit["bases"]) == {"auto", "inversion"} and edit["bases"]["inversion"]["mean_k"] == 2
+        assert plain["bases"]["inversion"] == edit["bases"]["inversion"]
 
 
 def test_report_reconstruction_off_adds_nothing(tmp_path):
