@@ -225,6 +225,29 @@ def test_ablation_k_120_frames_with_128_256_512_bases(tmp_path):
         assert (target(inv), inv["num_bases"], inv["num_steps"]) == ("STEMInversion", k, 50)
 
 
+ADAPTIVE_K = {"k128": 128, "k256": 256, "k512": 512, "auto_tight": 0.2, "auto_loose": 0.4}  # K, or auto's target
+
+
+def test_ablation_adaptive_k_runs_fixed_and_auto_rows_on_fig3_settings(tmp_path):
+    """Fig. 3's setting as ablation_k runs it (SD 1.5, the whole 120-frame woman-running clip at its 512x512,
+    50 steps), rows in order fixed K 128/256/512 then auto at 0.2 and 0.4, every inversion timed (no cache).
+    Mutations caught: a row's inversion left to the command line (an auto row running K=256), the targets
+    swapped, the cache on (a second sweep would time 0 s hits), a clip cut short."""
+    assert sweep(tmp_path, "ablation_adaptive_k") == {"adaptive_k": list(ADAPTIVE_K)}
+    for combo, cfg in jobs(tmp_path, "ablation_adaptive_k"):
+        data, inv = cfg["data"], cfg["inversion"]
+        assert (data["name"], data["n_frames"], data["stride"], data["width"]) == ("woman_running", None, 1, None)
+        assert (target(inv), inv["num_steps"], cfg["model"]["_target_"].rsplit(".", 1)[1]) == (
+            "STEMInversion", 50, "load_pretrained")
+        assert cfg["use_cache"] is False and cfg["warmup_steps"] == 3 and cfg.get("editing") is None
+        value = ADAPTIVE_K[combo["adaptive_k"]]
+        if combo["adaptive_k"].startswith("auto"):
+            assert inv["num_bases"] == "auto" and dict(inv["auto"]) == {
+                "target": value, "k_min": 32, "k_max": 512, "k_step": None, "when": "first_step"}
+        else:
+            assert inv["num_bases"] == value
+
+
 def test_fig9_feature_similarity_of_the_four_inversions(tmp_path):
     """Mutation caught: the features metric off, or an inversion missing."""
     assert sweep(tmp_path, "fig9_feature_similarity") == {
