@@ -273,3 +273,30 @@ def test_sweep_tabulates_fixed_and_auto_rows_with_their_mean_k(tmp_path):
         "STEM (K=128)", "STEM (K=256)", "STEM (K=512)", "STEM (auto, target 0.2)", "STEM (auto, target 0.4)"]
     assert (tmp_path / "ablation_adaptive_k.png").stat().st_size > 1000
     assert all((tmp_path / str(job) / "bases_per_layer.png").is_file() for job in range(len(ROWS)))
+
+
+# slow (~25 s): the record's way through a sharded job is rank 0's `_save` and `inversion_bases`, which the
+# single-process tests above cover; this runs them under torchrun
+@pytest.mark.slow
+def test_sharded_auto_run_reports_k_per_layer_and_one_process_reuses_its_record(tmp_path):
+    """torchrun with 2 ranks: rank 0 writes the bases section (both phases, every layer) and stores the
+    inversion's record in the cache entry; a single-process run of the same job then hits that entry and reports
+    the same record. Mutation caught: rank 0 saving the entry without the record (the hit reports none)."""
+    import json
+
+    from conftest import compose_config
+    from test_distributed_launch import torchrun
+
+    from run import run_job
+
+    job = ["inversion=stem_auto", "inversion.auto.target=0.4", *SMALL, "device=cpu", "progress=false"]
+    proc = torchrun(tmp_path, *job, f"hydra.run.dir={tmp_path / 'sharded'}", f"paths.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sharded = json.loads((tmp_path / "sharded" / "metrics.json").read_text())
+    assert sharded["distributed"]["world_size"] == 2 and set(sharded["bases"]) == {"auto", "inversion",
+                                                                                    "reconstruction"}
+    assert len(sharded["bases"]["inversion"]["layers"]) == len(UNET)
+    assert (tmp_path / "sharded" / "bases_per_layer.png").is_file()
+    single = run_job(compose_config(tmp_path, *job), tmp_path / "single")
+    assert single["inversion_cache"]["hit"] and single["inversion_cache"]["key"] == sharded["inversion_cache"]["key"]
+    assert single["bases"]["inversion"] == sharded["bases"]["inversion"]
