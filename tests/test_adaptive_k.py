@@ -46,8 +46,8 @@ def test_streamed_error_equals_the_explicit_reconstruction_error(shape, chunk_si
     energy = sum_i ||x_i||^2, against a token-by-token loop; the bases, values and masses are bitwise those of an
     unmeasured EM (fixed K untouched). Dead bases are reseeded (asserted), with raw bases in the last iteration.
 
-    Mutations seen failing: the Gram of the first instead of the last E-step; the cross term without its factor
-    2; mu before reseeding in the formula; energy of the last chunk only."""
+    Mutations seen failing: the Gram not reset between iterations (summed over all E-steps); the cross term
+    without its factor 2; the energy of the last chunk only (chunked cases)."""
     g = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(*shape, generator=g)
     x[:, ::3] += 4.0  # a far cluster: with K=12 and tau=0.01 gaussian-initialised bases die
@@ -96,9 +96,8 @@ def test_auto_picks_the_number_of_well_separated_clusters():
     centre direction), auto picks K = 8 with doubling from 1 and with k_step 1. kmeans++ initialisation with
     reseeding (EM from gaussian bases merges clusters within 3 iterations).
 
-    Mutations seen failing: candidates starting at 2 k_min; the choice of the last tried K below the target (the
-    largest, k_max, picked); error without the square root compared with the target; the error relative to the
-    reconstruction instead of the tokens."""
+    Mutations seen failing: candidates starting at 2 k_min; no stop at the first K within the target (k_max
+    picked); the squared error compared with the target."""
     x, labels = cluster_tokens()
     means = torch.stack([x[labels == j].mean(0) for j in range(8)])
     energy = (x.double() ** 2).sum()
@@ -153,27 +152,33 @@ def unet_inputs(tiny_model):
     return [seen[s * layers:(s + 1) * layers] for s in range(STEPS)]
 
 
-def _replay_auto(steps, target: float, when: str, **kwargs) -> dict:
-    """One auto processor replaying the recorded inputs of every layer, call after call: its layer records."""
-    proc = STEMAttnProcessor(3, "auto", auto=dict(target=target, k_min=1, k_max=64, when=when), **kwargs)
+def _replay_auto(steps, target: float, when: str) -> tuple[dict, torch.Tensor]:
+    """One auto processor replaying the recorded inputs of every layer, call after call: its layer records and
+    its generator's state at the end."""
+    proc = STEMAttnProcessor(3, "auto", auto=dict(target=target, k_min=1, k_max=64, when=when))
     with torch.no_grad():
         for step in steps:
             for path, attn, hs in step:
                 proc.for_layer(path)(attn, hs)
-    return proc.bases_record()["layers"]
+    return proc.bases_record()["layers"], proc.generator.get_state()
 
 
 @pytest.mark.parametrize("when", ["first_step", "every_step"])
 def test_a_looser_target_never_picks_more_bases(unet_inputs, when):
     """On the same inputs of every layer (recorded from the tiny UNet, replayed call after call), target 0.6
     never picks a larger K than 0.45 at any layer and call, and picks a smaller one somewhere (so the test can
-    fail). With the one-seed-per-EM-call rule both runs see the same candidate errors.
+    fail). With one seed per EM call both runs see the same error for every K both tried, and the processor's
+    generator ends in the same state whatever the target.
 
-    Mutations seen failing: candidates drawn from the processor's generator one after the other (a candidate's
-    error then depends on those tried before); the choice of the smallest error instead of the first below the
-    target."""
-    loose, strict = (_replay_auto(unet_inputs, target, when) for target in (0.6, 0.45))
+    Mutations seen failing: candidates initialised from the processor's generator one after the other (a
+    candidate's error then depends on those tried before, at this and later layers); no stop at the first K
+    within the target."""
+    (loose, loose_state), (strict, strict_state) = (_replay_auto(unet_inputs, target, when) for target in (0.6, 0.45))
+    assert torch.equal(loose_state, strict_state)
     assert loose.keys() == strict.keys() and len(loose) == 16
+    for path in loose:
+        errors = {t["k"]: t["error"] for t in strict[path]["tried"]}
+        assert all(t["error"] == errors[t["k"]] for t in loose[path]["tried"]), path  # loose tries a prefix
     smaller = False
     for path in loose:
         assert len(loose[path]["k"]) == (1 if when == "first_step" else STEPS)
@@ -283,7 +288,7 @@ def test_auto_runs_where_a_fixed_k_is_refused(tiny_model):
 
 
 def test_bad_auto_setting_on_the_command_line_is_one_error_line_before_the_model(tmp_path):
-    """Mutation seen failing: auto validated only when the processor is built for the video (after the model)."""
+    """Mutation seen failing: k_min > k_max accepted (the job then builds the model and runs)."""
     result = run_cli("progress=false", "debug=fast", f"paths.cache_dir={tmp_path}/cache",
                      f"hydra.run.dir={tmp_path}/run", "device=cpu", "inversion=stem_auto",
                      "inversion.auto.k_min=64", "inversion.auto.k_max=32", timeout=120)
