@@ -54,3 +54,17 @@ def test_sample_clip_configs_load_the_shared_clips(monkeypatch, tmp_path, shared
 def test_inversion_presets(tmp_path):
     assert compose_config(tmp_path, "inversion=ddim_2frame", fast=False).inversion.pairing == "fatezero"
     assert compose_config(tmp_path, fast=False).inversion.num_steps == 50
+
+
+@pytest.mark.parametrize("preset", ["stem", "stem_literal", "stem_official", "stem_k128", "stem_auto"])
+def test_adaptive_k_on_every_stem_preset(tmp_path, preset):
+    """`inversion.num_bases=auto inversion.auto.target=0.2` works on any STEM preset (the auto block is inherited
+    from stem.yaml), through run.py's checked build. Catches: the auto block missing from a preset's chain, the
+    type check refusing "auto" or the auto dict."""
+    from run import _build
+
+    cfg = compose_config(tmp_path, f"inversion={preset}", "inversion.num_bases=auto", "inversion.auto.target=0.2",
+                         fast=False)
+    method = _build("inversion", cfg.inversion)
+    assert method.name == "stem_auto" and method.settings()["auto"]["target"] == 0.2
+    assert method.settings()["auto"]["k_max"] == 512 and method.settings()["tau"] == cfg.inversion.tau

@@ -55,7 +55,7 @@ def video():
 
 
 def attn1_inputs(model, method, latents, cond) -> list:
-    """(attn1 module, its input) of every layer in the first UNet call of the inversion, both in float64.
+    """(path, attn1 module, its input) of every layer in the first UNet call of the inversion, both in float64.
 
     The replays run the projections in float64, so that the EM (fp32 whatever its input) gets the same
     tokens in one process and in the ranks, up to the last bit of fp32 kernels whose vectorised and scalar
@@ -70,21 +70,22 @@ def attn1_inputs(model, method, latents, cond) -> list:
     finally:
         for h in hooks:
             h.remove()
-    return [(copy.deepcopy(unet.get_submodule(path)).double(), hs.double()) for path, hs in seen]
+    return [(path, copy.deepcopy(unet.get_submodule(path)).double(), hs.double()) for path, hs in seen]
 
 
 def replay(proc, inputs, start: int, stop: int):
     """One processor (one generator, as in a run) applied to frames start..stop-1 of the recorded inputs of
-    every layer in turn: the bases of every EM call and every layer's output."""
+    every layer in turn, installed per layer as self_attention_processors installs it: the bases of every EM
+    call and every layer's output."""
     calls, em = [], proc.em
 
-    def recorded(x, values=None, shard=None):
-        res = em(x, values, shard)
+    def recorded(x, values=None, shard=None, **kwargs):
+        res = em(x, values, shard, **kwargs)
         calls.append((res.bases, res.values))
         return res
-    proc.em = recorded  # this instance only
+    proc.em = recorded  # this instance and its per-layer views only
     with torch.no_grad():
-        outs = [proc(attn, hs[start:stop]) for attn, hs in inputs]
+        outs = [proc.for_layer(path)(attn, hs[start:stop]) for path, attn, hs in inputs]
     return calls, outs
 
 
@@ -206,8 +207,8 @@ def rounding_spread(method, inputs, calls) -> float:
     """How far one process's bases move when every input token moves by one fp32 ulp (signs at random):
     the EM's own rounding floor (tau=0.01 and 5 iterations: ~3e-5 on the tiny UNet's layers, tau=0.05 ~5e-6)."""
     g = torch.Generator().manual_seed(1)
-    ulp = [(attn, hs * (1 + 2.0 ** -23 * torch.randint(-1, 2, hs.shape, generator=g, dtype=hs.dtype)))
-           for attn, hs in inputs]
+    ulp = [(path, attn, hs * (1 + 2.0 ** -23 * torch.randint(-1, 2, hs.shape, generator=g, dtype=hs.dtype)))
+           for path, attn, hs in inputs]
     moved, _ = replay(method.processor(N_FRAMES), ulp, 0, N_FRAMES)
     return max((a - b).abs().max().item() for c, r in zip(moved, calls) for a, b in zip(c, r) if a is not None)
 

@@ -44,6 +44,19 @@ def test_non_integer_num_bases_is_refused_before_the_model(refused, value, got):
     assert "type int" in message and got in message
 
 
+# ---- issue 15: num_bases=auto and its auto block ------------------------------------------------------------------
+# Mutations caught: a bad auto setting validated only when the processor meets the video (after the model); the type
+# check refusing "auto" (then the first case fails with "type int").
+@pytest.mark.parametrize("overrides, expected", [
+    (("inversion=stem", "inversion.num_bases=auto", "inversion.auto.target=0"), "auto.target=0 must be a number"),
+    (("inversion=stem_auto", "inversion.auto.target=1.5"), "auto.target=1.5 must be a number strictly between 0 and 1"),
+    (("inversion=stem_auto", "inversion.auto.when=sometimes"), "auto.when='sometimes' is not one of"),
+    (("inversion=stem_official", "inversion.num_bases=auto", "+inversion.auto.trget=0.2"),
+     "did you mean auto.target?")])
+def test_bad_auto_settings_are_refused_before_the_model(refused, overrides, expected):
+    assert expected in refused(*overrides)
+
+
 # ---- item 9, bullet 2: a misspelt key ---------------------------------------------------------------------------
 # Mutation caught: no key check (Hydra's "unexpected keyword argument" traceback), or no close match offered.
 def test_misspelt_key_names_the_closest_known_key(refused):
