@@ -398,13 +398,13 @@ def _report_bases(facts: dict, method, inverted, sampled_back: bool, model, vide
     if section is None:
         return
     facts["bases"] = section
-    settings = method.settings()
+    if section["inversion"] is None:  # a cache entry written before K per layer was kept
+        log.info("K per layer (inversion): not recorded in the cache entry %s (use_cache=false inverts again)",
+                 inverted.entry)
     records = {phase: section.get(phase) for phase in ("inversion", "reconstruction") if section.get(phase)}
     for phase, record in records.items():
-        log.info("%s", bases_line(phase, record, bases_label(settings)))
-    if not records:  # a cache entry written before bases records were kept
-        log.info("K per layer: not recorded in the cache entry %s (invert again with use_cache=false)",
-                 inverted.entry)
+        log.info("%s", bases_line(phase, record, bases_label(method.settings())))
+    if not records:
         return
     plot_bases(run_dir / BASES_PLOT, records,
                title=f"{video.name}: bases per layer, {display_value('inversion', method.name, facts)}",

@@ -209,16 +209,19 @@ def test_auto_run_reports_k_per_layer_and_a_cached_rerun_reports_the_same(tmp_pa
     assert (tmp_path / "again" / "bases_per_layer.png").is_file()
 
 
-def test_fixed_k_run_reports_the_k_used_per_layer_without_errors(tmp_path):
+def test_fixed_k_run_reports_the_k_used_per_layer_without_errors(tmp_path, caplog):
     """A fixed-K STEM run has the section too: no auto settings, per layer the K used (clamped where the layer has
-    fewer tokens, excess_bases=clamp; computed here from the latent grid) and no error. Mutations caught: the
-    section only for auto runs; the configured K reported where the layer clamped it."""
+    fewer tokens, excess_bases=clamp; computed here from the latent grid) and no error. A cache entry written
+    before records were kept (no "bases" in its meta.json) is still a hit (same key): its inversion record is
+    None, said in the log, and the sampling back is reported. Mutations caught: the section only for auto runs;
+    the configured K reported where the layer clamped it; the method's empty inversion record read on a hit
+    (a KeyError/TypeError), or the record key made part of the cache key (a miss)."""
     from conftest import compose_config
 
     from run import run_job
 
-    metrics = run_job(compose_config(tmp_path, "inversion=stem", "inversion.num_bases=32", "excess_bases=clamp",
-                                     *SMALL), tmp_path / "run")
+    cfg = compose_config(tmp_path, "inversion=stem", "inversion.num_bases=32", "excess_bases=clamp", *SMALL)
+    metrics = run_job(cfg, tmp_path / "run")
     bases = metrics["bases"]
     assert bases["auto"] is None and metrics["method"] == "stem_k32"
     for phase in ("inversion", "reconstruction"):
@@ -227,6 +230,19 @@ def test_fixed_k_run_reports_the_k_used_per_layer_without_errors(tmp_path):
         assert all(v["error"] is None for v in layers.values())
         assert bases[phase]["mean_k"] == pytest.approx(sum(min(32, tiny_tokens(p)) for p in layers) / len(layers))
     assert (tmp_path / "run" / "bases_per_layer.png").is_file()
+
+    import json
+
+    meta = tmp_path / "run" / "inverted_latents" / "meta.json"
+    stored = json.loads(meta.read_text())
+    assert stored.pop("bases") == bases["inversion"]
+    meta.write_text(json.dumps(stored))  # as written before records were kept
+    with caplog.at_level("INFO", logger="run"):
+        old = run_job(cfg, tmp_path / "old")
+    assert old["inversion_cache"]["hit"] and old["bases"]["inversion"] is None
+    assert old["bases"]["reconstruction"] == bases["reconstruction"]
+    assert any(r.getMessage().startswith("K per layer (inversion): not recorded in the cache entry")
+               for r in caplog.records)
 
 
 ROWS = ["k128", "k256", "k512", "auto_tight", "auto_loose"]
