@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 1  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "f8901ca5a1b1ad22e7057bdd5258f5655f850c8c0e7c3b25c35353af4299bcf9"
+INVERSION_SOURCES_DIGEST = "3d6b10964fb8952a378b2e0673a72d965465a8aa3865ee4a28c6cdd5891072d9"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).
