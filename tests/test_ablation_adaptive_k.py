@@ -119,6 +119,7 @@ def test_bases_plot_with_every_step_shows_mean_band_and_a_layer_by_step_heatmap(
 
 
 def test_bases_plot_refuses_a_section_without_records():
+    """Mutation caught: the check removed (an empty figure is drawn and saved without a word)."""
     with pytest.raises(ValueError, match="no phase with layers"):
         bases_figure({"auto": None, "inversion": None})
 
