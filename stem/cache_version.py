@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 1  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "3d6b10964fb8952a378b2e0673a72d965465a8aa3865ee4a28c6cdd5891072d9"
+INVERSION_SOURCES_DIGEST = "4b92380266d0af663ec9d42dbfd029d6a8dddcac1a49aa5a2ee59bea442d6f10"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).

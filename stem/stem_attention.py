@@ -30,7 +30,8 @@ start .. stop - 1 of the N-frame video, and its bases are those of one process h
   the video in order to draw their initial bases, so its generator stays in step with the
   one-process generator, and keeps the draws of its own groups.
 - num_bases="auto": global bases get the error over all frames from the EM's all-reduce; with groups,
-  one all-reduce per candidate sums the layer's (error_sq, energy) over processes. All ranks choose alike.
+  one all-reduce per candidate sums the layer's (error_sq, energy) over processes; rank 0's totals are
+  then broadcast, so that all ranks take the same decision whatever the collectives' rounding.
 """
 
 from __future__ import annotations
@@ -248,8 +249,12 @@ class STEMAttnProcessor(SelfAttnProcessor):
             if kept:
                 return results
             totals = error_totals(results)
-            if self.shard is not None and self.group is not None:  # group-scoped: each process has its groups' sums
-                totals = self.shard.dist.all_reduce_sum(totals)
+            if self.shard is not None:
+                if self.group is not None:  # group-scoped: each process holds its own groups' sums
+                    totals = self.shard.dist.all_reduce_sum(totals)
+                # rank 0's totals decide (equal to every rank's up to the collectives' rounding): ranks that took
+                # different decisions would run different numbers of collectives and hang
+                totals = self.shard.dist.broadcast(totals)
             tried.append({"k": k, "error": relative_error(totals)})
             if tried[-1]["error"] <= self.auto["target"]:
                 break
