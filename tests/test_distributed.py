@@ -105,9 +105,20 @@ def em_data():
     return x, torch.randn(2, N_FRAMES * EM_TOKENS, 5, generator=g)
 
 
-def run_em(x, v, spec, shard=None):
-    return em_bases(x, 12, n_iters=3, tau=0.01, generator=torch.Generator().manual_seed(5), chunk_size=4,
+def run_em(x, v, spec, shard=None, chunk_size=4):
+    return em_bases(x, 12, n_iters=3, tau=0.01, generator=torch.Generator().manual_seed(5), chunk_size=chunk_size,
                     values=v, shard=shard, **EM_SPECS[spec])
+
+
+def summation_spread(x, v, spec, want) -> float:
+    """How far one process's EM results move when only the summation order changes (other chunk sizes): the
+    floor for ranks that sum their slices and then all-reduce (tau=0.01: kmeans++ here ~5e-5, the others ~3e-6)."""
+    return max((a - b).abs().max().item() for chunk in (1, 3, None)
+               for a, b in zip(_fields(run_em(x, v, spec, chunk_size=chunk)), want))
+
+
+def _fields(r):
+    return r.bases, r.values, r.mass
 
 
 # ---------------------------------------------------------------- forked gloo ranks
@@ -160,7 +171,7 @@ def sharded_job(model, noise: dict, inputs: dict):
         shard = EMShard(token_start=a * EM_TOKENS, total_tokens=N_FRAMES * EM_TOKENS, comm=d)
         for spec in EM_SPECS:
             r = run_em(x[:, a * EM_TOKENS:b * EM_TOKENS], v[:, a * EM_TOKENS:b * EM_TOKENS], spec, shard)
-            out["em"][spec] = (r.bases, r.values, r.mass)
+            out["em"][spec] = _fields(r)
         latents, cond = video()
         for name, method in methods().items():
             fs = shard_video(d, method, N_FRAMES)
@@ -183,12 +194,13 @@ def one_process(model):
     """The one-process results the ranks must reproduce, and the recorded attn1 inputs they replay."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks (restored below)
-    ref = {"em": {}, "inputs": {}, "replay": {}, "spread": {}, "inv": {}}
+    ref = {"em": {}, "em_spread": {}, "inputs": {}, "replay": {}, "spread": {}, "inv": {}}
     try:
         x, v = em_data()
         for spec in EM_SPECS:
             r = run_em(x, v, spec)
-            ref["em"][spec] = (r.bases, r.values, r.mass)
+            ref["em"][spec] = _fields(r)
+            ref["em_spread"][spec] = summation_spread(x, v, spec, ref["em"][spec])
         latents, cond = video()
         for name, method in methods().items():
             if name in STEM_SPECS:
@@ -234,9 +246,10 @@ def test_sharded_runs_equal_one_process(tiny_model, reference, tmp_path, world):
     assert codes == [0] * world, f"rank exit codes {codes}"
     for spec, (bases, values, mass) in reference["em"].items():
         assert (mass < DEAD_MASS).any() or spec != "gaussian_keep", "no dead basis: reseeding is not exercised"
+        tol = max(1e-5, 4 * reference["em_spread"][spec])  # 1e-5, or 4x the summation-order floor if larger
         for r, res in enumerate(ranks):
             for got, want, what in zip(res["em"][spec], (bases, values, mass), ("bases", "values", "mass")):
-                close(got, want, f"EM {spec} {what}, rank {r} of {world}")
+                close(got, want, f"EM {spec} {what}, rank {r} of {world}", tol)
     for name, (calls, outs) in reference["replay"].items():
         got = [res["replay"][name] for res in ranks]
         tol = max(1e-5, 4 * reference["spread"][name])  # bases: 1e-5, or 4x the EM's rounding floor if larger
