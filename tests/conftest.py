@@ -78,7 +78,8 @@ def read_wandb_records(run_dir: Path, timeout: float = 30.0) -> list:
 def _parse_wandb_log(path: Path) -> list:
     """The records of a .wandb file: W&B's transaction log, a 7-byte header, then LevelDB-log
     framing (32 KiB blocks; records of a 7-byte header: crc32, length, type
-    FULL=1/FIRST=2/MIDDLE=3/LAST=4) around protobuf `Record` messages."""
+    FULL=1/FIRST=2/MIDDLE=3/LAST=4) around protobuf `Record` messages. A file still being written ends
+    in a partial record: the records before it are returned (`read_wandb_records` polls again)."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
@@ -93,6 +94,8 @@ def _parse_wandb_log(path: Path) -> list:
         if kind == 0:  # zero padding at the end of a block
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record W&B is still writing: read it on the next poll
+            break
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):

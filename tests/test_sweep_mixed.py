@@ -53,13 +53,15 @@ def test_error_is_one_line_whose_fix_composes_and_runs_with_every_inversion_pres
         overrides = ["experiment=table6_inversion", "model=tiny", "data=synthetic", f"inversion={preset}"]
         method = instantiate(compose_config(tmp_path, *overrides, fix).inversion)
         if isinstance(method, STEMInversion):
-            if preset != "stem_official":   # without the fix, the paper presets refuse this video
+            unfixed = instantiate(compose_config(tmp_path, *overrides).inversion)
+            if preset == "stem_auto":   # auto never refuses: its candidates stop at a layer's tokens
+                unfixed.check(tiny_model.unet, *LATENT_FRAMES_HW)
+            elif preset != "stem_official":   # without the fix, the paper presets refuse this video
                 with pytest.raises(ConfigError, match=re.escape(fix)):
-                    instantiate(compose_config(tmp_path, *overrides).inversion).check(tiny_model.unet,
-                                                                                       *LATENT_FRAMES_HW)
+                    unfixed.check(tiny_model.unet, *LATENT_FRAMES_HW)
             method.check(tiny_model.unet, *LATENT_FRAMES_HW)
             seen[preset] = method.settings()["excess_bases"]
         else:
             assert "excess_bases" not in method.settings()
-    assert seen == {"stem": "clamp", "stem_k128": "clamp", "stem_k512": "clamp", "stem_literal": "clamp",
+    assert seen == {"stem": "clamp", "stem_auto": "clamp", "stem_k128": "clamp", "stem_k512": "clamp", "stem_literal": "clamp",
                     "stem_official": "allow"}
