@@ -73,6 +73,7 @@ def test_torchrun_two_ranks_equal_one_process_write_one_folder_and_a_reusable_ca
         torch.set_num_threads(threads)
     assert single["inversion_cache"]["key"] == sharded["inversion_cache"]["key"]
     assert "distributed" not in single
+    assert sharded["bases"] == single["bases"] and len(single["bases"]["inversion"]["layers"]) == 16  # K per layer
     got = load_file(Path(sharded["inversion_cache"]["path"]) / "tensors.safetensors")
     want = load_file(Path(single["inversion_cache"]["path"]) / "tensors.safetensors")
     assert got["latents"].shape == want["latents"].shape == (4, 5, 4, 8, 8)
