@@ -50,7 +50,7 @@ from omegaconf.errors import (
 
 from callbacks import sweep_group
 from stem.cache import TensorCache
-from stem.device import device_name
+from stem.device import device_name, setup_cpu
 from stem.display import bases_label, bases_line, display_value
 from stem.distributed import Distributed, from_env, submitit_environ
 from stem.editing.pipeline import edit_video
@@ -64,6 +64,10 @@ from stem.sharded import shard_video
 from stem.tables import mark_job
 
 log = logging.getLogger("run")
+# Before any torch op of a job: the flush-to-zero mode is per thread, and torch's CPU worker threads take it from the
+# thread that starts them, so setting it only when the model is built (stem.device) left the workers that building
+# the data had started computing with denormals (an auto-K inversion on the tiny model: 11.5 s instead of 1.4 s).
+setup_cpu()
 HEADLINE = ("psnr", "ssim", "clip_score", "frame_consistency", "warp_error", "mean")  # logged at the end of a job
 
 

@@ -40,7 +40,9 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
 
 
 def setup_cpu() -> None:
-    """Flush denormals: randomly initialised models produce them and run 2-3x slower otherwise."""
+    """Flush denormals: randomly initialised models produce them and run 2-3x slower otherwise. The mode is per
+    thread and torch's CPU worker threads take it from the thread that starts them: call this before the first
+    parallel torch op (run.py does at import) for it to reach them."""
     torch.set_flush_denormal(True)
 
 

@@ -1,10 +1,12 @@
 """run.py end to end: the run directory, the inversion cache, W&B offline, and bad input."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import FAST, compose_config, read_wandb_records, run_cli
+from conftest import FAST, ROOT, compose_config, read_wandb_records, run_cli
 from safetensors.torch import load_file
 
 from stem.errors import StemError
@@ -177,3 +179,27 @@ def test_full_length_demo_reconstructs_each_context(tmp_path, inversion):
     metrics = run_job(compose_config(tmp_path, f"inversion={inversion}", "progress=false", fast=False), tmp_path / "r")
     assert metrics["inversion"]["num_steps"] == 50 and metrics["video"]["frames"] == 8
     assert metrics["vs_vae"]["psnr"] > 40
+
+
+DENORMAL_CHECK = """
+import sys, torch
+sys.path.insert(0, {root!r})
+if {import_run}:
+    import run  # noqa: F401
+x = torch.full((1 << 22,), 1e-39)   # a denormal in fp32; 4M elements: every intra-op worker takes a share
+torch.set_num_threads(max(2, torch.get_num_threads()))
+print(int((x * 1.5 != 0).sum()))
+"""
+
+
+@pytest.mark.parametrize("import_run", [True, False])
+def test_importing_run_flushes_denormals_in_every_torch_worker_thread(import_run):
+    """run.py sets flush-to-zero at import, before any torch op starts the CPU worker threads, which take the mode
+    from the thread that starts them: every element of a parallel op on denormals is then flushed. The plain
+    process (no import of run) keeps them, so the check can tell. Mutation seen failing: setup_cpu() called only
+    when the model is built (after building the data had started the workers: 8x slower auto-K inversions)."""
+    code = DENORMAL_CHECK.format(root=str(ROOT), import_run=import_run)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    kept = int(out.stdout.split()[-1])
+    assert (kept == 0) if import_run else (kept == 1 << 22), kept
