@@ -63,5 +63,5 @@ def test_error_is_one_line_whose_fix_composes_and_runs_with_every_inversion_pres
             seen[preset] = method.settings()["excess_bases"]
         else:
             assert "excess_bases" not in method.settings()
-    assert seen == {"stem": "clamp", "stem_auto": "clamp", "stem_k128": "clamp", "stem_k512": "clamp", "stem_literal": "clamp",
-                    "stem_official": "allow"}
+    assert seen == {"stem": "clamp", "stem_auto": "clamp", "stem_k128": "clamp", "stem_k512": "clamp",
+                    "stem_literal": "clamp", "stem_official": "allow"}
