@@ -16,14 +16,13 @@ run writes and reuses: same key (the same inputs), same tensors up to float summ
 STEM inversions also record how many bases each layer used (`method.bases_report()`, adaptive K:
 `inversion.num_bases=auto`): the inversion's record is stored in the cache entry's meta.json (key
 `BASES_META`, beside the key's inputs, never in the key), so a cache hit reports the K per layer of the
-run that inverted (`inversion_bases`); `bases_section` is metrics.json's "bases".
+run that inverted (`Inverted.bases`); `bases_section` is metrics.json's "bases".
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch
 from stem import cache_version
 from stem.attention import self_attention_processors
 from stem.benchmarking import measure, time_inversion, warm_up
-from stem.cache import META, TensorCache, content_key
+from stem.cache import TensorCache, content_key
 from stem.ddim import Trajectory, ddim_sample
 from stem.distributed import Distributed
 from stem.errors import ConfigError
@@ -57,6 +56,8 @@ class Inverted:
     seconds: float            # the inversion loop (`stem.benchmarking.time_inversion`; VAE excluded); 0 on a cache hit
     peak_mib: float | None = None  # peak memory increase while inverting (CUDA allocated / CPU RSS); None if cached
     encode_seconds: float = 0.0    # VAE encoding of the frames (0 on a cache hit)
+    bases: dict | None = None      # STEM: K per layer of the inversion (`method.bases_report()["inversion"]`; on a
+                                   # cache hit the record stored with the entry, None if it has none); else None
 
 
 @dataclass
@@ -91,7 +92,7 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     hit = cache.load(key) if cache is not None else None
     if hit is not None and observer is None:
         log.info("inversion cache hit %s", cache.path(key))
-        return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, 0.0)
+        return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, 0.0, bases=hit[1].get(BASES_META))
     if hit is None and cache is not None:
         cache.check_writable()  # before the inversion, not when saving its result
     start = time.perf_counter()
@@ -105,9 +106,9 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     if hit is not None:
         log.info("inversion cache hit %s (inverted again for %s)", cache.path(key), type(observer).__name__)
         return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, seconds, peak_mib,
-                        encode_seconds)
+                        encode_seconds, hit[1].get(BASES_META))
     entry = _save(cache, key, traj, video, model, method, seconds)
-    return Inverted(traj, cond, key, entry, False, seconds, peak_mib, encode_seconds)
+    return Inverted(traj, cond, key, entry, False, seconds, peak_mib, encode_seconds, _report(method).get("inversion"))
 
 
 def _save(cache: TensorCache | None, key: str, traj: Trajectory, video: Video, model, method,
@@ -145,7 +146,7 @@ def _invert_sharded(model, video: Video, method, cache: TensorCache | None, cond
         if dist.rank != 0:
             return Inverted(None, cond, key, None, True, 0.0)
         log.info("inversion cache hit %s", cache.path(key))
-        return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, 0.0)
+        return Inverted(_trajectory(hit[0], model), cond, key, cache.path(key), True, 0.0, bases=hit[1].get(BASES_META))
     if cache is not None and dist.rank == 0:
         cache.check_writable()  # before the inversion, not when saving its result
     start = time.perf_counter()
@@ -162,7 +163,8 @@ def _invert_sharded(model, video: Video, method, cache: TensorCache | None, cond
         return Inverted(None, cond, key, None, False, seconds, peak / 2**20, encode_seconds)
     traj = _trajectory({"latents": out["traj"].latents, "timesteps": out["traj"].timesteps}, model)
     entry = _save(cache, key, traj, video, model, method, seconds)
-    return Inverted(traj, cond, key, entry, False, seconds, peak / 2**20, encode_seconds)
+    return Inverted(traj, cond, key, entry, False, seconds, peak / 2**20, encode_seconds,
+                    _report(method).get("inversion"))
 
 
 def _report(method) -> dict:
@@ -171,28 +173,13 @@ def _report(method) -> dict:
     return (report() if report is not None else None) or {}
 
 
-def inversion_bases(inverted: Inverted, method) -> dict | None:
-    """The bases record (K per layer, `method.bases_report()["inversion"]`) of the inversion behind `inverted`:
-    on a cache hit the one stored in its entry's meta.json (None for an entry written before records were
-    kept, or by another method), else the record of the inversion `method` just ran (None: not STEM)."""
-    if not inverted.cache_hit:
-        return _report(method).get("inversion")
-    if inverted.entry is None:  # ranks > 0 of a frame-sharded job: rank 0 holds the entry
-        return None
-    try:
-        return json.loads((Path(inverted.entry) / META).read_text()).get(BASES_META)
-    except (OSError, ValueError, AttributeError) as e:  # read a moment ago by the cache; replaced since
-        log.warning("cannot read the bases record of cache entry %s: %s", inverted.entry, e)
-        return None
-
-
 def bases_section(method, inverted: Inverted, sampled_back: bool = True) -> dict | None:
     """metrics.json's "bases" of a STEM run (None for other methods): {"auto": the adaptive-K settings or
-    None (fixed K), "inversion": `inversion_bases`, and with `sampled_back` (a reconstruction, not an
+    None (fixed K), "inversion": `inverted.bases`, and with `sampled_back` (a reconstruction, not an
     edit) "reconstruction": the record of the sampling back when it used STEM attention}."""
     if getattr(method, "bases_report", None) is None:
         return None
-    section = {"auto": method.settings().get("auto"), "inversion": inversion_bases(inverted, method)}
+    section = {"auto": method.settings().get("auto"), "inversion": inverted.bases}
     reconstruction = _report(method).get("reconstruction") if sampled_back else None
     if reconstruction is not None:
         section["reconstruction"] = reconstruction

@@ -292,7 +292,7 @@ def test_sweep_tabulates_fixed_and_auto_rows_with_their_mean_k(tmp_path):
     assert all((tmp_path / str(job) / "bases_per_layer.png").is_file() for job in range(len(ROWS)))
 
 
-# slow (~25 s): the record's way through a sharded job is rank 0's `_save` and `inversion_bases`, which the
+# slow (~25 s): the record's way through a sharded job is rank 0's `_save` and `Inverted.bases`, which the
 # single-process tests above cover; this runs them under torchrun
 @pytest.mark.slow
 def test_sharded_auto_run_reports_k_per_layer_and_one_process_reuses_its_record(tmp_path):
