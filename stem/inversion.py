@@ -218,19 +218,20 @@ class STEMInversion(InversionMethod):
                   phase: str = "inversion") -> STEMAttnProcessor:
         return STEMAttnProcessor(num_frames, **self.kwargs, **self.memory, shard=shard, auto=self.auto, phase=phase)
 
-    def reconstruction_processor(self, num_frames: int):
+    def reconstruction_processor(self, num_frames: int, shard: FrameShard | None = None):
         if self.stem_in_reconstruction:
-            return self.processor(num_frames, phase="reconstruction")
+            return self.processor(num_frames, shard, phase="reconstruction")
         return FrameContextAttnProcessor(num_frames, "1frame")
 
     def phase_processor(self, num_frames: int, reconstruction: bool = False, shard: FrameShard | None = None):
         """The processor of an inversion (or reconstruction) about to run; its records go to `bases_report`."""
         phase = "reconstruction" if reconstruction else "inversion"
-        if reconstruction and not self.stem_in_reconstruction:
+        proc = self.reconstruction_processor(num_frames, shard) if reconstruction else self.processor(num_frames, shard)
+        if isinstance(proc, STEMAttnProcessor):
+            self.processors[phase] = proc
+        else:  # stem_in_reconstruction=False: per-frame attention, no bases
             self.processors.pop(phase, None)
-            return FrameContextAttnProcessor(num_frames, "1frame")
-        self.processors[phase] = self.processor(num_frames, shard, phase)
-        return self.processors[phase]
+        return proc
 
     def install(self, unet, num_frames: int, reconstruction: bool = False):
         return self_attention_processors(unet, self.phase_processor(num_frames, reconstruction))
