@@ -13,7 +13,7 @@ import skimage.data
 import torch
 
 from stem.errors import ConfigError
-from stem.video import Video, check_multiple_of_8, evenly_spaced, from_uint8
+from stem.video import Video, cap_indices, check_multiple_of_8, from_uint8
 
 # RGB photos shipped inside scikit-image (no download needed)
 PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")
@@ -51,6 +51,7 @@ def camera_pan(
     image: str = "astronaut",
     edit_prompt: str | None = None,
     max_frames: int | None = None,
+    max_frames_keep: str = "even",
 ) -> Video:
     """A camera pan over `skimage.data.<image>()` with exact flow `(-dx, -dy)` in `Video.flow`.
 
@@ -62,8 +63,10 @@ def camera_pan(
         fps: frame rate recorded in the video.
         image: an RGB photo shipped with `skimage.data` (see `PHOTOS`), e.g. "astronaut" (512x512).
         edit_prompt: a target prompt for editing experiments (kept in `Video.edit_prompt`).
-        max_frames: at most this many of the `n_frames` frames, spread evenly (`stem.video.evenly_spaced`,
-            as `data.max_frames` of real clips); None or a value >= n_frames keeps all of them.
+        max_frames: at most this many of the `n_frames` frames (`stem.video.cap_indices`, as
+            `data.max_frames` of real clips); None or a value >= n_frames keeps all of them.
+        max_frames_keep: which frames the cap keeps: "even" (spread, first and last kept) or "first"
+            (the first `max_frames`, consecutive).
     """
     width = check_multiple_of_8(width, name="width")
     height = check_multiple_of_8(height, name="height")
@@ -74,10 +77,7 @@ def camera_pan(
     photo = _photo(image)
     x0 = _start(size=photo.shape[1], window=width, step=dx, n_frames=n_frames, dim="width", shift="dx")
     y0 = _start(size=photo.shape[0], window=height, step=dy, n_frames=n_frames, dim="height", shift="dy")
-    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1):
-        raise ConfigError(f"max_frames={max_frames!r} must be an integer >= 1 or null")
-    ts = evenly_spaced(n_frames, max_frames) if max_frames is not None and max_frames < n_frames \
-        else np.arange(n_frames)
+    ts = cap_indices(n_frames, max_frames, max_frames_keep)
     crops = np.stack([
         photo[y0 + t * dy : y0 + t * dy + height, x0 + t * dx : x0 + t * dx + width] for t in ts
     ])  # fmt: skip

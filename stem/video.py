@@ -301,6 +301,25 @@ def read_frames(
     return np.stack(selected), fps
 
 
+MAX_FRAMES_KEEP = ("even", "first")  # how `max_frames` picks from a longer selection
+
+
+def cap_indices(count: int, max_frames: int | None, keep: str = "even") -> np.ndarray:
+    """Positions, into `count` selected frames, of those that a cap of `max_frames` keeps: all of them
+    when `max_frames` is None or >= count; else `keep="even"` spreads `max_frames` over them, first and
+    last included (`evenly_spaced`), and `keep="first"` keeps the first `max_frames`, consecutive (so
+    that frame-to-frame metrics such as warp error compare neighbours). `load_video` and
+    `stem.synthetic.camera_pan` pick their frames with it. Raises ConfigError for a bad `max_frames`/`keep`."""
+    if keep not in MAX_FRAMES_KEEP:
+        raise ConfigError(f"max_frames_keep={keep!r}: use one of {', '.join(MAX_FRAMES_KEEP)} "
+                          "(even: spread over the clip; first: the first max_frames, consecutive)")
+    if max_frames is not None:
+        _check_int(max_frames, name="max_frames", minimum=1, fix="or set it to null to keep every selected frame")
+    if max_frames is None or max_frames >= count:
+        return np.arange(count)
+    return np.arange(max_frames) if keep == "first" else evenly_spaced(count, max_frames)
+
+
 def evenly_spaced(total: int, count: int) -> np.ndarray:
     """`count` indices into `range(total)` spread evenly, the first and the last included:
     `round(linspace(0, total - 1, count))` (count <= total)."""
@@ -354,6 +373,7 @@ def load_video(
     name: str | None = None,
     edit_prompt: str | None = None,
     max_frames: int | None = None,
+    max_frames_keep: str = "even",
 ) -> Video:
     """Load a video file (.mp4/.webm/.mov/.avi/.gif) or a folder of frames as a `Video`.
 
@@ -373,6 +393,9 @@ def load_video(
         max_frames: at most this many of the selected frames, spread evenly over them (first and
             last kept); a selection of at most `max_frames` frames is kept whole, never an error.
             None = no cap. Paper appendix B.4: FateZero edits at most 20 frames.
+        max_frames_keep: which frames a cap keeps (`cap_indices`): "even" spreads them over the selection
+            (first and last kept); "first" keeps the first `max_frames`, consecutive (Table 2's shared
+            window: warp error between neighbours, and a stored flow still applies).
 
     A folder holding `flow.npy` (see `save_video_with_flow`) gives `Video.flow` when the frames
     are neither subsampled nor resized.
@@ -380,6 +403,7 @@ def load_video(
     path = Path(path)
     if fps is not None:
         check_fps(fps)  # before decoding anything
+    cap_indices(1, max_frames, max_frames_keep)  # bad max_frames / max_frames_keep: before decoding anything
     if stride == "even":
         if n_frames is None:
             raise ConfigError("stride='even' spreads n_frames frames over the clip: set n_frames too")
@@ -393,13 +417,13 @@ def load_video(
     else:
         array, file_fps = read_frames(path, start=start, stride=stride, n_frames=n_frames)
         indices = start + stride * np.arange(len(array))
-    if max_frames is not None:
-        _check_int(max_frames, name="max_frames", minimum=1, fix="or set it to null to keep every selected frame")
-        if len(array) > max_frames:
-            logger.info("keeping %d of %d frames, spread evenly (max_frames=%d): %s", max_frames, len(array),
-                        max_frames, path)
-            kept = evenly_spaced(len(array), max_frames)
-            array, indices, stride = array[kept], indices[kept], None  # uneven picks: no stored flow
+    kept = cap_indices(len(array), max_frames, max_frames_keep)
+    if len(kept) < len(array):
+        how = "the first ones" if max_frames_keep == "first" else "spread evenly"
+        logger.info("keeping %d of %d frames, %s (max_frames=%d): %s", max_frames, len(array), how, max_frames, path)
+        array, indices = array[kept], indices[kept]
+        if max_frames_keep != "first":
+            stride = None  # uneven picks: no stored flow
     frames = from_uint8(array)
     native_height, native_width = array.shape[1:3]
     target = _target_size(native_width, native_height, width, height)

@@ -93,7 +93,7 @@ def test_fig4_pnp_reconstruction_is_a_named_extra_not_in_the_sweep(tmp_path):
 # ------------------------------------------------------------------------------------ Table 2
 
 
-TABLE2 = {  # row: (inversion, editor, cross fusion, self fusion, frame cap)
+TABLE2 = {  # row: (inversion, editor, cross fusion, self fusion, frame cap under table2_frames=paper)
     "fatezero": ("FateZeroInversion", "FateZeroEditor", 0.5, 0.5, 20),       # appendix D [0.5T, T]; B.4 <= 20
     "tokenflow": ("DDIMInversion", "TokenFlowEditor", None, None, None),      # full clips
     "stem_fatezero": ("STEMInversion", "FateZeroEditor", 0.8, 0.5, 20),       # reading A: cross [0.2T, T]
@@ -112,10 +112,14 @@ def test_table2_rows_run_the_paper_settings_on_every_clip(tmp_path):
         e, data = cfg.get("editing"), cfg["data"]
         assert (target(cfg["inversion"]), target(e)) == (inversion, editor), combo
         assert (e.get("cross_replace_steps"), e.get("self_replace_steps")) == (cross, self_), combo
-        assert (data["n_frames"], data["max_frames"], data["name"]) == (None, cap, combo["data"]), combo
+        assert (data["n_frames"], data["max_frames"], data["max_frames_keep"], data["name"]) == (
+            None, 20, "first", combo["data"]), combo   # the shared window (table2_frames=shared)
         assert OmegaConf.to_container(e)["prompt"] == "${data.edit_prompt}" and e.prompt == data.edit_prompt
         assert e.get("reweight", {}) == {} and e.get("freeu") is None and e.guidance_scale == 7.5
         assert cfg.inversion.num_steps == e.num_steps == 50
+    for row, (*_, cap) in TABLE2.items():  # the paper's frames per row, by name
+        data = compose(tmp_path, "experiment=table2_editing", f"table2={row}", "table2_frames=paper").data
+        assert (data.n_frames, data.max_frames, data.max_frames_keep) == (None, cap, "even"), row
     smaller = compose(tmp_path, "experiment=table2_editing", "table2=stem_fatezero_smaller").editing
     assert (smaller.cross_replace_steps, smaller.self_replace_steps) == (0.2, 0.5)  # reading B, named
 
@@ -141,18 +145,80 @@ def test_table2_released_stem_tokenflow_turns_freeu_on(tmp_path):
     assert compose(tmp_path, "experiment=table2_editing", "table2=stem_tokenflow").editing.freeu is None
 
 
-def test_table2_clip_lengths_full_for_tokenflow_and_at_most_20_for_fatezero(tmp_path, monkeypatch, shared_videos):
-    """The clips as loaded (frames decoded, resized small to keep the test light): TokenFlow edits
-    8/40/48/120 frames, FateZero min(20, clip) spread evenly (paper B.4). Mutation caught: the cap
-    taken as a count (an error, or padding, on the 8-frame car-turn), or applied to TokenFlow."""
+def test_table2_paper_frames_full_for_tokenflow_and_at_most_20_for_fatezero(tmp_path, monkeypatch, shared_videos):
+    """table2_frames=paper, the clips as loaded (frames decoded, resized small to keep the test light):
+    TokenFlow edits 8/40/48/120 frames, FateZero min(20, clip) spread evenly (paper B.4). Mutation
+    caught: the cap taken as a count (an error, or padding, on the 8-frame car-turn), or applied to
+    TokenFlow; the paper option keeping the first 20 instead of spreading them."""
     from hydra.utils import instantiate
 
     monkeypatch.setenv("STEM_DATA_ROOT", str(shared_videos))
     for row, cap in (("tokenflow", None), ("fatezero", 20)):
         for clip, frames in CLIP_FRAMES.items():
             cfg = compose(tmp_path, "experiment=table2_editing", f"table2={row}", f"data={clip}",
-                          "data.width=64", "data.height=64")
-            assert instantiate(cfg.data).num_frames == (frames if cap is None else min(cap, frames)), (row, clip)
+                          "table2_frames=paper", "data.width=64", "data.height=64")
+            video = instantiate(cfg.data)
+            assert video.num_frames == (frames if cap is None else min(cap, frames)), (row, clip)
+            assert video.frame_numbers[-1] == frames, (row, clip)   # the last frame kept: spread, not the first
+
+
+SHARED_WINDOW = 20  # Table 2's default: the first 20 frames of each clip, every row
+
+
+def _selected(data, clip_frames: int) -> list[int]:
+    """0-based source indices a composed `data` node selects from a clip of `clip_frames` frames: the
+    clip's frames from start by stride (n_frames of them), then the cap through the loaders' own
+    `stem.video.cap_indices`."""
+    from stem.video import cap_indices
+
+    assert data.stride != "even", "this helper takes integer strides"
+    picked = list(range(data.start, clip_frames, data.stride))[: data.n_frames]
+    return [picked[i] for i in cap_indices(len(picked), data.max_frames, data.max_frames_keep)]
+
+
+def test_table2_every_row_of_a_clip_edits_the_same_frames(tmp_path):
+    """Every job of the declared sweep (row x clip), resolved to the source frames it edits: all rows of
+    a clip the same, the first min(20, clip) frames (written out here). Mutations caught: a FateZero row
+    keeping its own spread cap (table2_frames=paper as the default: wolf's rows 0..19 vs 0, 2, 4, ...);
+    max_frames_keep=even in the shared window; the frames group listed before the rows (the rows' own
+    cap wins)."""
+    per_clip: dict[str, dict[str, list[int]]] = {}
+    for combo, cfg in jobs(tmp_path, "table2_editing"):
+        per_clip.setdefault(combo["data"], {})[combo["table2"]] = _selected(cfg.data, CLIP_FRAMES[combo["data"]])
+    assert sorted(per_clip) == sorted(CLIP_FRAMES)
+    for clip, rows in per_clip.items():
+        assert sorted(rows) == sorted(TABLE2), clip
+        expected = list(range(min(SHARED_WINDOW, CLIP_FRAMES[clip])))
+        assert all(frames == expected for frames in rows.values()), (clip, rows)
+    # and the paper's protocol is what it says: the rows of a long clip differ there
+    paper = {row: _selected(compose(tmp_path, "experiment=table2_editing", f"table2={row}", "data=wolf",
+                                    "table2_frames=paper").data, 40) for row in ("fatezero", "tokenflow")}
+    assert paper["tokenflow"] == list(range(40)) and paper["fatezero"][:3] == [0, 2, 4]
+
+
+def test_table2_rows_score_warp_error_over_the_same_frame_pairs(tmp_path):
+    """Each row's data config loads the synthetic pan (24 frames, exact flow); the warp error of the
+    unedited clip against its own flow, the floor each edit is measured against, is then the same per
+    pair in every row, over the same pairs of neighbouring source frames (1, 2), ..., (19, 20).
+    Mutation caught: table2_frames=paper as the default (FateZero's pairs ~1.2 frames apart: other
+    pairs, other floor); max_frames_keep=even in the shared window."""
+    from hydra.utils import instantiate
+
+    from stem.metrics import warp_error
+
+    results = {}
+    for row in TABLE2:
+        cfg = compose(tmp_path, "experiment=table2_editing", f"table2={row}", "data=synthetic", "data.n_frames=24",
+                      "data.width=64", "data.height=64")
+        video = instantiate(cfg.data)
+        pairs = list(zip(video.frame_numbers[:-1], video.frame_numbers[1:]))
+        per_pair = warp_error(video.frames, video.frames, flow=video.flow, device="cpu", progress=False)["per_pair"]
+        assert len(per_pair) == len(pairs)
+        results[row] = (pairs, per_pair)
+    expected_pairs = [(t, t + 1) for t in range(1, SHARED_WINDOW)]
+    for row, (pairs, per_pair) in results.items():
+        assert pairs == expected_pairs, row
+        assert per_pair == results["tokenflow"][1], row
 
 
 # ------------------------------------------------------------------------------------ reconstruction tables

@@ -115,3 +115,17 @@ def test_pan_records_which_pan_frames_it_kept():
     assert len(kept.source_indices) == 3 and kept.source_indices[0] == 0 and kept.source_indices[-1] == 8
     for frame, t in zip(kept.frames, kept.source_indices):   # each kept frame is the full pan's frame t
         torch.testing.assert_close(frame, full.frames[t], rtol=0, atol=0)
+
+
+def test_pan_keep_first_cuts_the_first_frames_with_their_flow():
+    """`max_frames_keep="first"`, as `load_video`: the pan's first max_frames frames, their source
+    indices 0.. and the one-frame flow (-dx, -dy) between them (mutations: spread picks, or the flow
+    scaled by a spread gap)."""
+    kept = camera_pan(n_frames=9, width=64, height=64, dx=3, dy=1, max_frames=4, max_frames_keep="first")
+    full = camera_pan(n_frames=9, width=64, height=64, dx=3, dy=1)
+    assert kept.source_indices == (0, 1, 2, 3)
+    torch.testing.assert_close(kept.frames, full.frames[:4], rtol=0, atol=0)
+    assert torch.equal(kept.flow[:, 0], torch.full((3, 64, 64), -3.0))
+    assert torch.equal(kept.flow[:, 1], torch.full((3, 64, 64), -1.0))
+    with pytest.raises(ConfigError, match="max_frames_keep='last'"):
+        camera_pan(n_frames=9, width=64, height=64, max_frames=4, max_frames_keep="last")

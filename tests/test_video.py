@@ -218,6 +218,43 @@ def test_max_frames_drops_stored_flow_of_a_capped_folder(tmp_path):
     assert load_video(folder, prompt="p", max_frames=3).flow is None
 
 
+@pytest.mark.parametrize(("kwargs", "picks"), [
+    ({"max_frames": 3}, [0, 1, 2]),                               # the first 3, consecutive
+    ({"max_frames": 7}, list(range(7))),                          # exactly the clip: all of it
+    ({"max_frames": 20}, list(range(7))),                         # fewer frames than the cap: all, no error
+    ({"max_frames": 2, "start": 2}, [2, 3]),                      # the first of the selection from start
+    ({"max_frames": 2, "start": 1, "stride": 2}, [1, 3]),         # of the selection 1, 3, 5
+])
+def test_max_frames_keep_first_keeps_the_first_ones(clip_path, kwargs, picks):
+    """Table 2's shared window: `max_frames_keep="first"` keeps the first max_frames of the selection
+    (indices written out by hand). Mutations caught: the spread picks used anyway ([0, 3, 6]); the last
+    max_frames instead of the first; the window taken from frame 0 instead of the selection."""
+    full = load_video(clip_path, prompt="p").frames
+    video = load_video(clip_path, prompt="p", max_frames_keep="first", **kwargs)
+    assert torch.equal(video.frames, full[picks]) and list(video.source_indices) == picks
+
+
+def test_max_frames_keep_first_keeps_the_stored_flow_of_its_window(tmp_path):
+    """The first frames are consecutive, so the folder's flow still applies, sliced to them (mutation:
+    dropped as for spread picks, or not sliced)."""
+    from stem.synthetic import camera_pan
+    from stem.video import save_video_with_flow
+
+    pan = camera_pan(n_frames=5, width=64, height=64)
+    folder = save_video_with_flow(pan, tmp_path / "pan")
+    video = load_video(folder, prompt="p", max_frames=3, max_frames_keep="first")
+    assert video.flow is not None and torch.equal(video.flow, pan.flow[:2])
+
+
+@pytest.mark.parametrize("keep", ["last", "First", None, 1])
+def test_bad_max_frames_keep_is_a_config_error(clip_path, keep):
+    """Refused before decoding, even without a cap (mutation: a typo silently spreading the frames)."""
+    with pytest.raises(ConfigError, match=r"max_frames_keep=.*use one of even, first"):
+        load_video(clip_path, prompt="p", max_frames_keep=keep)
+    with pytest.raises(ConfigError, match=r"max_frames_keep=.*use one of even, first"):
+        load_video(clip_path, prompt="p", max_frames=3, max_frames_keep=keep)
+
+
 @pytest.mark.parametrize("value", [0, -2, 2.5, True])
 def test_bad_max_frames_is_a_config_error(clip_path, value):
     with pytest.raises(ConfigError, match=rf"max_frames={value!r} must be an integer >= 1.*null"):
