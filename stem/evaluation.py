@@ -11,10 +11,13 @@
 Sections of the returned dict (each present only when its metric is on):
 - "vs_<ref>" for each reference, and "<ref>_vs_<first ref>" for the others: PSNR/SSIM per frame and mean
   (a reconstruction has references; an edit has none, so PSNR/SSIM are skipped there).
-- "clip": CLIP score of the output with `prompt` and the frame-to-frame CLIP consistency.
+- "clip": CLIP score of the output with `prompt` and the frame-to-frame CLIP consistency; `weights` is
+  the CLIP weights' tag or file, or "random" (`pretrained=None`: not comparable to the paper).
 - "warp_error": masked/unmasked warp error x1e-3 of the output and, as a floor, of the source, the
-  valid-pixel fraction and the flow backend.
-- "feature_similarity": per inversion step, with the PNG plot and PCA figure written into `run_dir`.
+  valid-pixel fraction, the flow backend and its `flow_weights` (`stem.metrics.flow.flow_weights`).
+- "feature_similarity": per inversion step (flow backend and weights as warp error's), with the PNG
+  plot and PCA figure written into `run_dir`.
+The table captions read `weights` / `flow_weights` (`stem.provenance`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from stem.errors import ConfigError, MetricError, check_choice
 from stem.metrics import ClipScorer, estimate_flow, reconstruction_metrics, warp_error
 from stem.metrics.clip_score import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from stem.metrics.feature_similarity import FeatureRecorder, feature_pca
-from stem.metrics.flow import BACKENDS, RAFT_MIN_SIZE
+from stem.metrics.flow import BACKENDS, RAFT_MIN_SIZE, flow_weights
 from stem.plots import image_grid, plot_curves
 from stem.video import Video
 
@@ -204,11 +207,13 @@ class Evaluator:
         if self.clip:
             score = self._clip_scorer().score(frames, prompt if prompt is not None else video.prompt)
             out["clip"] = {"model": self.clip.model, "pretrained": self.clip.pretrained,
+                           "weights": "random" if self.clip.pretrained is None else str(self.clip.pretrained),
                            "prompt": prompt if prompt is not None else video.prompt, **score}
         if self.warp_error:
             fwd, bwd, backend = self.source_flow(video)
             kwargs = dict(flow=fwd, backward_flow=bwd, device=self.device, progress=self.progress)
             out["warp_error"] = {**warp_error(frames, video.frames, **kwargs), "backend": backend,
+                                 "flow_weights": flow_weights(backend),
                                  "source": _headline(warp_error(video.frames, video.frames, **kwargs))}
         if self.features:
             if recorder is None or not recorder.per_call:
@@ -221,7 +226,8 @@ class Evaluator:
         per_step = recorder.per_call
         kept = [v for v in per_step if v == v]
         section = {"layer": recorder.layer, "per_step": per_step, "timesteps": timesteps,
-                   "mean": sum(kept) / len(kept) if kept else float("nan"), "flow_backend": self.source_flow(video)[2]}
+                   "mean": sum(kept) / len(kept) if kept else float("nan"), "flow_backend": self.source_flow(video)[2],
+                   "flow_weights": flow_weights(self.source_flow(video)[2])}
         if run_dir is not None:
             run_dir = Path(run_dir)
             method = display_value("inversion", label) if label else video.name

@@ -10,6 +10,16 @@ name, the video's name/frames/size, the inversion's steps) and `git.json` (commi
 with all its values (in job order), never reduced to one; a fact no job recorded is "unknown"
 (runs from before `device_name` was recorded build their table all the same).
 
+Frames scored: each job's `video.frame_numbers` (1-based source frames), per clip as a span ("1-20",
+"1-40 every 2", "20 of 1-120" for uneven picks); `same_frames` says whether every job of each clip
+scored the same frames (Table 2's rows must). Runs that did not record them leave it out of the caption.
+
+Metric weights: the weights each metric's numbers rest on, from metrics.json: the CLIP model and its
+`weights` (tag, file or "random"; older runs: `pretrained`, None = random) and the flow source of warp
+error / feature similarity (`backend`, `flow_weights`). A random CLIP, OpenCV DIS flow (no learned
+weights) or a custom RAFT module is marked "not comparable to the paper" (`random_metric_weights`),
+as random diffusion weights are marked "mechanics only".
+
 Random weights: `model=tiny` (`stem.models.build_tiny`) and `model=sd15_arch` (`build_sd15_arch`)
 are randomly initialised; their numbers show the mechanics only. The job's config names the
 builder (`model._target_`); without it, the model name `_build_random` gives ("tiny-seed0",
@@ -26,6 +36,10 @@ import yaml
 
 UNKNOWN = "unknown"
 RANDOM_WEIGHTS = "random weights: mechanics only"
+NOT_PAPER = "not comparable to the paper"
+# flow backend (metrics.json warp_error.backend) -> (weights when a run did not record them, the paper's?)
+_FLOW = {"raft": ("Raft_Large_Weights.C_T_SKHT_V2", True), "raft-custom": ("custom model", False),
+         "dis": ("no learned weights: OpenCV DIS", False), "exact": ("exact ground-truth flow", True)}
 # builder (last part of model._target_) -> the model option it belongs to
 _BUILDERS = {"build_tiny": "tiny", "build_sd15_arch": "sd15_arch", "load_pretrained": "sd15"}
 _RANDOM_KINDS = ("tiny", "sd15_arch")
@@ -81,6 +95,57 @@ def _clips(metrics: list[dict]) -> str:
     return ", ".join(out)
 
 
+def _span(numbers: tuple[int, ...]) -> str:
+    """Frame numbers as a span: "1-20" (consecutive), "1-39 every 2" (an even stride), "20 of 1-120"."""
+    if len(numbers) == 1:
+        return str(numbers[0])
+    steps = {b - a for a, b in zip(numbers, numbers[1:])}
+    if len(steps) == 1:
+        (step,) = steps
+        return f"{numbers[0]}-{numbers[-1]}" + ("" if step == 1 else f" every {step}")
+    return f"{len(numbers)} of {numbers[0]}-{numbers[-1]}"
+
+
+def _frames(metrics: list[dict]) -> tuple[str, bool | None]:
+    """("car_turn 1-8, wolf 1-20", True): each clip's scored frames, and whether all its jobs scored
+    the same ones; ("unknown", None) when no job recorded `video.frame_numbers`."""
+    per_clip: dict[str, list[tuple]] = {}
+    for video in (m["video"] for m in metrics if isinstance(m.get("video"), dict)):
+        numbers = video.get("frame_numbers")
+        if isinstance(numbers, list) and numbers and all(isinstance(n, int) for n in numbers):
+            per_clip.setdefault(_clip(video)[0], []).append(tuple(numbers))
+    if not per_clip:
+        return UNKNOWN, None
+    out = []
+    for name, picks in per_clip.items():
+        distinct = list(dict.fromkeys(picks))
+        if len(distinct) == 1:
+            out.append(f"{name} {_span(distinct[0])}")
+        else:
+            out.append(f"{name} " + " / ".join(f"{_span(d)} ({picks.count(d)} job{'s' * (picks.count(d) != 1)})"
+                                               for d in distinct))
+    return ", ".join(out), all(len(set(p)) == 1 for p in per_clip.values())
+
+
+def _weights(m: dict) -> list[tuple[str, bool]]:
+    """(text, the paper's kind of weights?) for each weighted metric of one job's metrics.json."""
+    out = []
+    clip = m.get("clip")
+    if isinstance(clip, dict) and ("weights" in clip or "pretrained" in clip):
+        weights = clip.get("weights", "random" if clip.get("pretrained") is None else clip.get("pretrained"))
+        random = weights == "random"
+        out.append((f"CLIP {clip.get('model') or UNKNOWN} "
+                    f"({'random weights: ' + NOT_PAPER if random else weights})", not random))
+    for section in (m[key] for key in ("warp_error", "feature_similarity") if isinstance(m.get(key), dict)):
+        backend = section.get("backend", section.get("flow_backend"))
+        if not isinstance(backend, str):
+            continue
+        fallback, paper = _FLOW.get(backend, (UNKNOWN, False))
+        weights = section.get("flow_weights") or fallback
+        out.append((f"flow {backend} ({weights}" + ("" if paper else f": {NOT_PAPER}") + ")", paper))
+    return out
+
+
 def _commit(revisions: list[dict]) -> tuple[str, bool | None]:
     """Commits listed ("<sha> (dirty)") and whether any job ran from a modified checkout."""
     shown = [f"{r['commit']}{' (dirty)' if r.get('dirty') else ''}" if r.get("commit") else None for r in revisions]
@@ -96,6 +161,8 @@ def sweep_provenance(runs: list[dict]) -> dict:
     kinds = [model_kind(r) for r in ok]
     commit, dirty = _commit([(_read(Path(r["dir"]) / "git.json", json.loads) if r.get("dir") else None) or {}
                              for r in ok])
+    frames, same_frames = _frames(metrics)
+    weights = [w for m in metrics for w in _weights(m)]
     facts = {
         "model": _listed(kinds),
         "model_name": _listed([m.get("model") for m in metrics]),
@@ -104,6 +171,10 @@ def sweep_provenance(runs: list[dict]) -> dict:
         "device": _listed([m.get("device") for m in metrics]),
         "device_name": _listed([m.get("device_name") for m in metrics]),
         "clips": _clips(metrics),
+        "frames": frames,
+        "same_frames": same_frames,
+        "metric_weights": ", ".join(dict.fromkeys(text for text, _ in weights)) or "none",
+        "random_metric_weights": any(not paper for _, paper in weights),
         "steps": _listed([(m.get("inversion") or {}).get("num_steps") for m in metrics]),
         "commit": commit,
         "dirty": dirty,
@@ -115,7 +186,8 @@ def sweep_provenance(runs: list[dict]) -> dict:
 
 
 def caption(facts: dict) -> str:
-    """One line: model (and the random-weights warning), dtype, device, clips, steps, commit, jobs."""
+    """One line: model (and the random-weights warning), dtype, device, clips, the frames scored, steps,
+    the metrics' weights (marked where not comparable to the paper), commit, jobs."""
     model = ", ".join(f"{k} ({RANDOM_WEIGHTS})" if k in _RANDOM_KINDS else k for k in facts["model"].split(", "))
     device = facts["device"] if facts["device_name"] == UNKNOWN else facts["device_name"]
     if UNKNOWN not in (facts["device"], facts["device_name"]):
@@ -124,5 +196,11 @@ def caption(facts: dict) -> str:
         device += " (device name not recorded)"
     commit = facts["commit"] if facts["commit"] == UNKNOWN else ", ".join(
         c[:10] + c[40:] if re.match(r"^[0-9a-f]{40}", c) else c for c in facts["commit"].split(", "))
-    return (f"Model {model}, {facts['dtype']}, on {device}; clips: {facts['clips']}; "
-            f"{facts['steps']} DDIM steps; commit {commit}; {facts['jobs_finished']} of {facts['jobs']} jobs finished.")
+    frames = ""
+    if facts.get("frames", UNKNOWN) != UNKNOWN:
+        frames = (f"; frames scored: {facts['frames']}" if facts.get("same_frames") is not False else
+                  f"; frames scored (they differ between jobs of a clip): {facts['frames']}")
+    weights = "" if facts.get("metric_weights", "none") == "none" else f"; metric weights: {facts['metric_weights']}"
+    return (f"Model {model}, {facts['dtype']}, on {device}; clips: {facts['clips']}{frames}; "
+            f"{facts['steps']} DDIM steps{weights}; commit {commit}; "
+            f"{facts['jobs_finished']} of {facts['jobs']} jobs finished.")

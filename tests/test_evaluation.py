@@ -50,11 +50,13 @@ def test_metrics_all_writes_every_section_and_the_figures(all_metrics_run):
         assert section in saved, section
     clip = saved["clip"]
     assert clip["pretrained"] is None and clip["prompt"] == "a portrait photo of an astronaut"
+    assert clip["weights"] == "random"  # what the table captions read
     assert len(clip["per_frame"]) == 4 and len(clip["consistency_per_pair"]) == 3
     assert all(-1 <= v <= 1 for v in clip["per_frame"] + clip["consistency_per_pair"])
 
     warp = saved["warp_error"]
     assert warp["backend"] == "exact"  # the synthetic pan carries its ground-truth flow
+    assert warp["flow_weights"] == "none: exact ground-truth flow"
     assert len(warp["per_pair"]) == 3 and 0 < warp["valid_fraction"] < 1
     assert warp["warp_error_unmasked"] > warp["warp_error"] > 0
     assert warp["source"]["warp_error"] < 1e-9  # the source itself: zero with its exact flow (the floor)
@@ -64,9 +66,30 @@ def test_metrics_all_writes_every_section_and_the_figures(all_metrics_run):
     assert feats["layer"] == "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
     assert len(feats["per_step"]) == 5 and feats["timesteps"] == [1, 201, 401, 601, 801]
     assert feats["mean"] == pytest.approx(np.mean(feats["per_step"]))
+    assert (feats["flow_backend"], feats["flow_weights"]) == ("exact", "none: exact ground-truth flow")
     for name in (feats["plot"], feats["pca"]):
         image = iio.imread(run_dir / name)  # a real PNG, decodable
         assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0, name
+
+
+def test_a_run_with_a_random_clip_yields_a_caption_saying_so(all_metrics_run, tmp_path):
+    """The metrics.json a random-CLIP run wrote, as a job of a sweep: its table's caption and sidecar
+    name the CLIP weights as random and not comparable to the paper, and the frames it scored.
+    Mutation caught: the evaluator not recording the weights (the caption would read them as unknown)."""
+    from test_provenance import make_sweep
+
+    from stem.tables import write_sweep_outputs
+
+    run_dir, _ = all_metrics_run
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    root = make_sweep(tmp_path / "sweep", [(["metrics=all"], saved, "tiny", None)])
+    got = write_sweep_outputs(root, "t", columns=["metrics"])["provenance"]
+    assert got["random_metric_weights"] is True
+    assert got["metric_weights"] == ("CLIP ViT-B-32-quickgelu (random weights: not comparable to the paper), "
+                                     "flow exact (none: exact ground-truth flow)")
+    assert f"metric weights: {got['metric_weights']}" in got["caption"] and "frames scored: synthetic_pan 1-4" \
+        in got["caption"]
+    assert json.loads((root / "t.json").read_text())["metric_weights"] == got["metric_weights"]
 
 
 def test_run_metrics_equal_the_library_functions(all_metrics_run):
@@ -127,6 +150,7 @@ def test_flow_of_a_real_video_is_estimated_once_and_cached(tmp_path):
             "metrics.flow.backend=dis")
     first = run_job(compose_config(tmp_path, *args), tmp_path / "a")
     assert first["warp_error"]["backend"] == "dis"
+    assert first["warp_error"]["flow_weights"] == "none: OpenCV DIS, no learned weights"
     assert 0 < first["warp_error"]["source"]["warp_error"] < 1  # DIS on a clean pan: near zero
     entries = list(TensorCache(tmp_path / "cache" / "flow").root.iterdir())
     assert len(entries) == 1

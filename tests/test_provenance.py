@@ -64,6 +64,7 @@ def test_tiny_cpu_sweep_names_model_device_clip_steps_commit_and_random_weights(
     caption = got.pop("caption")
     assert got == {"model": "tiny", "model_name": "tiny-seed0", "random_weights": True, "dtype": "float32",
                    "device": "cpu", "device_name": "AMD EPYC 7B13", "clips": "synthetic (4 frames, 64x64)",
+                   "frames": "unknown", "same_frames": None, "metric_weights": "none", "random_metric_weights": False,
                    "steps": "5", "commit": f"{SHA}, {SHA} (dirty)", "dirty": True, "jobs": 3, "jobs_finished": 2}
     assert caption == ("Model tiny (random weights: mechanics only), float32, on AMD EPYC 7B13 (cpu); "
                        "clips: synthetic (4 frames, 64x64); 5 DDIM steps; "
@@ -131,3 +132,91 @@ def test_device_name_is_the_processor_model_not_the_device_type():
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.split(":", 1)[0].strip() == "model name"]
     assert device_name("cpu") == names[0] != "cpu"
+
+
+# ------------------------------------------------------------------------------ metric weights, frames
+
+NOT_PAPER = "not comparable to the paper"
+
+
+def edit_metrics(*, clip_weights="openai", backend="raft", flow_weights=None, frame_numbers=None, **kwargs):
+    """An editing job's metrics.json: CLIP and warp sections as stem.evaluation writes them; clip_weights
+    None: a run from before `weights` was recorded, with `pretrained` only (here None: random)."""
+    clip = {"model": "ViT-B-32-quickgelu", "pretrained": None if clip_weights in (None, "random") else clip_weights,
+            "clip_score": 0.3}
+    if clip_weights is not None:
+        clip["weights"] = clip_weights
+    warp = {"warp_error": 4.0, "backend": backend}
+    if flow_weights is not None:
+        warp["flow_weights"] = flow_weights
+    out = job_metrics(model="stable-diffusion-v1-5", clip=clip, warp_error=warp, **kwargs)
+    if frame_numbers is not None:
+        out["video"]["frame_numbers"] = frame_numbers
+    return out
+
+
+def test_a_random_clip_is_named_in_the_caption_and_sidecar_as_not_comparable(tmp_path):
+    """Real SD with a random CLIP (metrics.clip.pretrained=null): the caption and the sidecar say so.
+    Mutations caught: only the diffusion model's weights checked (the table looks like the paper's);
+    a run from before `weights` was recorded (pretrained null) read as real weights."""
+    for i, clip_weights in enumerate(("random", None)):
+        root = make_sweep(tmp_path / str(i), [(["table2=tokenflow"], edit_metrics(clip_weights=clip_weights),
+                                               "sd15", None)])
+        out = write_sweep_outputs(root, "t", columns=["table2"])
+        got = out["provenance"]
+        assert got["random_weights"] is False and got["random_metric_weights"] is True
+        assert got["metric_weights"] == (f"CLIP ViT-B-32-quickgelu (random weights: {NOT_PAPER}), "
+                                         "flow raft (Raft_Large_Weights.C_T_SKHT_V2)")
+        assert f"; metric weights: {got['metric_weights']}; commit" in got["caption"]
+        sidecar = json.loads((root / "t.json").read_text())
+        assert sidecar["random_metric_weights"] is True and sidecar["metric_weights"] == got["metric_weights"]
+        assert (root / "t.md").read_text().startswith(f"Provenance: {got['caption']}\n")
+
+
+def test_paper_weights_carry_no_mark(tmp_path):
+    """OpenAI CLIP and RAFT's C_T_SKHT_V2: named, not marked (mutation: the mark always on)."""
+    root = make_sweep(tmp_path, [([], edit_metrics(flow_weights="Raft_Large_Weights.C_T_SKHT_V2"), "sd15", None)])
+    got = facts(root)
+    assert got["random_metric_weights"] is False and NOT_PAPER not in got["caption"]
+    assert got["metric_weights"] == "CLIP ViT-B-32-quickgelu (openai), flow raft (Raft_Large_Weights.C_T_SKHT_V2)"
+
+
+def test_a_mixed_sweep_lists_every_metric_weight_and_marks_the_table(tmp_path):
+    """One job on the paper's weights, one on a random CLIP with DIS flow (the offline fallback), one on
+    a custom RAFT module: all listed, the table marked. Mutation caught: the first job's weights standing
+    for the sweep; DIS (no learned weights) or a custom RAFT passing as the paper's flow."""
+    root = make_sweep(tmp_path, [
+        (["table2=tokenflow"], edit_metrics(), "sd15", None),
+        (["table2=fatezero"], edit_metrics(clip_weights="random", backend="dis",
+                                           flow_weights="none: OpenCV DIS, no learned weights"), "sd15", None),
+        (["table2=stem_tokenflow"], edit_metrics(backend="raft-custom"), "sd15", None)])
+    got = facts(root)
+    assert got["random_metric_weights"] is True
+    assert got["metric_weights"] == (
+        "CLIP ViT-B-32-quickgelu (openai), flow raft (Raft_Large_Weights.C_T_SKHT_V2), "
+        f"CLIP ViT-B-32-quickgelu (random weights: {NOT_PAPER}), "
+        f"flow dis (none: OpenCV DIS, no learned weights: {NOT_PAPER}), flow raft-custom (custom model: {NOT_PAPER})")
+    assert got["metric_weights"] in got["caption"]
+
+
+def test_the_caption_says_which_frames_every_job_scored(tmp_path):
+    """Frame numbers (1-based, metrics.json video.frame_numbers) as spans per clip; rows on different
+    frames are called out. Mutations caught: the frame count only (20 spread frames look like 1-20);
+    jobs of a clip that differ reported as the first one's frames."""
+    same = make_sweep(tmp_path / "same", [
+        ([], edit_metrics(clip_name="car_turn", frame_numbers=list(range(1, 9))), "sd15", None),
+        ([], edit_metrics(clip_name="wolf", frame_numbers=list(range(1, 21))), "sd15", None),
+        ([], edit_metrics(clip_name="wolf", frame_numbers=list(range(1, 21))), "sd15", None)])
+    got = facts(same)
+    assert (got["frames"], got["same_frames"]) == ("car_turn 1-8, wolf 1-20", True)
+    assert "; frames scored: car_turn 1-8, wolf 1-20; " in got["caption"]
+    spread = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40]  # 20 of 40, evenly
+    differ = make_sweep(tmp_path / "differ", [
+        (["table2=tokenflow"], edit_metrics(clip_name="wolf", frame_numbers=list(range(1, 41))), "sd15", None),
+        (["table2=fatezero"], edit_metrics(clip_name="wolf", frame_numbers=spread), "sd15", None),
+        (["table2=stem_tokenflow"], edit_metrics(clip_name="wolf", frame_numbers=list(range(1, 41, 2))), "sd15",
+         None)])
+    got = facts(differ)
+    assert (got["frames"], got["same_frames"]) == ("wolf 1-40 (1 job) / 20 of 1-40 (1 job) / 1-39 every 2 (1 job)",
+                                                   False)
+    assert f"; frames scored (they differ between jobs of a clip): {got['frames']}; " in got["caption"]

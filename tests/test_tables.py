@@ -180,7 +180,7 @@ def caption_line(sweep, finished=2, jobs=2):
     rev = git_revision(ROOT)
     commit = f"{rev['commit'][:10]}{' (dirty)' if rev['dirty'] else ''}"
     return (f"Provenance: Model tiny (random weights: mechanics only), float32, on {device_name('cpu')} (cpu); "
-            f"clips: synthetic_pan (2 frames, 64x64); 5 DDIM steps; commit {commit}; "
+            f"clips: synthetic_pan (2 frames, 64x64); frames scored: synthetic_pan 1-2; 5 DDIM steps; commit {commit}; "
             f"{finished} of {jobs} jobs finished.")
 
 

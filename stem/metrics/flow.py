@@ -39,6 +39,14 @@ RAFT_WEIGHTS = "Raft_Large_Weights.C_T_SKHT_V2"
 RAFT_MIN_SIZE = 128  # torchvision's RAFT meta "min_size": the correlation pyramid needs H, W >= 128
 BACKENDS = ("auto", "raft", "dis")
 FLOW_CACHE_VERSION = 1  # bump when the flow computation changes, so old cache entries miss
+# what each flow source's numbers rest on (metrics.json `flow_weights`): the paper's RAFT weights, or not
+FLOW_WEIGHTS = {"raft": RAFT_WEIGHTS, "raft-custom": "custom model, not the official weights",
+                "dis": "none: OpenCV DIS, no learned weights", "exact": "none: exact ground-truth flow"}
+
+
+def flow_weights(backend: str) -> str:
+    """The weights behind a flow `backend` as `estimate_flow` (or the evaluator: "exact") names it."""
+    return FLOW_WEIGHTS.get(backend, "unknown")
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
