@@ -3,6 +3,7 @@
     python scripts/make_tables.py outputs/reconstruct/multiruns/2024-06-01/12-00-00
     python scripts/make_tables.py <sweep dir> --name table6 --columns inversion,inversion.num_bases \
         --metrics "PSNR=vs_input.psnr:.3f" "SSIM=vs_input.ssim:.4f" "Method=method"
+    python scripts/make_tables.py <sweep dir> --metrics "PSNR vs VAE=vs_vae.psnr:.3f" --no-paper
 
 Writes `<sweep dir>/<name>.md` (the provenance caption line, then the table), `.csv`, the
 sidecar `<name>.json` (provenance fields and printed names), and `<name>.png` when the sweep's
@@ -10,7 +11,11 @@ table spec has a plot; prints the markdown. A sweep launched from an experiment 
 table spec (name, columns, metrics, averaging, the paper's values, plot) in
 `<sweep dir>/multirun.yaml` under `hydra.callbacks.sweep_table`, and its declared sweep
 (`hydra.sweeper.params`: the row order): both are used unless options here override them.
-Otherwise columns default to the override keys that vary between jobs. The provenance comes
+Otherwise columns default to the override keys that vary between jobs. With `--metrics`, the sweep's
+paper values follow their metric, not its label (`stem.tables.paper_by_metric`): each sits beside
+the metric with the dotted path it was written for (`vs_input.psnr` for the paper's PSNR), whatever
+its label, and only there; any subset of metrics is accepted. `--no-paper` leaves the paper's
+columns (and plot markers) out. The provenance comes
 from the job folders (metrics.json, git.json, .hydra/config.yaml). Bad input: one line
 `error: ...` on stderr and exit status 2.
 
@@ -43,7 +48,7 @@ import sys
 from pathlib import Path
 
 from stem.errors import StemError, TableError
-from stem.tables import sweep_order, write_sweep_outputs
+from stem.tables import DEFAULT_METRICS, paper_by_metric, sweep_order, write_sweep_outputs
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
@@ -119,12 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="+", type=parse_metric, metavar="LABEL=PATH[:FMT]",
                         help="metrics as dotted paths into metrics.json "
                              "(default: those of stem.tables.DEFAULT_METRICS that the runs have)")
+    parser.add_argument("--no-paper", action="store_true",
+                        help="leave out the paper's columns (and the plot's paper markers)")
     parser.add_argument("--wandb", action="store_true",
                         help="also log the table as the sweep's W&B summary run (offline unless WANDB_MODE "
                              "or the sweep's logger.mode say otherwise)")
     args = parser.parse_args(argv)
     try:
         spec = {"name": "table", **sweep_spec(args.sweep_dir)}
+        if args.metrics and spec.get("paper"):  # the paper's values follow their metric, not its label
+            spec["paper"] = paper_by_metric(spec["paper"], spec.get("metrics") or DEFAULT_METRICS, args.metrics)
+        if args.no_paper:
+            spec.pop("paper", None)
         spec.update({k: v for k, v in (("name", args.name), ("columns", args.columns), ("metrics", args.metrics))
                      if v})
         if args.wandb:  # its config first: bad input fails before any file is written

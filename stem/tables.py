@@ -237,6 +237,26 @@ def _paper_number(row: str, label: str, value) -> float:
                          "number as a string, as printed (e.g. \"0.29\")") from None
 
 
+def paper_by_metric(paper: dict | None, written_for, metrics) -> dict:
+    """`paper` ({row: {label: value}}, its labels those of the metrics `written_for`) re-keyed onto the
+    labels of `metrics`, pairing by metric, not by label: a paper value goes beside the metric of
+    `metrics` with the same dotted path (and scale) as the metric it was written for, under that
+    metric's label, and nowhere else. So `PSNR=vs_vae.psnr` gets no paper column where the paper's
+    PSNR is `vs_input.psnr`, `P=vs_input.psnr` gets it as "P (paper)", and the paper's values for
+    metrics left out are dropped (a subset of the metrics is a valid table).
+    Raises TableError for a paper label that is none of `written_for`'s."""
+    written = {label: (path, scale) for label, path, _, scale in map(_metric_spec, written_for)}
+    unknown = sorted({label for values in (paper or {}).values() for label in (values or {})} - set(written))
+    if unknown:
+        raise TableError(f"paper values for {unknown}: not metric labels of the table spec ({list(written)})")
+    label_of: dict[tuple, str] = {}
+    for label, path, _, scale in map(_metric_spec, metrics):
+        label_of.setdefault((path, scale), label)
+    return {row: {label_of[written[label]]: value for label, value in (values or {}).items()
+                  if written[label] in label_of}
+            for row, values in (paper or {}).items()}
+
+
 def paper_numbers(paper: dict | None) -> dict:
     """The `paper` dict with every value a float ("0.80" -> 0.8), for plots and ratios."""
     return {str(row): {label: _paper_number(str(row), label, v) for label, v in (values or {}).items()
@@ -286,7 +306,8 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
         divided by that row's (paper Table 1's "x 1-frame"), after the first metric (and its paper
         column), and "<first metric> ratio (paper)" from the paper's values when it has them.
     paper_rows: {row key: paper row key}: rows compared with a different row of the paper (Table 4:
-        {"120": "128"}, the clip's 120 frames beside the paper's N=128); the markdown says so.
+        {"120": "128"}, the clip's 120 frames beside the paper's N=128); the markdown says so where the
+        table has a paper column.
 
     The table: "header" (column keys and metric labels, the CSV's), "labels" (headers to print,
     `stem.display.display_column`), "rows" (raw values), "row_labels" (the column cells to print,
@@ -364,7 +385,7 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
         key = row_key(cells, len(columns))
         rows.append(cells + [get(key, values) for get in getters] + ([n_runs] if average_over else []))
         shown = [display_value(c, v, run_metrics) for c, v in zip(columns, cells)]
-        if shown and key in paper_rows and paper_rows[key] != key:
+        if shown and key in paper_rows and paper_rows[key] != key and any(h.endswith(" (paper)") for h in header):
             shown[-1] += f" (paper: {paper_rows[key]})"
         row_labels.append(shown)
     return {"header": header, "labels": labels, "rows": rows, "row_labels": row_labels, "formats": formats}

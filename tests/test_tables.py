@@ -392,6 +392,66 @@ def test_make_tables_rebuilds_caption_layout_and_sidecar_from_the_job_folders(tm
     assert proc.stdout == written[".md"]
 
 
+def table4_sweep(tmp_path):
+    """Table 4's spec as the experiment file writes it (paper PSNR/SSIM are vs-input), jobs N = 8 and
+    120 (the latter beside the paper's N=128); vs-input PSNR 30 and vs-VAE PSNR 40 in every job."""
+    spec, params = experiment_spec("table4_length")
+    jobs = [([f"data.n_frames={n}"], job_metrics(frames=n), "tiny", None) for n in (8, 120)]
+    return make_sweep(tmp_path, jobs, params=params, spec={k: v for k, v in spec.items() if k != "plot"})
+
+
+def table_lines(proc):
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()[2:]  # without the caption
+
+
+def test_cli_metrics_pair_paper_values_by_metric_not_by_label(tmp_path):
+    """--metrics relabels and subsets; the paper's values go only beside the metric (dotted path) they
+    were written for (Table 4's PSNR: vs_input.psnr). Mutation caught: pairing by label (the old code:
+    `PSNR=vs_vae.psnr` printed our vs-VAE 40.000 beside the paper's vs-input 32.702)."""
+    root = table4_sweep(tmp_path)
+    assert table_lines(make_tables(root, "--metrics", "PSNR=vs_vae.psnr:.3f")) == [
+        "| Frames N | PSNR |", "|---|---:|", "| 8 | 40.000 |", "| 120 | 40.000 |"]  # no paper column beside vs-VAE
+    assert table_lines(make_tables(root, "--metrics", "PSNR in=vs_input.psnr:.2f", "PSNR=vs_vae.psnr:.3f")) == [
+        "| Frames N | PSNR in | PSNR in (paper) | PSNR |", "|---|---:|---:|---:|",
+        "| 8 | 30.00 | 32.702 | 40.000 |", "| 120 (paper: 128) | 30.00 | 32.751 | 40.000 |"]
+
+
+def test_cli_metrics_accepts_a_subset_of_the_papers_metrics(tmp_path):
+    """Only SSIM of Table 4's PSNR/SSIM: its paper column, PSNR's dropped. Mutation caught: the paper's
+    PSNR values kept, an error ("paper values for ['PSNR']: not metric labels") as the old code gave."""
+    assert table_lines(make_tables(table4_sweep(tmp_path), "--metrics", "SSIM=vs_input.ssim:.4f")) == [
+        "| Frames N | SSIM | SSIM (paper) |", "|---|---:|---:|", "| 8 | 0.9000 | 0.9836 |",
+        "| 120 (paper: 128) | 0.9000 | 0.9843 |"]
+
+
+def test_cli_no_paper_leaves_the_paper_columns_out(tmp_path):
+    """--no-paper, with the sweep's own metrics and with --metrics (mutation: the flag ignored, or
+    only honoured without --metrics)."""
+    root = table4_sweep(tmp_path)
+    assert table_lines(make_tables(root, "--no-paper")) == [
+        "| Frames N | PSNR | SSIM | PSNR vs VAE |", "|---|---:|---:|---:|", "| 8 | 30.000 | 0.9000 | 40.000 |",
+        "| 120 | 30.000 | 0.9000 | 40.000 |"]
+    assert table_lines(make_tables(root, "--no-paper", "--metrics", "PSNR=vs_input.psnr:.1f")) == [
+        "| Frames N | PSNR |", "|---|---:|", "| 8 | 30.0 |", "| 120 | 30.0 |"]
+    assert "(paper)" in make_tables(root).stdout   # without the flag the paper is there
+
+
+def test_paper_by_metric_pairs_by_path_and_scale():
+    """The library function: by (path, scale), first label of a path wins, unknown paper labels refused.
+    Mutation caught: pairing on the path alone (seconds beside the paper's minutes)."""
+    from stem.errors import TableError
+    from stem.tables import paper_by_metric
+
+    written = [["Minutes", "seconds.inversion", ".2f", 1 / 60], ["PSNR", "vs_input.psnr", ".3f"]]
+    paper = {"stem": {"Minutes": "1.50", "PSNR": "30.1"}}
+    assert paper_by_metric(paper, written, [("Seconds", "seconds.inversion"), ("P", "vs_input.psnr"),
+                                            ("P again", "vs_input.psnr")]) == {"stem": {"P": "30.1"}}
+    assert paper_by_metric(paper, written, [("Min", "seconds.inversion", ".1f", 1 / 60)]) == {"stem": {"Min": "1.50"}}
+    with pytest.raises(TableError, match=r"paper values for \['SSIM'\]"):
+        paper_by_metric({"stem": {"SSIM": "0.9"}}, written, written)
+
+
 # ------------------------------------------------------------------ interrupted sweeps (issue 13, item 10)
 
 def interrupted_sweep(tmp_path, n_started):
