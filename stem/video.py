@@ -390,8 +390,8 @@ def load_video(
         fps: frame rate to use (default: the file's; 10 for frame folders).
         name: short name for run directories (default: the file or folder name).
         edit_prompt: a target prompt that goes with the clip (kept in `Video.edit_prompt`).
-        max_frames: at most this many of the selected frames, spread evenly over them (first and
-            last kept); a selection of at most `max_frames` frames is kept whole, never an error.
+        max_frames: at most this many of the selected frames, picked as `max_frames_keep` says; a
+            selection of at most `max_frames` frames is kept whole, never an error.
             None = no cap. Paper appendix B.4: FateZero edits at most 20 frames.
         max_frames_keep: which frames a cap keeps (`cap_indices`): "even" spreads them over the selection
             (first and last kept); "first" keeps the first `max_frames`, consecutive (Table 2's shared
