@@ -5,8 +5,9 @@
         --metrics "PSNR=vs_input.psnr:.3f" "SSIM=vs_input.ssim:.4f" "Method=method"
 
 Writes `<sweep dir>/<name>.md` (the provenance caption line, then the table), `.csv`, the
-sidecar `<name>.json` (provenance fields and printed names), and `<name>.png` when the sweep's
-table spec has a plot; prints the markdown. A sweep launched from an experiment file carries its
+sidecar `<name>.json` (provenance fields and printed names), `<name>.png` when the sweep's
+table spec has a plot and `<name>_frames.png` when it has frames (ablation_k); prints the markdown.
+A sweep launched from an experiment file carries its
 table spec (name, columns, metrics, averaging, the paper's values, plot) in
 `<sweep dir>/multirun.yaml` under `hydra.callbacks.sweep_table`, and its declared sweep
 (`hydra.sweeper.params`: the row order): both are used unless options here override them.
@@ -47,7 +48,7 @@ from stem.tables import sweep_order, write_sweep_outputs
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
-SPEC_KEYS = ("name", "columns", "metrics", "average_over", "paper", "plot", "ratio_to", "paper_rows")
+SPEC_KEYS = ("name", "columns", "metrics", "average_over", "paper", "plot", "ratio_to", "paper_rows", "frames")
 
 
 def sweep_spec(sweep_dir: str) -> dict:
