@@ -8,8 +8,8 @@
     display_value("adaptive_k", "auto_tight", {"inversion": {"method": "stem", "num_bases": "auto",
                                                              "auto": {"target": 0.2, ...}}})
                                                                 -> "STEM (auto, target 0.2)"
-    display_value("ablation_k", "k512", metrics)   # K clamped at 4 layers
-                                                        -> "STEM (K=512, clamped at 4 of 16 layers, mean K 424.0)"
+    display_value("ablation_k", "k512", metrics)   # K clamped at 6 layers
+                                                        -> "STEM (K=512, clamped at 6 of 16 layers, mean K 404.0)"
     short_layer("down_blocks.0.attentions.1.transformer_blocks.0.attn1") -> "down0.1"
 
 The K of a STEM row comes from the run's own metrics.json (`inversion.num_bases`, or its `auto.target`
@@ -104,7 +104,7 @@ def clamped(metrics: dict | None) -> dict | None:
 
 
 def clamp_note(metrics: dict | None) -> str | None:
-    """"clamped at 4 of 16 layers, mean K 424.0" for a run whose K was clamped (`clamped`), else None."""
+    """"clamped at 6 of 16 layers, mean K 404.0" for a run whose K was clamped (`clamped`), else None."""
     info = clamped(metrics)
     if info is None:
         return None
@@ -134,6 +134,9 @@ def display_value(column: str, value, metrics: dict | None = None) -> str:
             return f"{base} ({k})" if k is not None else base
     if column in _STEM_ROWS and k is not None:
         return f"STEM ({k})"
+    ran = (metrics or {}).get("inversion_method")  # an edit's inversion (a DDIM row run with another context)
+    if column in _STEM_ROWS and isinstance(ran, str) and ran:
+        return display_value("inversion", ran, metrics)
     return _BY_COLUMN.get(column, {}).get(text, text)
 
 

@@ -253,9 +253,11 @@ def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: s
     y), "paper_label": the metric label of `paper` that y is (one per y)}.
     A list-valued y draws one curve per finished run, labelled with the display names of its column
     values (Figs. 4, 9); a number with a number x draws one point per finished run at (its x, its y),
-    labelled the same way (ablation_adaptive_k: PSNR against the mean K each run chose); a number
-    without x draws one curve over the first column's values per value of the other columns (Fig. 3,
-    Tables 4 and 5), with the paper's values of `paper_label` as markers.
+    labelled the same way (ablation_adaptive_k: PSNR against the mean K each run chose; ablation_k: against
+    each STEM run's K), a run without that x (the DDIM row beside STEM's K) as a dashed horizontal line at
+    its y; a number without x draws one curve over the first column's values per value of the other
+    columns (Tables 4 and 5), with the paper's values of `paper_label` as markers; with no other column the
+    curve is named after the method its runs share ("STEM (K=256)", `_curve_name`).
     """
     from stem.tables import _lookup, _sort_key
 
@@ -350,7 +352,8 @@ def sweep_frames(runs: list[dict], columns: Sequence[str], spec: Mapping) -> dic
                 raise TableError(f"frames figure: {run['dir']}/{SOURCE_VIDEO} is not input | output at width "
                                  f"{shape['width']} (its width is {source.shape[-1]})")
             rows[SOURCE_ROW] = source[..., : shape["width"]]
-        label = textwrap.fill(_legend(run, columns) or str(run["job"]), LABEL_WIDTH)
+        label = _legend(run, columns) or str(run["job"])
+        label = textwrap.fill(label if label not in rows else f"{label} (job {run['job']})", LABEL_WIDTH)
         rows[label] = torch.cat([from_uint8(read_frames_at(f, indices)) for f in files])
     col_labels = [f"{name}, frame {numbers[i]}" for name in videos for i in indices]
     return {"rows": rows, "col_labels": col_labels, "indices": indices, "skipped": skipped}

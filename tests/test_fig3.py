@@ -194,3 +194,12 @@ def test_ablation_k_plot_draws_stem_over_k_and_ddim_as_a_level():
         assert list(lines["STEM (K=256)"].get_ydata()) == [values["k256"][panel]]
         assert lines["DDIM 1-frame"].get_linestyle() == "--"
         assert list(lines["DDIM 1-frame"].get_ydata()) == [values["ddim"][panel]] * 2
+
+
+def test_ablation_k_rows_are_named_after_the_inversion_the_job_ran():
+    """The DDIM row run with another context (ablation_k=ddim inversion=ddim_2frame) is not called "DDIM 1-frame":
+    the name comes from the job's metrics.json (`inversion_method`), the config name only without one.
+    Mutation caught: ablation_k rows named from the config name alone."""
+    ran = {"method": "TokenFlow", "inversion_method": "ddim_2frame_fatezero", "inversion": {"method": "ddim"}}
+    assert display_value("ablation_k", "ddim", ran) == "DDIM 2-frame"
+    assert display_value("ablation_k", "ddim") == "DDIM 1-frame"
