@@ -52,11 +52,12 @@ class SweepDirCallback(Callback):
 
 class SweepTableCallback(Callback):
     """Table of a finished sweep: `<sweep dir>/<name>.md` (provenance caption, then the table), `.csv`,
-    the sidecar `<name>.json`, and a W&B table. Rows follow the order the sweep declares."""
+    the sidecar `<name>.json`, `<name>.png` (`plot`), `<name>_frames.png` (`frames`: videos of every job side by
+    side, `stem.plots.sweep_frames`) and a W&B table. Rows follow the order the sweep declares."""
 
     def __init__(self, name: str = "table", columns: list[str] | None = None, metrics: list | None = None,
                  average_over: list | None = None, paper: dict | None = None, plot: dict | None = None,
-                 ratio_to: str | None = None, paper_rows: dict | None = None):
+                 ratio_to: str | None = None, paper_rows: dict | None = None, frames: dict | None = None):
         self.name = name
         self.columns = list(columns) if columns is not None else None
         self.metrics = [tuple(m) for m in metrics] if metrics is not None else None
@@ -65,6 +66,7 @@ class SweepTableCallback(Callback):
         self.plot = _plain(plot)
         self.ratio_to = ratio_to
         self.paper_rows = _plain(paper_rows)
+        self.frames = _plain(frames)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -78,7 +80,7 @@ class SweepTableCallback(Callback):
             columns = swept + [k for k in varying_keys(runs) if k not in swept]
         order = sweep_order(_plain(OmegaConf.select(config, "hydra.sweeper.params")))  # rows in the declared order
         out = write_sweep_outputs(sweep_dir, self.name, columns, self.metrics, self.average_over, self.paper,
-                                  self.plot, self.ratio_to, order, self.paper_rows)
+                                  self.plot, self.ratio_to, order, self.paper_rows, frames=self.frames)
         log.info("sweep table of %d jobs -> %s\n%s", len(runs), out["files"][0], out["markdown"])
         if _wandb_settings(config):
             log_sweep_summary(sweep_dir, self.name, out, config)
@@ -177,7 +179,9 @@ def log_sweep_summary(sweep_dir: str | Path, name: str, out: dict, config: DictC
     try:
         table = out["table"]
         record = {name: wandb.Table(columns=table["header"], data=table["rows"], allow_mixed_types=True)}
-        record.update({f"{name}_plot": wandb.Image(str(f)) for f in out["files"] if Path(f).suffix == ".png"})
+        # <name>.png as "<name>_plot", others (<name>_frames.png) under their own name
+        record.update({f"{name}_plot" if Path(f).stem == name else Path(f).stem: wandb.Image(str(f))
+                       for f in out["files"] if Path(f).suffix == ".png"})
         run.log(record)
         failed = False
     finally:

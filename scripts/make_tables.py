@@ -6,8 +6,9 @@
     python scripts/make_tables.py <sweep dir> --metrics "PSNR vs VAE=vs_vae.psnr:.3f" --no-paper
 
 Writes `<sweep dir>/<name>.md` (the provenance caption line, then the table), `.csv`, the
-sidecar `<name>.json` (provenance fields and printed names), and `<name>.png` when the sweep's
-table spec has a plot; prints the markdown. A sweep launched from an experiment file carries its
+sidecar `<name>.json` (provenance fields and printed names), `<name>.png` when the sweep's
+table spec has a plot and `<name>_frames.png` when it has frames (ablation_k); prints the markdown.
+A sweep launched from an experiment file carries its
 table spec (name, columns, metrics, averaging, the paper's values, plot) in
 `<sweep dir>/multirun.yaml` under `hydra.callbacks.sweep_table`, and its declared sweep
 (`hydra.sweeper.params`: the row order): both are used unless options here override them.
@@ -52,7 +53,7 @@ from stem.tables import DEFAULT_METRICS, paper_by_metric, sweep_order, write_swe
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
-SPEC_KEYS = ("name", "columns", "metrics", "average_over", "paper", "plot", "ratio_to", "paper_rows")
+SPEC_KEYS = ("name", "columns", "metrics", "average_over", "paper", "plot", "ratio_to", "paper_rows", "frames")
 
 
 def sweep_spec(sweep_dir: str) -> dict:

@@ -8,11 +8,15 @@
     display_value("adaptive_k", "auto_tight", {"inversion": {"method": "stem", "num_bases": "auto",
                                                              "auto": {"target": 0.2, ...}}})
                                                                 -> "STEM (auto, target 0.2)"
+    display_value("ablation_k", "k512", metrics)   # K clamped at 6 layers
+                                                        -> "STEM (K=512, clamped at 6 of 16 layers, mean K 404.0)"
     short_layer("down_blocks.0.attentions.1.transformer_blocks.0.attn1") -> "down0.1"
 
 The K of a STEM row comes from the run's own metrics.json (`inversion.num_bases`, or its `auto.target`
 for adaptive K) when given, so `inversion=stem inversion.num_bases=128` is never shown as the preset's
-K=256. Values without a display name are shown as they are.
+K=256. A fixed K that some layer could not hold (excess_bases=clamp: fewer bases where a layer has fewer
+tokens, metrics.json's `bases.inversion`) is never shown as plain "K=256": the name says at how many layers
+it was clamped and the mean K used (`clamp_note`). Values without a display name are shown as they are.
 """
 
 from __future__ import annotations
@@ -55,11 +59,19 @@ _ADAPTIVE_K = {  # rows of configs/adaptive_k/ (experiment=ablation_adaptive_k);
     "auto_tight": "STEM (auto, tight)",
     "auto_loose": "STEM (auto, loose)",
 }
-_BY_COLUMN = {"inversion": _INVERSIONS, "editing": _EDITS, "table2": _EDITS, "fig4": _FIG4, "adaptive_k": _ADAPTIVE_K}
+_ABLATION_K = {  # rows of configs/ablation_k/ (experiment=ablation_k, Fig. 3); a finished STEM run names its own K
+    "ddim": "DDIM 1-frame",
+    "k128": "STEM (K=128)",
+    "k256": "STEM (K=256)",
+    "k512": "STEM (K=512)",
+}
+_BY_COLUMN = {"inversion": _INVERSIONS, "editing": _EDITS, "table2": _EDITS, "fig4": _FIG4, "adaptive_k": _ADAPTIVE_K,
+              "ablation_k": _ABLATION_K}
+_STEM_ROWS = ("adaptive_k", "ablation_k")  # row groups whose STEM rows are named from the run's own K
 _STEM_K = re.compile(r"^stem_k(\d+)$")
 COLUMN_NAMES = {"inversion": "Inversion", "editing": "Editing", "table2": "Method", "fig4": "Method",
-                "adaptive_k": "Inversion", "data": "Video", "data.n_frames": "Frames N", "data.width": "Resolution",
-                "inversion.num_bases": "K"}
+                "adaptive_k": "Inversion", "ablation_k": "Inversion", "data": "Video", "data.n_frames": "Frames N",
+                "data.width": "Resolution", "inversion.num_bases": "K"}
 
 
 def bases_label(settings: dict | None) -> str | None:
@@ -74,11 +86,43 @@ def bases_label(settings: dict | None) -> str | None:
     return "auto" if target is None else f"auto, target {target:g}"
 
 
+def clamped(metrics: dict | None) -> dict | None:
+    """How a fixed-K STEM run's K was clamped (excess_bases=clamp: as many bases as tokens where a layer has
+    fewer than K per EM group), from its metrics.json: {"k": the K asked for, "layers": layers that used fewer,
+    "of": layers recorded, "mean_k": mean K used}, or None (not clamped, not a fixed-K STEM run, or no record
+    of K per layer, e.g. a cache entry written before it was kept)."""
+    settings = (metrics or {}).get("inversion")
+    if bases_label(settings) is None or not isinstance(settings["num_bases"], int):
+        return None
+    record = ((metrics or {}).get("bases") or {}).get("inversion")
+    layers = (record or {}).get("layers") if isinstance(record, dict) else None
+    if not layers:
+        return None
+    k = settings["num_bases"]
+    fewer = sum(1 for v in layers.values() if any(int(x) < k for x in (v or {}).get("k") or []))
+    return {"k": k, "layers": fewer, "of": len(layers), "mean_k": record.get("mean_k")} if fewer else None
+
+
+def clamp_note(metrics: dict | None) -> str | None:
+    """"clamped at 6 of 16 layers, mean K 404.0" for a run whose K was clamped (`clamped`), else None."""
+    info = clamped(metrics)
+    if info is None:
+        return None
+    mean = f", mean K {info['mean_k']:.1f}" if isinstance(info["mean_k"], (int, float)) else ""
+    return f"clamped at {info['layers']} of {info['of']} layers{mean}"
+
+
 def display_value(column: str, value, metrics: dict | None = None) -> str:
     """The display name of `value` in `column` (an override key); `metrics` (the run's metrics.json)
-    supplies the K (or the adaptive-K target) of STEM inversions."""
+    supplies the K (or the adaptive-K target) of STEM inversions, and whether that K was clamped
+    (`clamp_note`: "STEM (K=256, clamped at 1 of 16 layers, mean K 244.0)"; a K column: "256 (clamped ...)")."""
     text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     k = bases_label((metrics or {}).get("inversion"))
+    note = clamp_note(metrics)
+    if k is not None and note is not None:
+        k = f"{k}, {note}"
+    if column == "inversion.num_bases" and note is not None:
+        return f"{text} ({note})"
     if column == "inversion":
         match = _STEM_K.match(text)
         if match:
@@ -88,9 +132,25 @@ def display_value(column: str, value, metrics: dict | None = None) -> str:
         if text in _STEM_VARIANTS:
             base = _STEM_VARIANTS[text]
             return f"{base} ({k})" if k is not None else base
-    if column == "adaptive_k" and k is not None:
+    if column in _STEM_ROWS and k is not None:
         return f"STEM ({k})"
+    ran = (metrics or {}).get("inversion_method")  # an edit's inversion (a DDIM row run with another context)
+    if column in _STEM_ROWS and isinstance(ran, str) and ran:
+        return display_value("inversion", ran, metrics)
     return _BY_COLUMN.get(column, {}).get(text, text)
+
+
+def method_name(metrics: dict | None, note: bool = True) -> str | None:
+    """The display name of a finished run's method, from its metrics.json alone: an edit's ("STEM-TokenFlow"),
+    else its inversion's ("STEM (K=256)", "DDIM 1-frame"); `note=False` leaves out a clamped K's note. None
+    when metrics.json names no method."""
+    metrics = metrics or {}
+    method = metrics.get("method")
+    if not isinstance(method, str) or not method:
+        return None
+    if metrics.get("editing") is not None:
+        return method
+    return display_value("inversion", method, metrics if note else {**metrics, "bases": None})
 
 
 def display_column(column: str) -> str:

@@ -27,7 +27,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from stem.atomic import atomic_file
-from stem.display import display_column, display_value, layer_order, short_layer
+from stem.display import clamp_note, clamped, display_column, display_value, layer_order, method_name, short_layer
 from stem.errors import TableError
 
 DPI = 120
@@ -45,13 +45,16 @@ class Panel:
     """One axes of a curves figure.
 
     curves: {legend label: y values}; x: shared x values, {label: x values} per curve, or None
-    (1..len); points: {legend label: (xs, ys)} reference values drawn as markers only (the paper's).
+    (1..len); points: {legend label: (xs, ys)} reference values drawn as markers only (the paper's);
+    levels: {legend label: y} values without an x, drawn as dashed horizontal lines (Fig. 3's DDIM row
+    beside STEM's points over K).
     """
 
     curves: Mapping[str, Sequence[float]]
     x: Sequence[float] | Mapping[str, Sequence[float] | None] | None = None
     ylabel: str = ""
     points: Mapping[str, tuple[Sequence[float], Sequence[float]]] = field(default_factory=dict)
+    levels: Mapping[str, float | None] = field(default_factory=dict)
 
 
 def save_png(fig: Figure, path: str | Path) -> Path:
@@ -89,7 +92,7 @@ def _curve_x(panel: Panel, label: str, n: int) -> list[float]:
 
 def curves_figure(panels: Sequence[Panel], xlabel: str = "step", title: str = "", caption: str = "") -> Figure:
     """A figure of line plots, one axes per panel (stacked, sharing x), the caption below."""
-    if not panels or any(not p.curves or any(len(v) == 0 for v in p.curves.values()) for p in panels):
+    if not panels or any(not (p.curves or p.levels) or any(len(v) == 0 for v in p.curves.values()) for p in panels):
         raise ValueError(f"every curve needs at least one value, got "
                          f"{[{k: len(v) for k, v in p.curves.items()} for p in panels]}")
     fig = Figure(figsize=(6, 0.4 + 3.2 * len(panels)), layout="constrained")
@@ -103,6 +106,10 @@ def curves_figure(panels: Sequence[Panel], xlabel: str = "step", title: str = ""
             if len(values) == 1:  # a point per run: hollow, each its own shape, so that equal points all show
                 style = {"marker": POINT_MARKERS[i % len(POINT_MARKERS)], "markersize": 9, "markerfacecolor": "none"}
             ax.plot(xs, _floats(values, f"curve {label!r}"), label=label, **style)
+        for i, (label, level) in enumerate(panel.levels.items()):
+            if level is not None:
+                ax.axhline(_floats([level], f"level {label!r}")[0], label=label, linestyle="--",
+                           color=f"C{(len(panel.curves) + i) % 10}")
         for label, (pxs, pys) in panel.points.items():
             pxs = _floats(pxs, f"points {label!r}")
             xs_all += pxs
@@ -176,13 +183,29 @@ def image_grid(path: str | Path, rows: Mapping[str, torch.Tensor], col_labels: S
 
 # ---- a sweep's figure (stem.tables.sweep_plot) ---------------------------------------------------
 def _legend(run: dict, columns: Sequence[str]) -> str:
-    """Display names of a run's column values ("STEM (K=256)"; an unnamed value as "Frames N=8")."""
+    """Display names of a run's column values ("STEM (K=256)"; an unnamed value as "Frames N=8"); a clamped K
+    that no column names is added ("Frames N=8 (STEM K=256 clamped at 1 of 16 layers, mean K 244.0)")."""
     parts = []
     for column in columns:
         value = run["overrides"].get(column)
         shown = display_value(column, value, run.get("metrics"))
         parts.append(shown if shown != display_value("", value) else f"{display_column(column)}={shown}")
+    note = clamp_note(run.get("metrics"))
+    if parts and note is not None and not any(note in part for part in parts):
+        parts[-1] += f" (STEM K={clamped(run['metrics'])['k']} {note})"
     return ", ".join(parts)
+
+
+def _curve_name(runs: Sequence[dict], first: str) -> str:
+    """Legend of a curve over the first column when no other column names it (Tables 4 and 5: "STEM (K=256)"):
+    the method its runs share (`method_name`), with the x values at which K was clamped ("STEM (K=256), K
+    clamped at Frames N=8"); MEASURED when the runs do not name one method."""
+    names = {method_name(run.get("metrics"), note=False) for run in runs}
+    if len(names) != 1 or None in names:
+        return MEASURED
+    label = names.pop()
+    at = [display_value(first, run["overrides"].get(first)) for run in runs if clamp_note(run.get("metrics"))]
+    return f"{label}, K clamped at {display_column(first)}={', '.join(at)}" if at else label
 
 
 def _as_list(value, n: int, what: str) -> list:
@@ -230,9 +253,11 @@ def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: s
     y), "paper_label": the metric label of `paper` that y is (one per y)}.
     A list-valued y draws one curve per finished run, labelled with the display names of its column
     values (Figs. 4, 9); a number with a number x draws one point per finished run at (its x, its y),
-    labelled the same way (ablation_adaptive_k: PSNR against the mean K each run chose); a number
-    without x draws one curve over the first column's values per value of the other columns (Fig. 3,
-    Tables 4 and 5), with the paper's values of `paper_label` as markers.
+    labelled the same way (ablation_adaptive_k: PSNR against the mean K each run chose; ablation_k: against
+    each STEM run's K), a run without that x (the DDIM row beside STEM's K) as a dashed horizontal line at
+    its y; a number without x draws one curve over the first column's values per value of the other
+    columns (Tables 4 and 5), with the paper's values of `paper_label` as markers; with no other column the
+    curve is named after the method its runs share ("STEM (K=256)", `_curve_name`).
     """
     from stem.tables import _lookup, _sort_key
 
@@ -250,24 +275,99 @@ def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: s
     for y, ylabel, paper_label in zip(ys, ylabels, paper_labels):
         per_run = isinstance(_lookup(ok[0]["metrics"], y), list)  # per frame / per step: one curve per run
         if per_run or x:  # or a point per run at the x it measured
-            curves, xs = {}, {}
+            curves, xs, levels = {}, {}, {}
             for run in ok:
                 label = _legend(run, columns) or str(run["job"])
                 value, at = _lookup(run["metrics"], y), _lookup(run["metrics"], x) if x else None
+                if not per_run and at is None:  # a run without that setting (DDIM beside STEM's K): a level
+                    levels[label] = value
+                    continue
                 curves[label], xs[label] = (value, at) if per_run else ([value], [at])
-            panels.append(Panel(curves, xs, ylabel))
+            panels.append(Panel(curves, xs, ylabel, levels=levels))
             continue
         first, rest = columns[0], columns[1:]
-        curves, xs = {}, {}
+        curves, xs, members = {}, {}, {}
         for run in sorted(ok, key=lambda r: _sort_key(r["overrides"].get(first))):
             label = _legend(run, rest) or MEASURED
             curves.setdefault(label, []).append(_lookup(run["metrics"], y))
             xs.setdefault(label, []).append(run["overrides"].get(first))
+            members.setdefault(label, []).append(run)
+        if MEASURED in curves:  # no other column names the curve: the method its runs share (Table 4's legend)
+            name = _curve_name(members[MEASURED], first)
+            curves[name], xs[name] = curves.pop(MEASURED), xs.pop(MEASURED)
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sum(xs.values(), []))
         points = paper_points(paper, paper_label, columns) if numeric else {}
         panels.append(Panel(curves, xs if numeric else None, ylabel, points))
     return curves_figure(panels, xlabel=spec.get("xlabel", x or (display_column(columns[0]) if columns else "")),
                          title=spec.get("title", ""), caption=caption)
+
+
+# ---- a sweep's frames side by side (paper Fig. 3: reconstructions and edits per row) -------------
+FRAMES_KEYS = {"videos", "count", "title"}
+SOURCE_ROW = "source"
+SOURCE_VIDEO = "comparison.mp4"  # run.py's input | output side by side: its left half is the input
+LABEL_WIDTH = 24  # characters per line of a row label
+
+
+def sweep_frames(runs: list[dict], columns: Sequence[str], spec: Mapping) -> dict | None:
+    """The frames of a sweep's frame figure, from the job folders alone (None when no run finished):
+    {"rows": {label: (count * len(videos), 3, h, w) in [0, 1]}, "col_labels", "indices", "skipped"}.
+
+    spec: {"videos": names of each run's videos, e.g. [reconstruction, edited] (`<dir>/<name>.mp4`), "count":
+    frames per video (default 4), "title"}. Frames: `count` evenly spaced 0-based indices of the clip
+    (`stem.video.evenly_spaced`, first and last included), the same for every row. Rows: "source" (the input
+    frames: the left half of the first run's comparison.mp4), then one per finished run in job order (the
+    sweep's declared order), labelled with the display names of its column values (`_legend`); each row holds
+    `count` frames of each of `videos`, left to right. Column labels name the video and the frame's number in
+    the source clip (metrics.json's `video.frame_numbers`, 1-based). Runs of another clip than the first run's
+    (name, frames, size), or without one of the videos, are left out and named in "skipped"."""
+    from stem.video import evenly_spaced, from_uint8, read_frames_at
+
+    unknown = sorted(set(spec) - FRAMES_KEYS)
+    if unknown:
+        raise TableError(f"frames spec: unknown key(s) {unknown}; known: {sorted(FRAMES_KEYS)}")
+    videos = list(spec.get("videos") or [])
+    count = int(spec.get("count", 4))
+    if not videos or count < 1:
+        raise TableError(f"frames spec: give videos (e.g. [reconstruction, edited]) and count >= 1, got {dict(spec)}")
+    ok = [r for r in runs if r["status"] == "ok" and r.get("dir") is not None]
+    if not ok:
+        return None
+    clip = ok[0]["metrics"].get("video") or {}
+    shape = {k: clip.get(k) for k in ("name", "frames", "width", "height")}
+    if not isinstance(shape["frames"], int) or not isinstance(shape["width"], int):
+        raise TableError(f"frames figure: metrics.json of job {ok[0]['job']} records no video frames/width")
+    indices = [int(i) for i in evenly_spaced(shape["frames"], min(count, shape["frames"]))]
+    numbers = clip.get("frame_numbers") or [i + 1 for i in range(shape["frames"])]
+    rows, skipped = {}, []
+    for run in ok:
+        video = run["metrics"].get("video") or {}
+        files = [Path(run["dir"]) / f"{name}.mp4" for name in videos]
+        if {k: video.get(k) for k in shape} != shape or not all(f.is_file() for f in files):
+            skipped.append(run["job"])
+            continue
+        if not rows:
+            source = from_uint8(read_frames_at(Path(run["dir"]) / SOURCE_VIDEO, indices))
+            if source.shape[-1] != 2 * shape["width"]:
+                raise TableError(f"frames figure: {run['dir']}/{SOURCE_VIDEO} is not input | output at width "
+                                 f"{shape['width']} (its width is {source.shape[-1]})")
+            rows[SOURCE_ROW] = source[..., : shape["width"]]
+        label = _legend(run, columns) or str(run["job"])
+        label = textwrap.fill(label if label not in rows else f"{label} (job {run['job']})", LABEL_WIDTH)
+        rows[label] = torch.cat([from_uint8(read_frames_at(f, indices)) for f in files])
+    col_labels = [f"{name}, frame {numbers[i]}" for name in videos for i in indices]
+    return {"rows": rows, "col_labels": col_labels, "indices": indices, "skipped": skipped}
+
+
+def sweep_frames_figure(runs: list[dict], columns: Sequence[str], spec: Mapping, caption: str = "") -> Figure | None:
+    """`sweep_frames` as an image grid (`grid_figure`): rows = source + one per run, columns = `count` frames
+    of each video; None when no run finished. Left-out runs are named in the caption."""
+    frames = sweep_frames(runs, columns, spec)
+    if frames is None or len(frames["rows"]) < 2:
+        return None
+    note = f" Left out (another clip or no {'/'.join(spec['videos'])}.mp4): jobs {frames['skipped']}." \
+        if frames["skipped"] else ""
+    return grid_figure(frames["rows"], frames["col_labels"], spec.get("title", ""), caption + note)
 
 
 # ---- a run's bases per layer (metrics.json's "bases" section) ----------------------------------

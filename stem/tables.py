@@ -13,8 +13,10 @@ its status in every metric cell: "failed", "running", "missing" (never started) 
 A table is a dict: `header` (column keys, then metric labels: the CSV's header), `labels` (the
 printed headers), `rows` (raw values: override values parsed as YAML, metric values as floats,
 the job's status in every metric cell of a job that did not finish), `row_labels` (the printed column cells: the
-paper's method names, K of STEM rows from each run) and `formats` (None for a column, the format
-spec of each metric). Rows follow the paper's order (the sweep's declared order), each paper value
+paper's method names, K of STEM rows from each run, and a K that was clamped said so: "STEM (K=256, clamped at
+1 of 16 layers, mean K 244.0)", or "8 (STEM K=256 clamped at ...)" where no column names the method) and
+`formats` (None for a column, the format spec of each metric). Rows follow the paper's order (the sweep's
+declared order), each paper value
 sits right after its metric. Markdown formats metrics with their spec (PSNR `.3f`, SSIM `.4f` by
 default, as the paper prints them) and paper values as the config writes them; CSV keeps full
 precision. `write_sweep_outputs` adds the provenance caption (`stem.provenance`) and a sidecar JSON.
@@ -313,7 +315,7 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
     `stem.display.display_column`), "rows" (raw values), "row_labels" (the column cells to print,
     `stem.display.display_value` with K from each run's metrics), "formats" (None for a column).
     """
-    from stem.display import display_column, display_value
+    from stem.display import clamp_note, clamped, display_column, display_value
 
     specs = [_metric_spec(m) for m in (default_metrics(runs) if metrics is None else metrics)]
     for label, _, fmt, _ in specs:
@@ -344,6 +346,7 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
         values = [_combine([_value(r["metrics"], path, scale) if r["status"] == "ok" else r["status"] for r in members])
                   for _, path, _, scale in specs]
         done = [r["metrics"] for r in members if r["status"] == "ok"] or [None]
+        done.sort(key=lambda m: clamp_note(m) is None)  # names from a clamped run first: a row never hides it
         built.append((rank(cells), _sort_key(members[0]["job"]), cells, values, len(members), done[0]))
     built.sort(key=lambda r: r[:2])
 
@@ -387,6 +390,9 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
         shown = [display_value(c, v, run_metrics) for c, v in zip(columns, cells)]
         if shown and key in paper_rows and paper_rows[key] != key and any(h.endswith(" (paper)") for h in header):
             shown[-1] += f" (paper: {paper_rows[key]})"
+        note = clamp_note(run_metrics)
+        if shown and note is not None and not any(note in cell for cell in shown):  # e.g. Table 4's "8"
+            shown[-1] += f" (STEM K={clamped(run_metrics)['k']} {note})"
         row_labels.append(shown)
     return {"header": header, "labels": labels, "rows": rows, "row_labels": row_labels, "formats": formats}
 
@@ -504,13 +510,16 @@ def _runs(sweep_dir, expected=None) -> list[dict]:
 def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: list[str] | None = None,
                         metrics=None, average_over=(), paper=None, plot: dict | None = None,
                         ratio_to: str | None = None, order: dict | None = None,
-                        paper_rows: dict | None = None, expected: list[list[str]] | None = None) -> dict:
+                        paper_rows: dict | None = None, expected: list[list[str]] | None = None,
+                        frames: dict | None = None) -> dict:
     """Build the table of `sweep_dir` (see `sweep_table`) and its provenance (`stem.provenance`),
     write `<name>.md` (caption line, then the table), `.csv`, the sidecar `<name>.json` and, with
     a `plot` spec, `<name>.png` into it; return {"table", "markdown" (the .md text), "files",
     "provenance" (a plain dict, "caption" its line), "runs" (`collect_runs`)}. `expected`: the override
     list of each job the sweep launches (see `collect_runs`), so that jobs that never started are rows
-    and count in the caption's "N of M jobs finished"."""
+    and count in the caption's "N of M jobs finished". `frames`: a frame-figure spec (`stem.plots.sweep_frames`:
+    {"videos": [reconstruction, edited], "count": 4, "title"}) writes `<name>_frames.png`, the source and
+    each run's videos side by side (paper Fig. 3)."""
     from stem.provenance import sweep_provenance
 
     runs = _runs(sweep_dir, expected)
@@ -522,4 +531,10 @@ def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: lis
         png = sweep_plot(runs, [c for c in columns if c not in average_over], plot, Path(sweep_dir) / f"{name}.png",
                          caption=provenance["caption"], paper=paper_numbers(paper) if paper else None)
         files += [png] if png else []
+    if frames:
+        from stem.plots import save_png, sweep_frames_figure  # matplotlib only when a figure is asked for
+
+        fig = sweep_frames_figure(runs, [c for c in columns if c not in average_over], frames,
+                                  caption=provenance["caption"])
+        files += [save_png(fig, Path(sweep_dir) / f"{name}_frames.png")] if fig is not None else []
     return {"table": table, "markdown": files[0].read_text(), "files": files, "provenance": provenance, "runs": runs}

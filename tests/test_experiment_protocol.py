@@ -281,14 +281,35 @@ def test_table6_four_inversions_over_the_sample_clips(tmp_path):
                         "stem": ("STEMInversion", None, 256, 50)}
 
 
-def test_ablation_k_120_frames_with_128_256_512_bases(tmp_path):
-    """Mutation caught: a clip cut short (n_frames set) or another K list."""
-    assert sweep(tmp_path, "ablation_k") == {"inversion.num_bases": ["128", "256", "512"]}
+ABLATION_K = {  # paper Fig. 3 rows: (inversion, its context or K); every row also edited with TokenFlow
+    "ddim": ("DDIMInversion", "1frame"),
+    "k128": ("STEMInversion", 128),
+    "k256": ("STEMInversion", 256),
+    "k512": ("STEMInversion", 512),
+}
+
+
+def test_ablation_k_reconstructs_and_edits_120_frames_with_ddim_and_128_256_512_bases(tmp_path):
+    """Fig. 3: DDIM and STEM K=128/256/512 reconstructions (left) and TokenFlow edits of each (right), rows in
+    that order, on the whole 120-frame woman-running clip at 512x512 with 50 steps, SD 1.5; each job edits to the
+    clip's target prompt "Wonder woman is running" with TokenFlow's released settings (guidance 7.5, 50 steps,
+    PnP 0.5/0.8, batch 8, no FreeU), samples its latents back for PSNR/SSIM (report_reconstruction) and scores the
+    edit (CLIP, warp error). Mutations caught (applied and seen failing: the k512 row's inversion=stem, i.e.
+    K=256; report_reconstruction off): a clip cut short or another K list; a row running another K;
+    reconstruction-only rows (no editing, or no PSNR beside the edit); the source prompt as target."""
+    assert sweep(tmp_path, "ablation_k") == {"ablation_k": list(ABLATION_K)}
     for combo, cfg in jobs(tmp_path, "ablation_k"):
-        data, inv = cfg["data"], cfg["inversion"]
+        data, inv, edit = cfg["data"], cfg["inversion"], cfg["editing"]
         assert (data["name"], data["n_frames"], data["stride"], data["width"]) == ("woman_running", None, 1, None)
-        k = int(combo["inversion.num_bases"])
-        assert (target(inv), inv["num_bases"], inv["num_steps"]) == ("STEMInversion", k, 50)
+        assert cfg["model"]["_target_"].rsplit(".", 1)[1] == "load_pretrained"
+        kind, setting = ABLATION_K[combo["ablation_k"]]
+        assert (target(inv), inv.get("context") if kind == "DDIMInversion" else inv["num_bases"], inv["num_steps"]) == (
+            kind, setting, 50)
+        assert (target(edit), edit["prompt"], edit["num_steps"], edit["guidance_scale"]) == (
+            "TokenFlowEditor", "Wonder woman is running", 50, 7.5)
+        assert (edit["pnp_attn_t"], edit["pnp_f_t"], edit["batch_size"], edit["freeu"]) == (0.5, 0.8, 8, None)
+        assert cfg["report_reconstruction"] is True
+        assert cfg["metrics"]["clip"]["pretrained"] == "openai" and cfg["metrics"]["warp_error"] is True
 
 
 ADAPTIVE_K = {"k128": 128, "k256": 256, "k512": 512, "auto_tight": 0.2, "auto_loose": 0.4}  # K, or auto's target

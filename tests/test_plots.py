@@ -102,11 +102,14 @@ def test_no_paper_markers_where_the_paper_gives_no_numbers(tmp_path):
     Mutation caught: a paper label guessed from the y path (a "paper" line appears)."""
     spec = _sweep_spec("ablation_k")
     assert "paper_label" not in spec["plot"] and "paper" not in spec
-    runs = _runs("inversion.num_bases", [128, 256, 512], lambda i, v: {"vs_input": {"psnr": 25.0 + i}})
-    fig = sweep_figure(runs, ["inversion.num_bases"], spec["plot"], paper={"256": {"PSNR": 31.572}})
-    assert set(_lines(fig.axes[0])) == {plots.MEASURED}
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["128", "256", "512"]
-    path = sweep_plot(runs, ["inversion.num_bases"], spec["plot"], tmp_path / "k.png", caption="c")
+    scores = {"reconstruction_vs_input": {"psnr": 25.0}, "clip": {"clip_score": 0.3}, "warp_error": {"warp_error": 4.0}}
+    runs = _runs("ablation_k", ["k128", "k256", "k512"], lambda i, v: {
+        **scores, "inversion": {"method": "stem", "num_bases": int(v[1:])}})
+    fig = sweep_figure(runs, ["ablation_k"], spec["plot"], paper={"k256": {"PSNR": 31.572}})
+    for ax in fig.axes:
+        assert set(_lines(ax)) == {"STEM (K=128)", "STEM (K=256)", "STEM (K=512)"}
+    assert [t.get_text() for t in fig.axes[-1].get_xticklabels()] == ["128", "256", "512"]
+    path = sweep_plot(runs, ["ablation_k"], spec["plot"], tmp_path / "k.png", caption="c")
     assert path == tmp_path / "k.png" and iio.imread(path).ndim == 3
 
 
