@@ -226,3 +226,45 @@ def test_e_step_with_raw_bases_is_stable_for_large_logits():
     logits = x[0].double() @ mu[0].double().T / 0.05
     assert logits.abs().max() > 3000 and torch.isfinite(z).all()
     torch.testing.assert_close(z[0].double(), torch.softmax(logits, -1), rtol=0, atol=4 * U32 * logits.abs().max())
+
+
+def test_reseeded_bases_get_the_worst_tokens_values():
+    """Keys space passes the values: a dead key basis (it points away from every token) reseeded with the worst-fit
+    token gets that token's value as its value basis, not the zero its responsibilities give.
+
+    Mutation seen failing: value bases left out of the reseeding (the reseeded key keeps a zero value basis)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 30, 4, generator=g).abs() + 0.1  # all tokens in the positive orthant
+    v = torch.randn(1, 30, 3, generator=g)
+    mu0 = torch.cat([x[:, :3], -torch.ones(1, 1, 4)], 1)  # basis 3 points away from every token
+    keep = em_bases(x, 4, n_iters=1, tau=0.01, dead_bases="keep", bases=mu0, values=v)
+    assert keep.values[0, 3].abs().max() < 1e-2  # dead: (about) a zero value basis
+    reseed = em_bases(x, 4, n_iters=1, tau=0.01, dead_bases="reseed", bases=mu0, values=v)
+    worst = (x[0] @ (mu0[0] / mu0[0].norm(dim=-1, keepdim=True)).T).amax(-1).argmin()
+    assert torch.equal(reseed.bases[0, 3], x[0, worst]) and torch.equal(reseed.values[0, 3], v[0, worst])
+    torch.testing.assert_close(reseed.values[0, :3], keep.values[0, :3])
+
+
+@pytest.mark.parametrize("mass,dead", [(5e-3, False), (5e-4, True)])
+def test_a_basis_is_dead_below_a_mass_of_1e_3(mass, dead):
+    """The dead-basis threshold by value (1e-3 of a token's responsibility): a basis holding 5e-3 is kept as its
+    M-step gives it, one holding 5e-4 is reseeded with the worst-fit token. Two raw bases (s, 0) and (-s, 0)
+    at tau 1 on 20 tokens (1 + r_i, y_i): z_i1 = sigmoid(-2 s (1 + r_i)); s is solved for the mass (float64).
+
+    Mutations seen failing: DEAD_MASS 1e-1 (the 5e-3 basis reseeded); DEAD_MASS 1e-4 (the 5e-4 basis kept)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.stack([1 + torch.rand(20, generator=g), torch.randn(20, generator=g)], -1)[None]
+    lo, hi = 0.0, 50.0
+    for _ in range(200):  # bisection: the mass decreases in s
+        s = (lo + hi) / 2
+        lo, hi = (s, hi) if torch.sigmoid(-2 * s * x[0, :, 0].double()).sum() > mass else (lo, s)
+    mu0 = torch.tensor([[[s, 0.0], [-s, 0.0]]])
+    keep = em_bases(x, 2, n_iters=1, tau=1.0, normalize_bases=False, dead_bases="keep", bases=mu0)
+    reseed = em_bases(x, 2, n_iters=1, tau=1.0, normalize_bases=False, dead_bases="reseed", bases=mu0)
+    # s and the logits (|logit| < 20) rounded to fp32 move the mass relatively by about 20 u ~ 1e-6
+    torch.testing.assert_close(keep.mass[0, 1].double(), torch.tensor(mass, dtype=torch.float64), rtol=1e-5, atol=0)
+    worst = x[0, x[0, :, 0].argmin()]  # lowest best similarity s (1 + r_i)
+    if dead:
+        assert torch.equal(reseed.bases[0, 1], worst) and not torch.equal(keep.bases[0, 1], worst)
+    else:
+        assert torch.equal(reseed.bases, keep.bases)
