@@ -88,6 +88,9 @@ class TimedDistributed(Distributed):
     def all_reduce_sum(self, tensor):
         return self._timed("all_reduce_sum", tensor)
 
+    def all_reduce_max(self, tensor):  # the literal M-step's per-basis maxima
+        return self._timed("all_reduce_max", tensor)
+
     def all_gather(self, tensor):  # all_gather_slices goes through it
         return self._timed("all_gather", tensor)
 

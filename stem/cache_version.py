@@ -24,9 +24,9 @@ import re
 import sys
 from pathlib import Path
 
-INVERSION_CACHE_VERSION = 1  # bump when the inverted latents may change (module docstring)
+INVERSION_CACHE_VERSION = 2  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "2ce6657c73d5e48e9a09483333a0275f86490c84e39878dba62830a6359a3402"
+INVERSION_SOURCES_DIGEST = "b813b93f5ad04de5e2daeea55ce8896da3b32d83458e90cec57e2f6a0207f627"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).

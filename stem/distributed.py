@@ -2,8 +2,8 @@
 
 A video of N frames is split into contiguous slices, one per process (rank). Each rank runs the
 VAE and the UNet on its own slice; the self-attention processors exchange only what their
-context needs (STEM: the EM sums, see `stem.em`; DDIM 2-frame: one frame's keys/values;
-all-frame: every frame's keys/values, see `stem.attention`).
+context needs (STEM: the EM sums, and the per-basis maxima of the literal M-step, see `stem.em`;
+DDIM 2-frame: one frame's keys/values; all-frame: every frame's keys/values, see `stem.attention`).
 
 Slicing rule (`frame_slices`): the units are frames, or EM groups of `group` frames (the last
 group may be shorter, as in `stem.stem_attention.group_spans`) so that no group straddles two
@@ -111,6 +111,12 @@ class Distributed:
         """Sum of `tensor` over ranks (in place; returned). Identity with one process."""
         if self.active:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of `tensor` over ranks (in place; returned). Identity with one process."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -9,16 +9,34 @@ Notation (paper symbols in brackets):
 
 E-step (Eq. 8/9):   z_ik = softmax_k( <x_i, mu_k> / tau )
                     (mu_k l2-normalised first, mu_k / (|mu_k| + 1e-4), when normalize_bases)
-M-step (Eq. 10/11): mu_k = sum_i z_ik x_i / (sum_i z_ik + mass_eps)
+M-step (Eq. 10/11): mu_k = sum_i z_ik x_i / (sum_i z_ik + mass_eps)       (m_step="eps")
+                    mu_k = sum_i w_ik x_i / sum_i w_ik,                     (m_step="literal")
+                    w_ik = exp(log z_ik - max_i log z_ik)
 
-`mass_eps` keeps the division finite for a basis without responsibility. The paper writes no
-epsilon; the paper preset uses 1e-6, the released code 1e-4 (`m_step`: z / (sum z + 1e-4)).
-With tau = 0.01 many bases hold little mass, so the choice changes the bases (issue #11).
+m_step="eps": `mass_eps` keeps the division finite for a basis without responsibility. The paper
+writes no epsilon; the paper preset uses 1e-6, the released code 1e-4 (its M-step: z / (sum z + 1e-4)).
+With tau = 0.01 many bases hold little mass, so the choice changes the bases (issue #11). A basis whose
+responsibilities all underflow in fp32 (raw bases at tau 0.05: logits hundreds apart) gets 0 / eps = 0.
+
+m_step="literal": Eq. 10 to the letter, a scale-free weighted mean. Dividing z_ik by its largest value
+over the tokens does not change the mean, and done in the log domain (log z = the E-step's
+log_softmax) the weights w_ik lie in (0, 1] with at least one 1 per basis: no epsilon, and a basis
+whose every z_ik is far below fp32's range (exp(-87)) is still the weighted mean of its tokens.
+Streamed: a running max m_k per basis; a chunk that raises it rescales the sums accumulated so far by
+exp(m_old - m_new) (as a streamed logsumexp does). Distributed: the global max is all-reduced (MAX),
+every process rescales its sums to it, then the sums are all-reduced as for "eps". The mass reported
+(`EMResult.mass`, dead bases) is sum_i z_ik = exp(m_k) sum_i w_ik, which may underflow to 0.
+
+E-step in fp32: softmax and log_softmax subtract each token's largest logit, so raw bases with logits
+in the thousands neither overflow nor give NaN; the logits carry a rounding of a few ulps of the largest
+|logit| (fp32: 6e-8 x |logit|), which moves every z_ik and w_ik relatively by about as much. A z_ik
+below fp32's range (about exp(-87), or exp(-103) with denormals) is 0: harmless in absolute terms and for
+"literal", which weighs by log z, but for "eps" a basis whose every z_ik is 0 has nothing left.
 
 One iteration is an E-step then an M-step; the result is mu after R iterations. Optional
 `values` (B, T, Cv) get bases from the responsibilities of the last E-step, normalised the
 same way, mu^v_k = sum_i z_ik v_i / (sum_i z_ik + mass_eps) (the released code's V-bases in
-key space reuse its normalised Z).
+key space reuse its normalised Z), or sum_i w_ik v_i / sum_i w_ik with m_step="literal".
 
 As tau -> 0 the responsibilities become one-hot and EM is Lloyd's k-means with the E-step's
 similarity as assignment rule (tested).
@@ -44,7 +62,8 @@ Distributed EM (`EMShard`, issue #14): when each process holds part of the EM pr
 every process the bases one process holding everything would get (up to float summation order):
 - global bases, tokens split over processes (`token_start`, `total_tokens`, `comm`): the M-step
   sums sum_i z_ik x_i, sum_i z_ik (and sum_i z_ik v_i) are all-reduced once per iteration, right
-  after the chunk loop; the gaussian init's per-channel sums all-reduced in both passes;
+  after the chunk loop (m_step="literal": after an all-reduce MAX of the per-basis running max and a
+  rescaling of each process's sums to it); the gaussian init's per-channel sums all-reduced in both passes;
   random_tokens / kmeans++ draw token indices from the GLOBAL token set with the same generator
   on every process (identical draws), and the drawn tokens are assembled by an all-reduce of
   zero-filled buffers (each token is held by one process, so the sum is exact); dead-base
@@ -68,6 +87,7 @@ from stem.errors import ConfigError, check_choice, check_token_count
 
 INITS = ("gaussian", "random_tokens", "kmeans++")
 DEAD_POLICIES = ("keep", "reseed")
+M_STEPS = ("eps", "literal")  # sum Z X / (sum Z + mass_eps) | Eq. 10's weighted mean in the log domain
 NORM_EPS = 1e-4   # released code: mu / (|mu| + 1e-4)
 MASS_EPS = 1e-6   # M-step denominator, default (paper preset); the released code uses 1e-4
 DEAD_MASS = 1e-3  # a basis with less total responsibility than this is dead
@@ -87,6 +107,7 @@ class Comm(Protocol):
     """The collectives distributed EM needs (`stem.distributed.Distributed` has them)."""
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]: ...
 
 
@@ -125,10 +146,15 @@ class EMShard:
             pos += t.numel()
         return out
 
+    def maximum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of `tensor` over processes (itself with one process)."""
+        return tensor if self.comm is None else self.comm.all_reduce_max(tensor.clone())
+
 
 def check_em_settings(num_bases: int, n_iters: int, tau: float, init: str, dead_bases: str,
-                      chunk_size: int | None, mass_eps: float = MASS_EPS) -> None:
+                      chunk_size: int | None, mass_eps: float = MASS_EPS, m_step: str = "eps") -> None:
     """Raise ConfigError for settings EM cannot run with (before any model work)."""
+    check_choice("m_step", m_step, M_STEPS)
     if not mass_eps > 0:
         raise ConfigError(f"mass_eps={mass_eps} must be > 0 (paper preset: 1e-6, released code: 1e-4)")
     if num_bases < 1:
@@ -248,7 +274,8 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
              normalize_bases: bool = True, init: str = "gaussian", dead_bases: str = "keep",
              generator: torch.Generator | None = None, chunk_size: int | None = None,
              values: torch.Tensor | None = None, bases: torch.Tensor | None = None,
-             mass_eps: float = MASS_EPS, shard: EMShard | None = None, measure_error: bool = False) -> EMResult:
+             mass_eps: float = MASS_EPS, shard: EMShard | None = None, measure_error: bool = False,
+             m_step: str = "eps") -> EMResult:
     """Run R EM iterations on tokens `x` (B, T, C); see the module docstring.
 
     Args:
@@ -258,12 +285,15 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
         chunk_size: tokens per accumulation chunk (None = all at once).
         values: optional (B, T, Cv) tensor whose bases follow the last responsibilities.
         bases: optional initial bases (B, K, C).
-        mass_eps: the M-step's denominator is sum_i z_ik + mass_eps (released code: 1e-4).
+        mass_eps: the M-step's denominator is sum_i z_ik + mass_eps (released code: 1e-4); m_step="eps" only.
+        m_step: "eps" (sum Z X / (sum Z + mass_eps)) or "literal" (Eq. 10's weighted mean, log domain; module
+            docstring).
         shard: this process's part of a distributed EM (module docstring); None: x is everything.
         measure_error: also return the reconstruction error of the tokens by their responsibilities,
             `error_sq` and `energy` (module docstring); off, nothing extra is computed.
     """
-    check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size, mass_eps)
+    check_em_settings(num_bases, n_iters, tau, init, dead_bases, chunk_size, mass_eps, m_step)
+    literal = m_step == "literal"
     b, t, c = x.shape
     mu = init_bases(x, num_bases, init, generator, chunk_size, shard) if bases is None else bases.float()
     k = mu.shape[1]
@@ -275,29 +305,50 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
         num_v = torch.zeros(b, k, values.shape[-1], device=x.device) if (last and values is not None) else None
         gram = torch.zeros(b, k, k, device=x.device) if (last and measure_error) else None
         energy = torch.zeros(b, device=x.device) if (last and measure_error) else None
+        peak = torch.full((b, k), -torch.inf, device=x.device) if literal else None  # running max_i log z_ik
         worst_score = worst_x = worst_v = None
         for s, e in _chunks(t, chunk_size):
             xc = x[:, s:e].float()
             sim = similarity(xc, mu, normalize_bases)
-            z = torch.softmax(sim / tau, dim=-1)
-            num += z.transpose(1, 2) @ xc
-            mass += z.sum(1)
             vc = values[:, s:e].float() if values is not None else None
+            if literal:  # weights w = exp(log z - running max) in (0, 1]; earlier sums rescaled to a new max
+                log_z = torch.log_softmax(sim / tau, dim=-1)
+                new_peak = torch.maximum(peak, log_z.amax(1))
+                num, mass, num_v = _rescale(peak, new_peak, num, mass, num_v)
+                peak = new_peak
+                w = torch.exp(log_z - peak[:, None])
+                z = torch.exp(log_z) if gram is not None else None
+            else:
+                w = z = torch.softmax(sim / tau, dim=-1)
+            num += w.transpose(1, 2) @ xc
+            mass += w.sum(1)
             if num_v is not None:
-                num_v += z.transpose(1, 2) @ vc
+                num_v += w.transpose(1, 2) @ vc
             if gram is not None:
                 gram += z.transpose(1, 2) @ z
                 energy += xc.square().sum((1, 2))
             if dead_bases == "reseed":
                 worst_score, worst_x, worst_v = _keep_worst(sim.amax(-1), xc, vc, worst_score, worst_x, worst_v, k)
+        if literal and shard is not None:  # every process's weights relative to the same (global) max
+            global_peak = shard.maximum(peak)
+            num, mass, num_v = _rescale(peak, global_peak, num, mass, num_v)
+            peak = global_peak
         if shard is not None:  # the sums over all processes' tokens (Eq. 10/11 sum over the whole video)
             num, mass, num_v, gram, energy = shard.reduce(num, mass, num_v, gram, energy)
+        if literal:  # sum_i w_ik >= 1 (the token at the max has weight 1): Eq. 10 without an epsilon
+            mu = num / mass[..., None]
+            if num_v is not None:
+                value_bases = num_v / mass[..., None]
+            scale = torch.exp(peak)  # sum_i z_ik = exp(max) sum_i w_ik (may underflow: the true fp32 mass)
+            num, mass = num * scale[..., None], mass * scale
+        else:
+            mu = num / (mass[..., None] + mass_eps)
+            if num_v is not None:
+                value_bases = num_v / (mass[..., None] + mass_eps)
+        if shard is not None:
             needed = int((mass < DEAD_MASS).sum(1).max()) if dead_bases == "reseed" and b else 0
             if needed:  # the same on every process (mass is all-reduced): only then are worst tokens exchanged
                 worst_x, worst_v = _global_worst(shard, worst_score, worst_x, worst_v, needed, shard.tokens(t))
-        mu = num / (mass[..., None] + mass_eps)
-        if num_v is not None:
-            value_bases = num_v / (mass[..., None] + mass_eps)
         if dead_bases == "reseed":
             mu, value_bases = _reseed(mu, value_bases, mass, worst_x, worst_v)
     if not measure_error:
@@ -305,6 +356,13 @@ def em_bases(x: torch.Tensor, num_bases: int = 256, n_iters: int = 3, tau: float
     # sum_i ||x_i - z_i mu||^2 = sum_i ||x_i||^2 - 2 <mu, Z^T X>_F + trace(mu^T Z^T Z mu), Z of the last E-step
     error_sq = energy - 2 * (mu * num).sum((1, 2)) + ((gram @ mu) * mu).sum((1, 2))
     return EMResult(mu, value_bases, mass, error_sq.clamp_min(0), energy)
+
+
+def _rescale(old: torch.Tensor, new: torch.Tensor, *sums: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Sums of weights exp(log z - old) (and sums weighted by them) re-expressed relative to new >= old (B, K):
+    multiplied by exp(old - new); zero where old is -inf (nothing accumulated yet)."""
+    factor = torch.where(old > -torch.inf, torch.exp(old - new), torch.zeros_like(new))
+    return [None if a is None else a * (factor[..., None] if a.dim() == 3 else factor) for a in sums]
 
 
 def _keep_worst(score, xc, vc, best_score, best_x, best_v, k):

@@ -164,7 +164,7 @@ class STEMInversion(InversionMethod):
     """STEM inversion (paper Sec. 4, Alg. 1): DDIM inversion with STEM self-attention.
 
     Args (defaults: the `stem` preset, `configs/inversion/stem.yaml`: the paper's numbers, with the
-    released code's normalised bases and reseeded dead bases; `stem_literal.yaml` is Eq. 8 to the
+    released code's normalised bases and reseeded dead bases; `stem_literal.yaml` is Eq. 8-11 to the
     letter, `stem_official.yaml` the released code; docs/STEM.md):
         num_bases: K (paper: 256), or "auto": K chosen per layer (`auto`, docs/STEM.md "Adaptive K").
         n_iters: R EM iterations (paper: 3). tau: E-step temperature (0.05).
@@ -179,6 +179,9 @@ class STEMInversion(InversionMethod):
             before any model work), "clamp" (use as many bases as tokens there, logged) or
             "allow" (K bases anyway, as the released code; logged). Not read with num_bases="auto".
         mass_eps: M-step denominator sum Z + mass_eps (paper: none written; released code: 1e-4).
+        m_step: "eps" (sum Z X / (sum Z + mass_eps), the `stem` preset and the released code) or "literal"
+            (Eq. 10's weighted mean sum Z X / sum Z, computed in the log domain so that a basis whose
+            responsibilities underflow in fp32 is still its weighted mean; mass_eps unused; `stem_literal`).
         stem_in_reconstruction: also use STEM self-attention when sampling back (as the
             released code); False samples back with plain per-frame attention.
         num_steps: DDIM steps. chunk_size, query_chunk: memory bounds (no effect on results
@@ -194,11 +197,12 @@ class STEMInversion(InversionMethod):
                  space: str = "features", group: int | None = None, init: str = "gaussian",
                  normalize_bases: bool = True, dead_bases: str = "reseed", seed: int = 0, excess_bases: str = "error",
                  mass_eps: float = MASS_EPS, stem_in_reconstruction: bool = True, num_steps: int = 50,
-                 chunk_size: int | None = 16384, query_chunk: int | None = 65536, auto: dict | None = None):
+                 chunk_size: int | None = 16384, query_chunk: int | None = 65536, auto: dict | None = None,
+                 m_step: str = "eps"):
         super().__init__(num_steps)
         self.kwargs = dict(num_bases=num_bases, n_iters=n_iters, tau=tau, space=space, group=group, init=init,
                            normalize_bases=normalize_bases, dead_bases=dead_bases, seed=seed,
-                           excess_bases=excess_bases, mass_eps=mass_eps)
+                           excess_bases=excess_bases, mass_eps=mass_eps, m_step=m_step)
         auto = resolve_auto(auto)  # a bad auto setting is refused even with an integer K
         self.auto = auto if num_bases == "auto" else None
         self.memory = dict(chunk_size=chunk_size, query_chunk=query_chunk)

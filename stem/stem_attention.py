@@ -96,7 +96,7 @@ class STEMAttnProcessor(SelfAttnProcessor):
         n_iters: R. tau: E-step temperature.
         space: "features" (EM on X, as the paper writes) or "keys" (per-head EM on keys, as released).
         group: frames per EM group; None = the whole video (global bases).
-        init, normalize_bases, dead_bases, mass_eps: see `stem.em.em_bases`.
+        init, normalize_bases, dead_bases, mass_eps, m_step: see `stem.em.em_bases`.
         seed: seeds the generator for the bases' initialisation (one generator per processor,
             so a run is reproducible call for call).
         excess_bases: a layer whose EM group has fewer tokens than K: "error", "clamp" to
@@ -121,13 +121,13 @@ class STEMAttnProcessor(SelfAttnProcessor):
                  normalize_bases: bool = True, dead_bases: str = "keep", seed: int = 0,
                  excess_bases: str = "error", mass_eps: float = MASS_EPS, chunk_size: int | None = 16384,
                  query_chunk: int | None = 65536, shard: FrameShard | None = None, auto: dict | None = None,
-                 phase: str = "inversion"):
+                 phase: str = "inversion", m_step: str = "eps"):
         super().__init__(num_frames)
         self.auto = resolve_auto(auto) if num_bases == "auto" else None
         if self.auto is None and (isinstance(num_bases, bool) or not isinstance(num_bases, int)):
             raise ConfigError(f"num_bases={num_bases!r} must be an integer of at least 1 (paper: 256) or auto")
         check_em_settings(num_bases if self.auto is None else self.auto["k_min"], n_iters, tau, init, dead_bases,
-                          chunk_size, mass_eps)
+                          chunk_size, mass_eps, m_step)
         check_choice("space", space, SPACES)
         if group is not None and group < 1:
             raise ConfigError(f"group={group} must be at least 1 frame, or null for the whole video")
@@ -138,7 +138,7 @@ class STEMAttnProcessor(SelfAttnProcessor):
         check_token_count("query_chunk", query_chunk)
         self.num_bases, self.n_iters, self.tau, self.space, self.group = num_bases, n_iters, tau, space, group
         self.init, self.normalize_bases, self.dead_bases = init, normalize_bases, dead_bases
-        self.excess_bases, self.mass_eps = excess_bases, mass_eps
+        self.excess_bases, self.mass_eps, self.m_step = excess_bases, mass_eps, m_step
         self.chunk_size, self.query_chunk = chunk_size, query_chunk
         self.generator = torch.Generator().manual_seed(seed)
         self.shard = sharded(shard, num_frames)
@@ -165,7 +165,7 @@ class STEMAttnProcessor(SelfAttnProcessor):
             k = self.num_bases if self.excess_bases == "allow" else min(self.num_bases, tokens)
         return em_bases(x, k, self.n_iters, self.tau, self.normalize_bases, self.init, self.dead_bases,
                         self.generator if generator is None else generator, self.chunk_size, values,
-                        mass_eps=self.mass_eps, shard=shard, measure_error=measure_error)
+                        mass_eps=self.mass_eps, shard=shard, measure_error=measure_error, m_step=self.m_step)
 
     def em_calls(self, tokens_per_frame: int, branches: int, heads: int):
         """(first, end local frame, frames per group, EMShard or None) of every EM call of a layer, in order.

@@ -380,3 +380,26 @@ def test_sharded_auto_chooses_as_one_process(tiny_model, one_process_auto, tmp_p
         for layer, want in enumerate(ref[name]["outs"]):
             close(torch.cat([res[name]["outs"][layer] for res in ranks]), want, f"{name} attn1 output of layer {layer}")
         close(ranks[0][name]["traj"], ref[name]["traj"], f"{name} trajectory")
+
+
+# ---------------------------------------------------------------- the candidate cap with uneven EM groups
+@pytest.mark.parametrize("space", ["features", "keys"])
+def test_auto_caps_k_at_the_tokens_of_the_smallest_em_group(space):
+    """5 frames of 6 tokens in EM groups of 2 frames: groups of 12, 12 and 6 tokens (the last one short). With
+    k_min = k_max = 1000 the only candidate is the cap, whatever the error criterion and target decide: auto
+    uses 6 bases at that layer, and no EM call gets more bases than its group has tokens.
+
+    Mutation seen failing: the cap taken from the largest EM group (12 bases for the 6-token group)."""
+    attn = Attention(query_dim=8, heads=2, dim_head=4, bias=False).eval()
+    proc = STEMAttnProcessor(5, "auto", group=2, space=space, auto=dict(k_min=1000, k_max=1000))
+    calls, em = [], proc.em
+
+    def spy(x, *args, k=None, **kwargs):
+        calls.append((k, x.shape[1]))
+        return em(x, *args, k=k, **kwargs)
+    proc.em = spy
+    with torch.no_grad():
+        proc.for_layer("layer")(attn, torch.randn(5, 6, 8, generator=torch.Generator().manual_seed(0)))
+    assert sorted({tokens for _, tokens in calls}) == [6, 12]  # the uneven groups this test is about
+    assert all(k <= tokens for k, tokens in calls), calls
+    assert proc.bases_record()["layers"]["layer"]["k"] == [6]

@@ -452,3 +452,98 @@ def test_one_process_is_bitwise_the_unsharded_code(tiny_model, one_thread):
         if isinstance(method, STEMInversion):
             back = method.reconstruct(tiny_model, want[-1], cond, progress=False)
             assert torch.equal(reconstruct_sharded(method, tiny_model, want[-1], cond, fs, progress=False), back), name
+
+
+def literal_em_job(chunk_size):
+    """Three single EM iterations (m_step="literal", raw bases, tau 0.05) on this rank's frames of the clustered
+    tokens of tests/test_em.py (8 "frames" of 64 tokens), each from the previous iteration's bases."""
+    def job(d: Distributed):
+        from test_em import clustered_tokens
+        x, v, mu = clustered_tokens()
+        a, b = frame_slices(8, d.world_size)[d.rank]
+        shard = EMShard(token_start=a * 64, total_tokens=512, comm=d)
+        steps = []
+        for _ in range(3):
+            res = em_bases(x[:, a * 64:b * 64], 64, n_iters=1, tau=0.05, normalize_bases=False, dead_bases="keep",
+                           bases=mu, values=v[:, a * 64:b * 64], chunk_size=chunk_size, shard=shard, m_step="literal")
+            steps.append((mu, res.bases, res.values, res.mass))
+            mu = res.bases
+        return steps
+    return job
+
+
+@pytest.mark.parametrize("world,chunk_size", [(2, None), (3, 100)])
+def test_sharded_literal_m_step_is_eq_10_over_all_tokens(tmp_path, world, chunk_size):
+    """Global bases over 2 and 3 gloo ranks (tokens split 256+256 and 192+192+128), m_step="literal": at each
+    iteration every rank's key and value bases equal the float64 Eq. 8-11 step over ALL tokens from the bases
+    it started from (tolerance of tests/test_em.py), and the ranks agree with one another.
+
+    Mutations seen failing: no all-reduce MAX of the per-basis maxima (each rank's weights relative to its own
+    max); the rescaling to the global max applied to num but not to the masses."""
+    from test_em import clustered_tokens, literal_step
+    codes, _, ranks = run_ranks(world, literal_em_job(chunk_size), tmp_path, timeout=60)
+    assert codes == [0] * world, f"rank exit codes {codes}"
+    x, v, _ = clustered_tokens()
+    tiny = []
+    for r, steps in enumerate(ranks):
+        for i, (start, bases, values, mass) in enumerate(steps):
+            want, want_v, z = literal_step(x[0], start[0], 0.05, v[0])
+            # see test_literal_m_step_is_eq_10_where_the_eps_m_step_gives_zero_bases
+            delta = (64 ** 0.5 + 4) * 2.0 ** -24 * (x[0].double().abs() @ start[0].double().abs().T / 0.05).max()
+            spread = (x[0].double()[:, None] - want).abs().max()
+            spread_v = (v[0].double()[:, None] - want_v).abs().max()
+            assert (bases[0].double() - want).abs().max() <= 2 * delta * spread, f"rank {r} of {world}, iteration {i}"
+            assert (values[0].double() - want_v).abs().max() <= 2 * delta * spread_v
+            torch.testing.assert_close(mass[0].double(), z.sum(0), rtol=delta, atol=1e-37)
+            tiny.append(z.sum(0).min().item())
+            if r:
+                assert torch.equal(bases, ranks[0][i][1]), "ranks disagree"  # same all-reduced sums
+    assert min(tiny) < 1e-40  # bases whose every responsibility is below fp32's range: what this test is about
+
+
+def five_frame_job(model):
+    """STEMInversion(num_bases=4), one step, on 5 frames of 8x8 latents (1 token per frame at the tiny UNet's mid
+    block: 5 tokens over the video, 3 and 2 on the two ranks)."""
+    def job(d: Distributed):
+        method = STEMInversion(num_bases=4, num_steps=1)
+        latents, cond = video()
+        fs = shard_video(d, method, 5)
+        traj = invert_sharded(method, model, fs.local(latents[:5]), cond, fs, progress=False)
+        return None if traj is None else traj.latents
+    return job
+
+
+def test_sharded_k_check_counts_the_whole_videos_tokens(tiny_model, tmp_path):
+    """K=4 bases on 5 frames whose mid block has 1 token each: valid for the video (5 tokens per EM group,
+    global bases) although neither rank's slice (3 + 2 frames) holds 4 tokens. Two ranks run it and rank 0's
+    trajectory equals one process's.
+
+    Mutation seen failing: invert_sharded checking K against the local slice's frames (refuses the job)."""
+    latents, cond = video()
+    with torch.no_grad():
+        want = STEMInversion(num_bases=4, num_steps=1).invert(tiny_model, latents[:5], cond, progress=False).latents
+    codes, _, ranks = run_ranks(2, five_frame_job(tiny_model), tmp_path, timeout=60)
+    assert codes == [0, 0], f"rank exit codes {codes}"
+    close(ranks[0], want, "5-frame trajectory")
+
+
+def test_sharded_reconstruction_records_its_bases_as_the_reconstruction(tiny_model, one_thread):
+    """reconstruct_sharded installs the reconstruction's processor: after a sharded inversion and reconstruction
+    (one process), bases_report() has both phases, recorded by processors of their own phase; a reconstruction
+    alone reports a reconstruction and no inversion.
+
+    Mutation seen failing: reconstruct_sharded using the inversion-phase processor (its record lands under
+    "inversion" and replaces the inversion's)."""
+    latents, cond = video()
+    method = STEMInversion(num_steps=1, **STEM_SPECS["stem"])
+    fs = shard_video(Distributed(), method, N_FRAMES)
+    traj = invert_sharded(method, tiny_model, latents, cond, fs, progress=False)
+    inversion = method.processors["inversion"]
+    reconstruct_sharded(method, tiny_model, traj.latents[-1], cond, fs, progress=False)
+    assert method.processors["inversion"] is inversion and inversion.phase == "inversion"
+    assert method.processors["reconstruction"].phase == "reconstruction"
+    assert {"inversion", "reconstruction"} <= set(method.bases_report())
+    alone = STEMInversion(num_steps=1, **STEM_SPECS["stem"])
+    reconstruct_sharded(alone, tiny_model, traj.latents[-1], cond, fs, progress=False)
+    report = alone.bases_report()
+    assert "reconstruction" in report and "inversion" not in report

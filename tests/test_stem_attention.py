@@ -154,3 +154,54 @@ def test_too_many_bases_for_a_layer_names_the_layer_and_the_fix(tiny_model):
     with pytest.raises(ConfigError, match="16 tokens of an EM group at mid_block"):
         STEMInversion(num_bases=128, group=1).check(tiny_model.unet, 8, 32, 32)
     STEMInversion(num_bases=256, excess_bases="clamp").check(tiny_model.unet, 8, 32, 32)
+
+
+def test_stem_literal_preset_attends_to_eq_10_bases_where_eps_gives_zero_bases():
+    """STEMInversion with configs/inversion/stem_literal.yaml (one EM iteration instead of R=3, so that the
+    float64 reference is one step from the same initial bases) on 8 frames of 64 clustered tokens of 64
+    channels, K=64: the bases the processor attends to are the float64 Eq. 8-11 step (raw-basis softmax,
+    plain weighted mean; tolerance of tests/test_em.py), and its output is softmax(Q K_b^T / sqrt(d)) V_b of
+    those bases. With the preset's M-step replaced by sum Z X / (sum Z + 1e-6), zero bases appear and the output
+    moves by more than 10% of its norm.
+
+    Mutation seen failing: `m_step: literal` removed from stem_literal.yaml (and STEMInversion not passing
+    m_step to the processor)."""
+    from test_em import clustered_tokens, literal_step
+    from test_stem_released import preset
+
+    frames, tokens, channels, k, heads = 8, 64, 64, 64, 2
+    d = channels // heads
+    torch.manual_seed(0)
+    attn64 = Attention(query_dim=channels, heads=heads, dim_head=d, bias=False).eval()
+    x, _, _ = clustered_tokens(seed=1)                                  # (1, 512, 64): 8 frames of 64 tokens
+    seen = []
+
+    def run(**overrides):
+        settings = preset("stem_literal", num_bases=k, n_iters=1, seed=2, excess_bases="error", **overrides)
+        proc = STEMInversion(**settings).processor(frames)
+        em = proc.em
+
+        def recorded(*args, **kwargs):
+            res = em(*args, **kwargs)
+            seen.append(res.bases)
+            return res
+        proc.em = recorded
+        with torch.no_grad():
+            return proc(attn64, x.view(frames, tokens, channels))
+
+    out = run()
+    mu0 = init_bases(x, k, "gaussian", torch.Generator().manual_seed(2))  # the processor's initial bases
+    want, _, z = literal_step(x[0], mu0[0], 0.05)
+    assert z.sum(0).min() < 1e-38  # a basis whose responsibilities all underflow in fp32
+    delta = (channels ** 0.5 + 4) * 2.0 ** -24 * (x[0].double().abs() @ mu0[0].double().abs().T / 0.05).max()
+    assert (seen[0][0].double() - want).abs().max() <= 2 * delta * (x[0].double()[:, None] - want).abs().max()
+    w = {n: getattr(attn64, f"to_{n}").weight.double() for n in "qkv"}
+    xd, mu = x[0].double(), seen[0][0].double()
+    q, kb, vb = xd @ w["q"].T, mu @ w["k"].T, mu @ w["v"].T
+    heads_out = [ref_attention(q[:, h * d:(h + 1) * d], kb[:, h * d:(h + 1) * d], vb[:, h * d:(h + 1) * d])
+                 for h in range(heads)]
+    expected = torch.cat(heads_out, -1) @ attn64.to_out[0].weight.double().T + attn64.to_out[0].bias.double()
+    torch.testing.assert_close(out.double().view(-1, channels), expected, rtol=1e-5, atol=1e-6)
+    eps = run(m_step="eps")
+    assert (seen[1][0].abs().amax(-1) == 0).any()
+    assert (eps.double() - out.double()).norm() > 0.1 * out.double().norm()

@@ -45,13 +45,19 @@ def test_auto_preset_is_the_paper_preset_with_adaptive_k():
     assert fixed.settings() == STEMInversion(num_bases=128).settings()
 
 
-def test_literal_preset_is_the_paper_preset_with_raw_bases_and_no_reseeding():
-    """Catches: stem_literal normalising the bases (Eq. 8 has exp(mu X^T / tau)) or reseeding, or
-    differing from the paper preset in anything else."""
+def test_literal_preset_is_the_paper_preset_with_raw_bases_no_reseeding_and_the_literal_m_step():
+    """Catches: stem_literal normalising the bases (Eq. 8 has exp(mu X^T / tau)), reseeding, or dividing by
+    sum Z + eps (Eq. 10 is the plain weighted mean), or differing from the paper preset in anything else; the
+    paper and released presets leaving the eps M-step (their latents unchanged)."""
     literal = load("stem_literal")
     assert literal.pop("defaults") == ["stem", "_self_"]
-    assert literal == {"normalize_bases": False, "dead_bases": "keep"}
+    assert literal == {"normalize_bases": False, "dead_bases": "keep", "m_step": "literal"}
     assert load("stem")["normalize_bases"] is True and load("stem")["dead_bases"] == "reseed"
+    assert load("stem")["m_step"] == "eps" and "m_step" not in load("stem_official")
+    assert STEMInversion(m_step="literal").settings()["m_step"] == "literal"  # in the cache key
+    assert STEMInversion().settings()["m_step"] == "eps"
+    with pytest.raises(ConfigError, match="m_step"):
+        STEMInversion(m_step="exact")
 
 
 def test_released_preset_settings():
