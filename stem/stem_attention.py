@@ -41,8 +41,17 @@ import logging
 
 import torch
 
-from stem.adaptive import candidates, error_totals, phase_record, relative_error, resolve_auto
-from stem.attention import SelfAttnProcessor, chunked_attention, sharded
+from stem.adaptive import (
+    candidates,
+    error_totals,
+    exact_attention,
+    merge_pieces,
+    output_error_totals,
+    phase_record,
+    relative_error,
+    resolve_auto,
+)
+from stem.attention import SelfAttnProcessor, chunked_attention, project_heads, sharded
 from stem.distributed import FrameShard, frame_units
 from stem.em import MASS_EPS, EMShard, check_em_settings, em_bases
 from stem.errors import ConfigError, check_choice, check_token_count
@@ -208,19 +217,25 @@ class STEMAttnProcessor(SelfAttnProcessor):
         if self.auto is None:
             results = self.fixed_bases(key, calls, tokens, em_input, s)
         else:
-            results = self.adaptive_bases(key, calls, min(tokens), em_input)
+            probe = None
+            if self.auto["criterion"] == "attention":
+                probe = lambda: AttentionProbe(self, attn, x, q, kv, calls)  # noqa: E731
+            results = self.adaptive_bases(key, calls, min(tokens), em_input, probe)
         outs = []
         for (f0, f1, size, _), res in zip(calls, results, strict=True):
             if f1 == f0:
                 continue  # another process's groups: only their initial draws were made
             qg = _to_groups(q, n, f0, f1, size)                       # (G*m, h, size*S, d)
-            if self.space == "features":
-                kb, vb = self.project(attn, res.bases.to(x.dtype), "k", "v")  # (G*m, h, K, d)
-            else:
-                kb, vb = (t.to(x.dtype).view(qg.shape[0], heads, *t.shape[1:]) for t in (res.bases, res.values))
+            kb, vb = self.bases_kv(attn, res, qg.shape[0], heads, x.dtype)
             outs.append(_from_groups(chunked_attention(qg, kb, vb, self.query_chunk), g, size))
         out = torch.cat(outs, dim=1)                                   # (G, N, h, S, d)
         return out.reshape(g * n, *out.shape[2:])
+
+    def bases_kv(self, attn, res, rows: int, heads: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (rows, h, K, d) of an EM result: features space mu W_K, mu W_V; keys space the bases."""
+        if self.space == "features":
+            return tuple(self.project(attn, res.bases.to(dtype), "k", "v"))
+        return tuple(t.to(dtype).view(rows, heads, *t.shape[1:]) for t in (res.bases, res.values))
 
     def fixed_bases(self, key, calls, tokens: list[int], em_input, per_frame: int) -> list:
         """The EM of every call with the fixed K; records the K of the layer's smallest group once."""
@@ -234,23 +249,27 @@ class STEMAttnProcessor(SelfAttnProcessor):
             self.records[key] = {"k": [k], "error": None, "tried": None}
         return results
 
-    def adaptive_bases(self, key, calls, tokens: int, em_input) -> list:
+    def adaptive_bases(self, key, calls, tokens: int, em_input, probe=None) -> list:
         """The EM of every call with the K chosen for this layer (`stem.adaptive`): the first candidate whose
         relative error over all calls is at most the target, else the last; with when=first_step a layer
         chosen before keeps its K. One seed per call from the processor's generator: every candidate starts
-        from a fresh generator with that seed, so the choice does not depend on the candidates tried before."""
+        from a fresh generator with that seed, so the choice does not depend on the candidates tried before.
+        `probe()` (criterion=attention) builds the `AttentionProbe` of this call when a choice is made: it draws
+        the sampled queries from the processor's generator (after the seeds) and computes their exact attention
+        once for all candidates."""
         seeds = [int(torch.randint(2**62, (1,), generator=self.generator)) for _ in calls]
         kept = self.records.get(key) if self.auto["when"] == "first_step" else None
+        probe = probe() if probe is not None and not kept else None
         tried = []
         for k in [kept["k"][0]] if kept else candidates(self.auto, tokens):
             results = [self.em(*em_input(f0, f1, size), shard, k=k, generator=torch.Generator().manual_seed(seed),
-                               measure_error=not kept)
+                               measure_error=not kept and probe is None)
                        for (f0, f1, size, shard), seed in zip(calls, seeds, strict=True)]
             if kept:
                 return results
-            totals = error_totals(results)
+            totals = error_totals(results) if probe is None else probe.totals(results)
             if self.shard is not None:
-                if self.group is not None:  # group-scoped: each process holds its own groups' sums
+                if self.group is not None:  # group-scoped: each process holds its own groups' sums (queries)
                     totals = self.shard.dist.all_reduce_sum(totals)
                 # rank 0's totals decide (equal to every rank's up to the collectives' rounding): ranks that took
                 # different decisions would run different numbers of collectives and hang
@@ -278,3 +297,93 @@ class STEMAttnProcessor(SelfAttnProcessor):
         None before any call through an installed (named) layer."""
         layers = {name: rec for name, rec in self.records.items() if isinstance(name, str)}
         return phase_record(layers) if layers else None
+
+
+class AttentionProbe:
+    """The attention criterion of num_bases="auto" at one layer call (`stem.adaptive`, docs/STEM.md "Adaptive K").
+
+    At construction: `auto["queries"]` distinct query tokens drawn from the processor's generator among the
+    N x S tokens of the whole video (the same positions for every prompt branch; all of them when fewer), and
+    their exact attention over every token of their EM group, keys and values projected chunk by chunk
+    (`chunk_size` tokens; the softmax merged over chunks with `stem.adaptive.merge_pieces`). `totals(results)`:
+    the squared error of STEM attention over a candidate's bases on those queries, and the exact outputs' energy.
+
+    Frame-sharded: group-scoped bases hold whole groups per process, so each process measures the queries of its
+    frames and the processor all-reduces the totals. Global bases: the sampled queries are assembled on every
+    process (an all-reduce of zero-filled buffers: each query is held by one process, so the sum is exact), each
+    process computes the softmax pieces over its own keys, one all-gather merges them (max-shifted, so the result
+    is the softmax over all keys), and every process then measures all queries against the (identical) bases.
+    """
+
+    def __init__(self, proc: STEMAttnProcessor, attn, x: torch.Tensor, q: torch.Tensor, kv, calls):
+        n, s, heads = proc.num_frames, x.shape[1], attn.heads
+        g = x.shape[0] // n
+        sh = proc.shard
+        total = (sh.total if sh is not None else n) * s
+        picked = torch.randperm(total, generator=proc.generator)[:proc.auto["queries"]]
+        local, tok = picked // s - (sh.start if sh is not None else 0), picked % s
+        self.proc, self.attn, self.heads, self.branches, self.dtype = proc, attn, heads, g, x.dtype
+        self.spread = sh is not None and proc.group is None  # global bases over processes
+        self.parts = []   # per call: (call index, {group: (queries (G, h, nq, d), exact outputs (G, h, nq, d))})
+        for i, (f0, f1, size, _) in enumerate(calls):
+            if f1 == f0:
+                continue
+            here = ((local >= f0) & (local < f1)).nonzero()[:, 0]
+            j = (local[here] - f0) // size                                     # group of each query
+            idx = (local[here] - f0) % size * s + tok[here]                    # its token within the group
+            m = (f1 - f0) // size
+            qg = _to_groups(q, n, f0, f1, size).view(g, m, heads, size * s, -1).transpose(2, 3)  # (G, m, T, h, d)
+            queries = qg[:, j, idx].transpose(1, 2).float()                    # (G, h, nq, d)
+            if kv is None:
+                xg = _to_groups(x[:, None], n, f0, f1, size)[:, 0].view(g, m, size * s, -1)   # (G, m, T, C)
+                keys = lambda u, xg=xg: self.projected_chunks(xg[:, u])  # noqa: E731
+            else:
+                kg, vg = (_to_groups(y, n, f0, f1, size).view(g, m, heads, size * s, -1) for y in kv)
+                keys = lambda u, kg=kg, vg=vg: self.chunks(kg[:, u], vg[:, u])  # noqa: E731
+            if self.spread:
+                self.parts.append((i, {0: self.spread_exact(picked, here, queries, keys(0))}))
+                continue
+            groups = {}
+            for u in j.unique().tolist():
+                at = (j == u).nonzero()[:, 0]
+                qu = queries[:, :, at]
+                mx, den, num = exact_attention(qu, keys(u))
+                groups[u] = (qu, num / den[..., None])
+            self.parts.append((i, groups))
+
+    def chunks(self, k: torch.Tensor, v: torch.Tensor):
+        """(k, v) chunks of `chunk_size` tokens of a group's keys and values (G, h, T, d)."""
+        step = self.proc.chunk_size or k.shape[2]
+        for a in range(0, k.shape[2], step):
+            yield k[:, :, a:a + step], v[:, :, a:a + step]
+
+    def projected_chunks(self, xg: torch.Tensor):
+        """(k, v) chunks of a group's tokens (G, T, C), projected by W_K, W_V chunk by chunk (features space)."""
+        step = self.proc.chunk_size or xg.shape[1]
+        for a in range(0, xg.shape[1], step):
+            yield tuple(project_heads(self.attn, xg[:, a:a + step], None, "k", "v"))
+
+    def spread_exact(self, picked, here, queries, key_chunks):
+        """Global bases over processes: every sampled query on every process and its exact output over all keys."""
+        dist = self.proc.shard.dist
+        full = queries.new_zeros(queries.shape[0], queries.shape[1], len(picked), queries.shape[-1])
+        full[:, :, here] = queries
+        full = dist.all_reduce_sum(full)                                       # each query held by one process
+        mx, den, num = exact_attention(full, key_chunks)                       # over this process's keys
+        packed = dist.all_gather(torch.cat([mx[..., None], den[..., None], num], -1))
+        mx, den, num = merge_pieces((p[..., 0], p[..., 1], p[..., 2:]) for p in packed)
+        return full, num / den[..., None]
+
+    def totals(self, results) -> torch.Tensor:
+        """(sum ||O_stem - O_exact||^2, sum ||O_exact||^2) over this process's sampled queries, float64."""
+        out = torch.zeros(2, dtype=torch.float64)
+        for i, groups in self.parts:
+            res = results[i]
+            kb, vb = self.proc.bases_kv(self.attn, res, res.bases.shape[0] // (1 if self.proc.space == "features"
+                                                                                else self.heads),
+                                        self.heads, self.dtype)
+            kb, vb = (t.view(self.branches, -1, *t.shape[1:]) for t in (kb, vb))   # (G, m, h, K, d)
+            for u, (qu, exact) in groups.items():
+                _, den, num = exact_attention(qu, [(kb[:, u], vb[:, u])])
+                out += output_error_totals(num / den[..., None], exact)
+        return out
