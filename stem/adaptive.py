@@ -35,7 +35,7 @@ import torch
 
 from stem.errors import ConfigError, check_choice
 
-AUTO_DEFAULTS = {"target": 0.3, "k_min": 32, "k_max": 512, "k_step": None, "when": "first_step",
+AUTO_DEFAULTS = {"target": 0.2, "k_min": 32, "k_max": 512, "k_step": None, "when": "first_step",
                  "criterion": "attention", "queries": 64}
 WHEN = ("first_step", "every_step")
 CRITERIA = ("attention", "tokens")

@@ -183,8 +183,9 @@ class STEMInversion(InversionMethod):
             released code); False samples back with plain per-frame attention.
         num_steps: DDIM steps. chunk_size, query_chunk: memory bounds (no effect on results
             beyond float summation order).
-        auto: settings of num_bases="auto": target, k_min, k_max, k_step, when (`stem.adaptive.AUTO_DEFAULTS`
-            fills the missing ones); validated whatever num_bases is, read only when it is "auto".
+        auto: settings of num_bases="auto": target, k_min, k_max, k_step, when, criterion, queries
+            (`stem.adaptive.AUTO_DEFAULTS` fills the missing ones); validated whatever num_bases is, read only when
+            it is "auto".
 
     `bases_report()` gives the K used per layer (and chosen, with its error, when auto) by the last
     inversion and reconstruction.

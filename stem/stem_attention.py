@@ -13,9 +13,11 @@ Then Q = X^n W_Q of every frame of the group attends to those K bases in one fus
 `scaled_dot_product_attention` call over (groups, heads): no loop over heads, no copies of
 the bases per frame. Cost O(N S K (R + 1)) instead of O((N S)^2) for all-frame attention.
 
-num_bases="auto" (issue 15, `stem.adaptive`, docs/STEM.md "Adaptive K"): at a layer call the EM
-calls of all groups run with each candidate K in turn (errors measured) until the relative token
-reconstruction error over all of them is at most the target; those results feed the attention. The
+num_bases="auto" (`stem.adaptive`, docs/STEM.md "Adaptive K"): at a layer call the EM calls of all
+groups run with each candidate K in turn until the error over all of them is at most the target; those
+results feed the attention. The error (`auto.criterion`): of the STEM attention output on sampled queries
+against exact attention over their EM group (`AttentionProbe`, the default), or the EM's relative token
+reconstruction error ("tokens"). The
 layer is the path of the view installed on it (`for_layer`); with when="first_step" its first choice is
 kept. Each EM call draws one seed from the processor's generator and every candidate starts from it.
 
@@ -29,9 +31,11 @@ start .. stop - 1 of the N-frame video, and its bases are those of one process h
   group straddles two processes and nothing is exchanged; every process walks all groups of
   the video in order to draw their initial bases, so its generator stays in step with the
   one-process generator, and keeps the draws of its own groups.
-- num_bases="auto": global bases get the error over all frames from the EM's all-reduce; with groups,
-  one all-reduce per candidate sums the layer's (error_sq, energy) over processes; rank 0's totals are
-  then broadcast, so that all ranks take the same decision whatever the collectives' rounding.
+- num_bases="auto": criterion tokens: global bases get the error over all frames from the EM's all-reduce;
+  criterion attention: global bases assemble the sampled queries on every process and merge the softmax
+  pieces of every process's keys (`AttentionProbe`). With groups, one all-reduce per candidate sums the
+  layer's two error totals over processes; rank 0's totals are then broadcast, so that all ranks take the
+  same decision whatever the collectives' rounding.
 """
 
 from __future__ import annotations
