@@ -481,14 +481,18 @@ def test_auto_runs_where_a_fixed_k_is_refused(tiny_model):
     STEMInversion(num_bases="auto", auto={"k_max": 4096}).check(tiny_model.unet, 4, 32, 32)
 
 
-def test_bad_auto_setting_on_the_command_line_is_one_error_line_before_the_model(tmp_path):
-    """Mutation seen failing: k_min > k_max accepted (the job then builds the model and runs)."""
+@pytest.mark.parametrize("overrides,message", [
+    (("inversion.auto.k_min=64", "inversion.auto.k_max=32"), "auto.k_max=32 is below auto.k_min=64"),
+    (("inversion.auto.criterion=output",), "auto.criterion='output' is not one of"),
+    (("inversion.auto.queries=0",), "auto.queries=0 must be an integer of at least 1")])
+def test_bad_auto_setting_on_the_command_line_is_one_error_line_before_the_model(tmp_path, overrides, message):
+    """Mutations seen failing: k_min > k_max accepted (the job then builds the model and runs); queries=0 accepted
+    (the first layer call then fails with a traceback after the model)."""
     result = run_cli("progress=false", "debug=fast", f"paths.cache_dir={tmp_path}/cache",
-                     f"hydra.run.dir={tmp_path}/run", "device=cpu", "inversion=stem_auto",
-                     "inversion.auto.k_min=64", "inversion.auto.k_max=32", timeout=120)
+                     f"hydra.run.dir={tmp_path}/run", "device=cpu", "inversion=stem_auto", *overrides, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "auto.k_max=32 is below auto.k_min=64" in errors[0], result.stderr[-2000:]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "built tiny" not in result.stdout + result.stderr
 
 
@@ -553,7 +557,9 @@ def test_sharded_auto_chooses_as_one_process(tiny_model, one_process_auto, tmp_p
     through stem.sharded's processors) and the trajectory, all as in one process.
 
     Mutations seen failing: the Gram and energy left out of the last iteration's all-reduce (each rank measures its
-    own tokens); group-scoped error totals not all-reduced over ranks (ranks choose different K)."""
+    own tokens); group-scoped error totals not all-reduced over ranks (ranks choose different K); criterion
+    attention with global bases: each rank's softmax pieces used without the other ranks' (exact attention over the
+    rank's own keys only)."""
     ref = one_process_auto
     assert (ref["em"][2] < DEAD_MASS).any(), "no dead basis in the last iteration"
     codes, _, ranks = run_ranks(world, _adaptive_job(tiny_model, ref["inputs"]), tmp_path)
