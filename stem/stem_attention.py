@@ -122,6 +122,10 @@ class STEMAttnProcessor(SelfAttnProcessor):
         shard: the frames of this process in a frame-sharded job (module docstring); num_frames is
             then this process's frame count. None (or a one-process shard): the whole video is here.
         auto: the settings of num_bases="auto" (`stem.adaptive.AUTO_DEFAULTS`; ignored for an integer K).
+        error_queries: with an integer K, also estimate the attention error of the bases (as auto's attention
+            criterion does) on this many sampled queries at each layer's first call, recorded as the layer's error;
+            the queries are drawn from a separate generator seeded with `seed`, so the bases and outputs are those
+            of an unmeasured run. None: not measured.
         phase: "inversion" or "reconstruction", for the log lines of the choices.
 
     One processor serves every attn1 layer: `stem.attention.self_attention_processors` installs its
@@ -134,7 +138,7 @@ class STEMAttnProcessor(SelfAttnProcessor):
                  normalize_bases: bool = True, dead_bases: str = "keep", seed: int = 0,
                  excess_bases: str = "error", mass_eps: float = MASS_EPS, chunk_size: int | None = 16384,
                  query_chunk: int | None = 65536, shard: FrameShard | None = None, auto: dict | None = None,
-                 phase: str = "inversion"):
+                 phase: str = "inversion", error_queries: int | None = None):
         super().__init__(num_frames)
         self.auto = resolve_auto(auto) if num_bases == "auto" else None
         if self.auto is None and (isinstance(num_bases, bool) or not isinstance(num_bases, int)):
@@ -149,6 +153,8 @@ class STEMAttnProcessor(SelfAttnProcessor):
             raise ConfigError(f"excess_bases=allow needs init=gaussian (init={init} picks K distinct tokens, "
                               "which a group with fewer tokens lacks): use init=gaussian or excess_bases=clamp")
         check_token_count("query_chunk", query_chunk)
+        check_token_count("error_queries", error_queries)
+        self.seed, self.error_queries = seed, error_queries
         self.num_bases, self.n_iters, self.tau, self.space, self.group = num_bases, n_iters, tau, space, group
         self.init, self.normalize_bases, self.dead_bases = init, normalize_bases, dead_bases
         self.excess_bases, self.mass_eps = excess_bases, mass_eps
@@ -219,11 +225,16 @@ class STEMAttnProcessor(SelfAttnProcessor):
         tokens = [size * s if sh is None else sh.tokens(size * s) for _, _, size, sh in calls]  # per group
         key = self.layer if self.layer is not None else attn
         if self.auto is None:
-            results = self.fixed_bases(key, calls, tokens, em_input, s)
+            probe = None
+            if self.error_queries is not None and key not in self.records:
+                probe = AttentionProbe(self, attn, x, q, kv, calls, torch.Generator().manual_seed(self.seed),
+                                       self.error_queries)
+            results = self.fixed_bases(key, calls, tokens, em_input, s, probe)
         else:
             probe = None
             if self.auto["criterion"] == "attention":
-                probe = lambda: AttentionProbe(self, attn, x, q, kv, calls)  # noqa: E731
+                probe = lambda: AttentionProbe(self, attn, x, q, kv, calls, self.generator,  # noqa: E731
+                                               self.auto["queries"])
             results = self.adaptive_bases(key, calls, min(tokens), em_input, probe)
         outs = []
         for (f0, f1, size, _), res in zip(calls, results, strict=True):
@@ -241,8 +252,9 @@ class STEMAttnProcessor(SelfAttnProcessor):
             return tuple(self.project(attn, res.bases.to(dtype), "k", "v"))
         return tuple(t.to(dtype).view(rows, heads, *t.shape[1:]) for t in (res.bases, res.values))
 
-    def fixed_bases(self, key, calls, tokens: list[int], em_input, per_frame: int) -> list:
-        """The EM of every call with the fixed K; records the K of the layer's smallest group once."""
+    def fixed_bases(self, key, calls, tokens: list[int], em_input, per_frame: int, probe=None) -> list:
+        """The EM of every call with the fixed K; records the K of the layer's smallest group once (and with a
+        `probe`, the attention error of the bases)."""
         results = []
         for (f0, f1, size, shard), t in zip(calls, tokens, strict=True):
             if t < self.num_bases and self.excess_bases == "error":
@@ -250,8 +262,19 @@ class STEMAttnProcessor(SelfAttnProcessor):
             results.append(self.em(*em_input(f0, f1, size), shard))
         if key not in self.records:
             k = self.num_bases if self.excess_bases == "allow" else min(self.num_bases, min(tokens))
-            self.records[key] = {"k": [k], "error": None, "tried": None}
+            error = None if probe is None else [self.shared_error(probe.totals(results))]
+            self.records[key] = {"k": [k], "error": error, "tried": None}
         return results
+
+    def shared_error(self, totals: torch.Tensor) -> float:
+        """The relative error of a layer call's (error, energy) totals, the same on every process: group-scoped
+        totals are summed over processes, then rank 0's are broadcast (ranks deciding differently on rounding
+        would run different numbers of collectives and hang)."""
+        if self.shard is not None:
+            if self.group is not None:  # group-scoped: each process holds its own groups' sums (queries)
+                totals = self.shard.dist.all_reduce_sum(totals)
+            totals = self.shard.dist.broadcast(totals)
+        return relative_error(totals)
 
     def adaptive_bases(self, key, calls, tokens: int, em_input, probe=None) -> list:
         """The EM of every call with the K chosen for this layer (`stem.adaptive`): the first candidate whose
@@ -271,14 +294,8 @@ class STEMAttnProcessor(SelfAttnProcessor):
                        for (f0, f1, size, shard), seed in zip(calls, seeds, strict=True)]
             if kept:
                 return results
-            totals = error_totals(results) if probe is None else probe.totals(results)
-            if self.shard is not None:
-                if self.group is not None:  # group-scoped: each process holds its own groups' sums (queries)
-                    totals = self.shard.dist.all_reduce_sum(totals)
-                # rank 0's totals decide (equal to every rank's up to the collectives' rounding): ranks that took
-                # different decisions would run different numbers of collectives and hang
-                totals = self.shard.dist.broadcast(totals)
-            tried.append({"k": k, "error": relative_error(totals)})
+            tried.append({"k": k, "error": self.shared_error(error_totals(results) if probe is None
+                                                             else probe.totals(results))})
             if tried[-1]["error"] <= self.auto["target"]:
                 break
         self.record_choice(key, tried)
@@ -306,7 +323,7 @@ class STEMAttnProcessor(SelfAttnProcessor):
 class AttentionProbe:
     """The attention criterion of num_bases="auto" at one layer call (`stem.adaptive`, docs/STEM.md "Adaptive K").
 
-    At construction: `auto["queries"]` distinct query tokens drawn from the processor's generator among the
+    At construction: `queries` distinct query tokens drawn from `generator` (auto: the processor's) among the
     N x S tokens of the whole video (the same positions for every prompt branch; all of them when fewer), and
     their exact attention over every token of their EM group, keys and values projected chunk by chunk
     (`chunk_size` tokens; the softmax merged over chunks with `stem.adaptive.merge_pieces`). `totals(results)`:
@@ -319,12 +336,13 @@ class AttentionProbe:
     is the softmax over all keys), and every process then measures all queries against the (identical) bases.
     """
 
-    def __init__(self, proc: STEMAttnProcessor, attn, x: torch.Tensor, q: torch.Tensor, kv, calls):
+    def __init__(self, proc: STEMAttnProcessor, attn, x: torch.Tensor, q: torch.Tensor, kv, calls,
+                 generator: torch.Generator, queries: int):
         n, s, heads = proc.num_frames, x.shape[1], attn.heads
         g = x.shape[0] // n
         sh = proc.shard
         total = (sh.total if sh is not None else n) * s
-        picked = torch.randperm(total, generator=proc.generator)[:proc.auto["queries"]]
+        picked = torch.randperm(total, generator=generator)[:queries]
         local, tok = picked // s - (sh.start if sh is not None else 0), picked % s
         self.proc, self.attn, self.heads, self.branches, self.dtype = proc, attn, heads, g, x.dtype
         self.spread = sh is not None and proc.group is None  # global bases over processes

@@ -581,3 +581,30 @@ def test_sharded_auto_chooses_as_one_process(tiny_model, one_process_auto, tmp_p
         for layer, want in enumerate(ref[name]["outs"]):
             close(torch.cat([res[name]["outs"][layer] for res in ranks]), want, f"{name} attn1 output of layer {layer}")
         close(ranks[0][name]["traj"], ref[name]["traj"], f"{name} trajectory")
+
+
+@pytest.mark.parametrize("space,group", [("features", None), ("keys", None)])
+def test_fixed_k_can_measure_its_attention_error_without_changing_its_output(space, group):
+    """measure_attention_error (processor: error_queries) with a fixed K: the layer's recorded error is the attention
+    error of its bases written out on the queries of a separate generator seeded with the processor's seed, and
+    the layer's output and the processor's generator are bitwise those of an unmeasured processor; only the first
+    call of a layer is measured.
+
+    Mutation seen failing: the queries drawn from the processor's generator (the output changes)."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8, bias=False).eval()
+    n, s = 5, 12
+    x = 2 * torch.randn(2 * n, s, 16, generator=torch.Generator().manual_seed(1))
+    measured = STEMAttnProcessor(n, 8, space=space, group=group, seed=4, error_queries=9, chunk_size=7)
+    plain = STEMAttnProcessor(n, 8, space=space, group=group, seed=4, chunk_size=7)
+    with torch.no_grad():
+        out = [measured.for_layer("layer")(attn, x) for _ in range(2)]
+        ref = [plain.for_layer("layer")(attn, x) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+    assert torch.equal(measured.generator.get_state(), plain.generator.get_state())
+    rec = measured.bases_record()["layers"]["layer"]
+    picked = torch.randperm(n * s, generator=torch.Generator().manual_seed(4))[:9]
+    want = naive_attention_errors(attn, x, n, [8], [4], picked, space, group, dict(n_iters=3, tau=0.05))
+    assert rec["k"] == [8] and len(rec["error"]) == 1
+    assert rec["error"][0] == pytest.approx(want[8], rel=1e-5)
+    assert plain.bases_record()["layers"]["layer"]["error"] is None
