@@ -95,8 +95,8 @@ def test_auto_picks_the_number_of_well_separated_clusters():
     """M=8 tight clusters (4 "frames" of 64 tokens, 16 channels, centres 10 e_j, spread 0.1): with a target between
     the error of the cluster means (K = M, from the geometry) and a lower bound of the error of any K < M (z_i mu
     is an affine combination of K bases, so at best the PCA residual of the top K-1 directions: here the smallest
-    centre direction), auto with criterion=tokens picks K = 8 with doubling from 1 and with k_step 1. kmeans++ initialisation with
-    reseeding (EM from gaussian bases merges clusters within 3 iterations).
+    centre direction), auto with criterion=tokens picks K = 8 with doubling from 1 and with k_step 1. kmeans++
+    initialisation with reseeding (EM from gaussian bases merges clusters within 3 iterations).
 
     Mutations seen failing: candidates starting at 2 k_min; no stop at the first K within the target (k_max
     picked); the squared error compared with the target."""
@@ -354,8 +354,8 @@ def _replay_auto(steps, target: float, when: str, criterion: str) -> tuple[dict,
 def test_a_looser_target_never_picks_more_bases(unet_inputs, when, criterion, loose, strict):
     """On the same inputs of every layer (recorded from the tiny UNet, replayed call after call), the looser
     target never picks a larger K than the stricter at any layer and call, and picks a smaller one somewhere
-    (so the test can fail), with either criterion. With one seed per EM call both runs see the same error for every K both tried, and the processor's
-    generator ends in the same state whatever the target.
+    (so the test can fail), with either criterion. With one seed per EM call both runs see the same error for
+    every K both tried, and the processor's generator ends in the same state whatever the target.
 
     Mutations seen failing: candidates initialised from the processor's generator one after the other (a
     candidate's error then depends on those tried before, at this and later layers); no stop at the first K
