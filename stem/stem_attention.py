@@ -344,7 +344,8 @@ class AttentionProbe:
         total = (sh.total if sh is not None else n) * s
         picked = torch.randperm(total, generator=generator)[:queries]
         local, tok = picked // s - (sh.start if sh is not None else 0), picked % s
-        self.proc, self.attn, self.heads, self.branches, self.dtype = proc, attn, heads, g, x.dtype
+        self.proc, self.attn, self.heads, self.branches = proc, attn, heads, g
+        self.dtype, self.device = x.dtype, x.device
         self.spread = sh is not None and proc.group is None  # global bases over processes
         self.parts = []   # per call: (call index, {group: (queries (G, h, nq, d), exact outputs (G, h, nq, d))})
         for i, (f0, f1, size, _) in enumerate(calls):
@@ -398,7 +399,7 @@ class AttentionProbe:
 
     def totals(self, results) -> torch.Tensor:
         """(sum ||O_stem - O_exact||^2, sum ||O_exact||^2) over this process's sampled queries, float64."""
-        out = torch.zeros(2, dtype=torch.float64)
+        out = torch.zeros(2, dtype=torch.float64, device=self.device)   # on the model's device, as collectives need
         for i, groups in self.parts:
             res = results[i]
             kb, vb = self.proc.bases_kv(self.attn, res, res.bases.shape[0] // (1 if self.proc.space == "features"
