@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 1  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "2ce6657c73d5e48e9a09483333a0275f86490c84e39878dba62830a6359a3402"
+INVERSION_SOURCES_DIGEST = "d66fb497e8257850d9b0fd71bc38e534a7a839a59be9504ddda501f943c2649c"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).
