@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 2  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "b813b93f5ad04de5e2daeea55ce8896da3b32d83458e90cec57e2f6a0207f627"
+INVERSION_SOURCES_DIGEST = "c49adbe31d99173adececf6bdce4794e9d14db557cacd0de3ed20da2de73f599"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).

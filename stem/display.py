@@ -76,14 +76,18 @@ COLUMN_NAMES = {"inversion": "Inversion", "editing": "Editing", "table2": "Metho
 
 def bases_label(settings: dict | None) -> str | None:
     """How a STEM inversion's settings (metrics.json's `inversion`, `method.settings()`) choose K:
-    "K=128", or "auto, target 0.3" for adaptive K; None for other methods."""
+    "K=128", or "auto, target 0.2" for adaptive K ("auto, token error 0.3" with auto.criterion=tokens); None for
+    other methods."""
     if not isinstance(settings, dict) or settings.get("method") != "stem" or settings.get("num_bases") is None:
         return None
     k = settings["num_bases"]
     if k != "auto":
         return f"K={k}"
-    target = (settings.get("auto") or {}).get("target")
-    return "auto" if target is None else f"auto, target {target:g}"
+    auto = settings.get("auto") or {}
+    target = auto.get("target")
+    if target is None:
+        return "auto"
+    return f"auto, token error {target:g}" if auto.get("criterion") == "tokens" else f"auto, target {target:g}"
 
 
 def clamped(metrics: dict | None) -> dict | None:

@@ -186,8 +186,13 @@ class STEMInversion(InversionMethod):
             released code); False samples back with plain per-frame attention.
         num_steps: DDIM steps. chunk_size, query_chunk: memory bounds (no effect on results
             beyond float summation order).
-        auto: settings of num_bases="auto": target, k_min, k_max, k_step, when (`stem.adaptive.AUTO_DEFAULTS`
-            fills the missing ones); validated whatever num_bases is, read only when it is "auto".
+        measure_attention_error: with an integer K, also estimate the attention error of the bases at each layer's
+            first call (as num_bases="auto" with criterion attention does, on auto.queries sampled queries drawn from
+            a separate generator: latents unchanged), recorded per layer in `bases_report()`. Not a setting of the
+            result (not in `settings()`, not in the cache key).
+        auto: settings of num_bases="auto": target, k_min, k_max, k_step, when, criterion, queries
+            (`stem.adaptive.AUTO_DEFAULTS` fills the missing ones); validated whatever num_bases is, read only when
+            it is "auto".
 
     `bases_report()` gives the K used per layer (and chosen, with its error, when auto) by the last
     inversion and reconstruction.
@@ -198,7 +203,7 @@ class STEMInversion(InversionMethod):
                  normalize_bases: bool = True, dead_bases: str = "reseed", seed: int = 0, excess_bases: str = "error",
                  mass_eps: float = MASS_EPS, stem_in_reconstruction: bool = True, num_steps: int = 50,
                  chunk_size: int | None = 16384, query_chunk: int | None = 65536, auto: dict | None = None,
-                 m_step: str = "eps"):
+                 m_step: str = "eps", measure_attention_error: bool = False):
         super().__init__(num_steps)
         self.kwargs = dict(num_bases=num_bases, n_iters=n_iters, tau=tau, space=space, group=group, init=init,
                            normalize_bases=normalize_bases, dead_bases=dead_bases, seed=seed,
@@ -206,6 +211,9 @@ class STEMInversion(InversionMethod):
         auto = resolve_auto(auto)  # a bad auto setting is refused even with an integer K
         self.auto = auto if num_bases == "auto" else None
         self.memory = dict(chunk_size=chunk_size, query_chunk=query_chunk)
+        if not isinstance(measure_attention_error, bool):
+            raise ConfigError(f"measure_attention_error={measure_attention_error!r} must be true or false")
+        self.error_queries = auto["queries"] if measure_attention_error and self.auto is None else None
         self.stem_in_reconstruction = stem_in_reconstruction
         self.processors = {}  # phase -> the STEM processor of the last inversion / reconstruction
         self.processor(num_frames=1)  # validates every knob now, before model work
@@ -220,7 +228,8 @@ class STEMInversion(InversionMethod):
 
     def processor(self, num_frames: int, shard: FrameShard | None = None,
                   phase: str = "inversion") -> STEMAttnProcessor:
-        return STEMAttnProcessor(num_frames, **self.kwargs, **self.memory, shard=shard, auto=self.auto, phase=phase)
+        return STEMAttnProcessor(num_frames, **self.kwargs, **self.memory, shard=shard, auto=self.auto, phase=phase,
+                                 error_queries=self.error_queries)
 
     def reconstruction_processor(self, num_frames: int, shard: FrameShard | None = None):
         if self.stem_in_reconstruction:

@@ -13,9 +13,11 @@ Then Q = X^n W_Q of every frame of the group attends to those K bases in one fus
 `scaled_dot_product_attention` call over (groups, heads): no loop over heads, no copies of
 the bases per frame. Cost O(N S K (R + 1)) instead of O((N S)^2) for all-frame attention.
 
-num_bases="auto" (issue 15, `stem.adaptive`, docs/STEM.md "Adaptive K"): at a layer call the EM
-calls of all groups run with each candidate K in turn (errors measured) until the relative token
-reconstruction error over all of them is at most the target; those results feed the attention. The
+num_bases="auto" (`stem.adaptive`, docs/STEM.md "Adaptive K"): at a layer call the EM calls of all
+groups run with each candidate K in turn until the error over all of them is at most the target; those
+results feed the attention. The error (`auto.criterion`): of the STEM attention output on sampled queries
+against exact attention over their EM group (`AttentionProbe`, the default), or the EM's relative token
+reconstruction error ("tokens"). The
 layer is the path of the view installed on it (`for_layer`); with when="first_step" its first choice is
 kept. Each EM call draws one seed from the processor's generator and every candidate starts from it.
 
@@ -29,9 +31,11 @@ start .. stop - 1 of the N-frame video, and its bases are those of one process h
   group straddles two processes and nothing is exchanged; every process walks all groups of
   the video in order to draw their initial bases, so its generator stays in step with the
   one-process generator, and keeps the draws of its own groups.
-- num_bases="auto": global bases get the error over all frames from the EM's all-reduce; with groups,
-  one all-reduce per candidate sums the layer's (error_sq, energy) over processes; rank 0's totals are
-  then broadcast, so that all ranks take the same decision whatever the collectives' rounding.
+- num_bases="auto": criterion tokens: global bases get the error over all frames from the EM's all-reduce;
+  criterion attention: global bases assemble the sampled queries on every process and merge the softmax
+  pieces of every process's keys (`AttentionProbe`). With groups, one all-reduce per candidate sums the
+  layer's two error totals over processes; rank 0's totals are then broadcast, so that all ranks take the
+  same decision whatever the collectives' rounding.
 """
 
 from __future__ import annotations
@@ -41,8 +45,17 @@ import logging
 
 import torch
 
-from stem.adaptive import candidates, error_totals, phase_record, relative_error, resolve_auto
-from stem.attention import SelfAttnProcessor, chunked_attention, sharded
+from stem.adaptive import (
+    candidates,
+    error_totals,
+    exact_attention,
+    merge_pieces,
+    output_error_totals,
+    phase_record,
+    relative_error,
+    resolve_auto,
+)
+from stem.attention import SelfAttnProcessor, chunked_attention, project_heads, sharded
 from stem.distributed import FrameShard, frame_units
 from stem.em import MASS_EPS, EMShard, check_em_settings, em_bases
 from stem.errors import ConfigError, check_choice, check_token_count
@@ -109,6 +122,10 @@ class STEMAttnProcessor(SelfAttnProcessor):
         shard: the frames of this process in a frame-sharded job (module docstring); num_frames is
             then this process's frame count. None (or a one-process shard): the whole video is here.
         auto: the settings of num_bases="auto" (`stem.adaptive.AUTO_DEFAULTS`; ignored for an integer K).
+        error_queries: with an integer K, also estimate the attention error of the bases (as auto's attention
+            criterion does) on this many sampled queries at each layer's first call, recorded as the layer's error;
+            the queries are drawn from a separate generator seeded with `seed`, so the bases and outputs are those
+            of an unmeasured run. None: not measured.
         phase: "inversion" or "reconstruction", for the log lines of the choices.
 
     One processor serves every attn1 layer: `stem.attention.self_attention_processors` installs its
@@ -121,7 +138,7 @@ class STEMAttnProcessor(SelfAttnProcessor):
                  normalize_bases: bool = True, dead_bases: str = "keep", seed: int = 0,
                  excess_bases: str = "error", mass_eps: float = MASS_EPS, chunk_size: int | None = 16384,
                  query_chunk: int | None = 65536, shard: FrameShard | None = None, auto: dict | None = None,
-                 phase: str = "inversion", m_step: str = "eps"):
+                 phase: str = "inversion", m_step: str = "eps", error_queries: int | None = None):
         super().__init__(num_frames)
         self.auto = resolve_auto(auto) if num_bases == "auto" else None
         if self.auto is None and (isinstance(num_bases, bool) or not isinstance(num_bases, int)):
@@ -136,6 +153,8 @@ class STEMAttnProcessor(SelfAttnProcessor):
             raise ConfigError(f"excess_bases=allow needs init=gaussian (init={init} picks K distinct tokens, "
                               "which a group with fewer tokens lacks): use init=gaussian or excess_bases=clamp")
         check_token_count("query_chunk", query_chunk)
+        check_token_count("error_queries", error_queries)
+        self.seed, self.error_queries = seed, error_queries
         self.num_bases, self.n_iters, self.tau, self.space, self.group = num_bases, n_iters, tau, space, group
         self.init, self.normalize_bases, self.dead_bases = init, normalize_bases, dead_bases
         self.excess_bases, self.mass_eps, self.m_step = excess_bases, mass_eps, m_step
@@ -206,24 +225,36 @@ class STEMAttnProcessor(SelfAttnProcessor):
         tokens = [size * s if sh is None else sh.tokens(size * s) for _, _, size, sh in calls]  # per group
         key = self.layer if self.layer is not None else attn
         if self.auto is None:
-            results = self.fixed_bases(key, calls, tokens, em_input, s)
+            probe = None
+            if self.error_queries is not None and key not in self.records:
+                probe = AttentionProbe(self, attn, x, q, kv, calls, torch.Generator().manual_seed(self.seed),
+                                       self.error_queries)
+            results = self.fixed_bases(key, calls, tokens, em_input, s, probe)
         else:
-            results = self.adaptive_bases(key, calls, min(tokens), em_input)
+            probe = None
+            if self.auto["criterion"] == "attention":
+                probe = lambda: AttentionProbe(self, attn, x, q, kv, calls, self.generator,  # noqa: E731
+                                               self.auto["queries"])
+            results = self.adaptive_bases(key, calls, min(tokens), em_input, probe)
         outs = []
         for (f0, f1, size, _), res in zip(calls, results, strict=True):
             if f1 == f0:
                 continue  # another process's groups: only their initial draws were made
             qg = _to_groups(q, n, f0, f1, size)                       # (G*m, h, size*S, d)
-            if self.space == "features":
-                kb, vb = self.project(attn, res.bases.to(x.dtype), "k", "v")  # (G*m, h, K, d)
-            else:
-                kb, vb = (t.to(x.dtype).view(qg.shape[0], heads, *t.shape[1:]) for t in (res.bases, res.values))
+            kb, vb = self.bases_kv(attn, res, qg.shape[0], heads, x.dtype)
             outs.append(_from_groups(chunked_attention(qg, kb, vb, self.query_chunk), g, size))
         out = torch.cat(outs, dim=1)                                   # (G, N, h, S, d)
         return out.reshape(g * n, *out.shape[2:])
 
-    def fixed_bases(self, key, calls, tokens: list[int], em_input, per_frame: int) -> list:
-        """The EM of every call with the fixed K; records the K of the layer's smallest group once."""
+    def bases_kv(self, attn, res, rows: int, heads: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (rows, h, K, d) of an EM result: features space mu W_K, mu W_V; keys space the bases."""
+        if self.space == "features":
+            return tuple(self.project(attn, res.bases.to(dtype), "k", "v"))
+        return tuple(t.to(dtype).view(rows, heads, *t.shape[1:]) for t in (res.bases, res.values))
+
+    def fixed_bases(self, key, calls, tokens: list[int], em_input, per_frame: int, probe=None) -> list:
+        """The EM of every call with the fixed K; records the K of the layer's smallest group once (and with a
+        `probe`, the attention error of the bases)."""
         results = []
         for (f0, f1, size, shard), t in zip(calls, tokens, strict=True):
             if t < self.num_bases and self.excess_bases == "error":
@@ -231,31 +262,40 @@ class STEMAttnProcessor(SelfAttnProcessor):
             results.append(self.em(*em_input(f0, f1, size), shard))
         if key not in self.records:
             k = self.num_bases if self.excess_bases == "allow" else min(self.num_bases, min(tokens))
-            self.records[key] = {"k": [k], "error": None, "tried": None}
+            error = None if probe is None else [self.shared_error(probe.totals(results))]
+            self.records[key] = {"k": [k], "error": error, "tried": None}
         return results
 
-    def adaptive_bases(self, key, calls, tokens: int, em_input) -> list:
+    def shared_error(self, totals: torch.Tensor) -> float:
+        """The relative error of a layer call's (error, energy) totals, the same on every process: group-scoped
+        totals are summed over processes, then rank 0's are broadcast (ranks deciding differently on rounding
+        would run different numbers of collectives and hang)."""
+        if self.shard is not None:
+            if self.group is not None:  # group-scoped: each process holds its own groups' sums (queries)
+                totals = self.shard.dist.all_reduce_sum(totals)
+            totals = self.shard.dist.broadcast(totals)
+        return relative_error(totals)
+
+    def adaptive_bases(self, key, calls, tokens: int, em_input, probe=None) -> list:
         """The EM of every call with the K chosen for this layer (`stem.adaptive`): the first candidate whose
         relative error over all calls is at most the target, else the last; with when=first_step a layer
         chosen before keeps its K. One seed per call from the processor's generator: every candidate starts
-        from a fresh generator with that seed, so the choice does not depend on the candidates tried before."""
+        from a fresh generator with that seed, so the choice does not depend on the candidates tried before.
+        `probe()` (criterion=attention) builds the `AttentionProbe` of this call when a choice is made: it draws
+        the sampled queries from the processor's generator (after the seeds) and computes their exact attention
+        once for all candidates."""
         seeds = [int(torch.randint(2**62, (1,), generator=self.generator)) for _ in calls]
         kept = self.records.get(key) if self.auto["when"] == "first_step" else None
+        probe = probe() if probe is not None and not kept else None
         tried = []
         for k in [kept["k"][0]] if kept else candidates(self.auto, tokens):
             results = [self.em(*em_input(f0, f1, size), shard, k=k, generator=torch.Generator().manual_seed(seed),
-                               measure_error=not kept)
+                               measure_error=not kept and probe is None)
                        for (f0, f1, size, shard), seed in zip(calls, seeds, strict=True)]
             if kept:
                 return results
-            totals = error_totals(results)
-            if self.shard is not None:
-                if self.group is not None:  # group-scoped: each process holds its own groups' sums
-                    totals = self.shard.dist.all_reduce_sum(totals)
-                # rank 0's totals decide (equal to every rank's up to the collectives' rounding): ranks that took
-                # different decisions would run different numbers of collectives and hang
-                totals = self.shard.dist.broadcast(totals)
-            tried.append({"k": k, "error": relative_error(totals)})
+            tried.append({"k": k, "error": self.shared_error(error_totals(results) if probe is None
+                                                             else probe.totals(results))})
             if tried[-1]["error"] <= self.auto["target"]:
                 break
         self.record_choice(key, tried)
@@ -278,3 +318,95 @@ class STEMAttnProcessor(SelfAttnProcessor):
         None before any call through an installed (named) layer."""
         layers = {name: rec for name, rec in self.records.items() if isinstance(name, str)}
         return phase_record(layers) if layers else None
+
+
+class AttentionProbe:
+    """The attention criterion of num_bases="auto" at one layer call (`stem.adaptive`, docs/STEM.md "Adaptive K").
+
+    At construction: `queries` distinct query tokens drawn from `generator` (auto: the processor's) among the
+    N x S tokens of the whole video (the same positions for every prompt branch; all of them when fewer), and
+    their exact attention over every token of their EM group, keys and values projected chunk by chunk
+    (`chunk_size` tokens; the softmax merged over chunks with `stem.adaptive.merge_pieces`). `totals(results)`:
+    the squared error of STEM attention over a candidate's bases on those queries, and the exact outputs' energy.
+
+    Frame-sharded: group-scoped bases hold whole groups per process, so each process measures the queries of its
+    frames and the processor all-reduces the totals. Global bases: the sampled queries are assembled on every
+    process (an all-reduce of zero-filled buffers: each query is held by one process, so the sum is exact), each
+    process computes the softmax pieces over its own keys, one all-gather merges them (max-shifted, so the result
+    is the softmax over all keys), and every process then measures all queries against the (identical) bases.
+    """
+
+    def __init__(self, proc: STEMAttnProcessor, attn, x: torch.Tensor, q: torch.Tensor, kv, calls,
+                 generator: torch.Generator, queries: int):
+        n, s, heads = proc.num_frames, x.shape[1], attn.heads
+        g = x.shape[0] // n
+        sh = proc.shard
+        total = (sh.total if sh is not None else n) * s
+        picked = torch.randperm(total, generator=generator)[:queries]
+        local, tok = picked // s - (sh.start if sh is not None else 0), picked % s
+        self.proc, self.attn, self.heads, self.branches = proc, attn, heads, g
+        self.dtype, self.device = x.dtype, x.device
+        self.spread = sh is not None and proc.group is None  # global bases over processes
+        self.parts = []   # per call: (call index, {group: (queries (G, h, nq, d), exact outputs (G, h, nq, d))})
+        for i, (f0, f1, size, _) in enumerate(calls):
+            if f1 == f0:
+                continue
+            here = ((local >= f0) & (local < f1)).nonzero()[:, 0]
+            j = (local[here] - f0) // size                                     # group of each query
+            idx = (local[here] - f0) % size * s + tok[here]                    # its token within the group
+            m = (f1 - f0) // size
+            qg = _to_groups(q, n, f0, f1, size).view(g, m, heads, size * s, -1).transpose(2, 3)  # (G, m, T, h, d)
+            queries = qg[:, j, idx].transpose(1, 2).float()                    # (G, h, nq, d)
+            if kv is None:
+                xg = _to_groups(x[:, None], n, f0, f1, size)[:, 0].view(g, m, size * s, -1)   # (G, m, T, C)
+                keys = lambda u, xg=xg: self.projected_chunks(xg[:, u])  # noqa: E731
+            else:
+                kg, vg = (_to_groups(y, n, f0, f1, size).view(g, m, heads, size * s, -1) for y in kv)
+                keys = lambda u, kg=kg, vg=vg: self.chunks(kg[:, u], vg[:, u])  # noqa: E731
+            if self.spread:
+                self.parts.append((i, {0: self.spread_exact(picked, here, queries, keys(0))}))
+                continue
+            groups = {}
+            for u in j.unique().tolist():
+                at = (j == u).nonzero()[:, 0]
+                qu = queries[:, :, at]
+                mx, den, num = exact_attention(qu, keys(u))
+                groups[u] = (qu, num / den[..., None])
+            self.parts.append((i, groups))
+
+    def chunks(self, k: torch.Tensor, v: torch.Tensor):
+        """(k, v) chunks of `chunk_size` tokens of a group's keys and values (G, h, T, d)."""
+        step = self.proc.chunk_size or k.shape[2]
+        for a in range(0, k.shape[2], step):
+            yield k[:, :, a:a + step], v[:, :, a:a + step]
+
+    def projected_chunks(self, xg: torch.Tensor):
+        """(k, v) chunks of a group's tokens (G, T, C), projected by W_K, W_V chunk by chunk (features space)."""
+        step = self.proc.chunk_size or xg.shape[1]
+        for a in range(0, xg.shape[1], step):
+            yield tuple(project_heads(self.attn, xg[:, a:a + step], None, "k", "v"))
+
+    def spread_exact(self, picked, here, queries, key_chunks):
+        """Global bases over processes: every sampled query on every process and its exact output over all keys."""
+        dist = self.proc.shard.dist
+        full = queries.new_zeros(queries.shape[0], queries.shape[1], len(picked), queries.shape[-1])
+        full[:, :, here] = queries
+        full = dist.all_reduce_sum(full)                                       # each query held by one process
+        mx, den, num = exact_attention(full, key_chunks)                       # over this process's keys
+        packed = dist.all_gather(torch.cat([mx[..., None], den[..., None], num], -1))
+        mx, den, num = merge_pieces((p[..., 0], p[..., 1], p[..., 2:]) for p in packed)
+        return full, num / den[..., None]
+
+    def totals(self, results) -> torch.Tensor:
+        """(sum ||O_stem - O_exact||^2, sum ||O_exact||^2) over this process's sampled queries, float64."""
+        out = torch.zeros(2, dtype=torch.float64, device=self.device)   # on the model's device, as collectives need
+        for i, groups in self.parts:
+            res = results[i]
+            kb, vb = self.proc.bases_kv(self.attn, res, res.bases.shape[0] // (1 if self.proc.space == "features"
+                                                                                else self.heads),
+                                        self.heads, self.dtype)
+            kb, vb = (t.view(self.branches, -1, *t.shape[1:]) for t in (kb, vb))   # (G, m, h, K, d)
+            for u, (qu, exact) in groups.items():
+                _, den, num = exact_attention(qu, [(kb[:, u], vb[:, u])])
+                out += output_error_totals(num / den[..., None], exact)
+        return out

@@ -48,11 +48,15 @@ def test_auto_rows_name_their_target_and_fixed_rows_their_k_from_the_run():
     """The row name comes from the run's own metrics.json settings. Mutations caught: an auto run shown as
     "STEM (K=auto)"; the target of the row's config name (tight/loose) instead of the run's own (a command
     line `inversion.auto.target=0.1` must show 0.1); a fixed row's K from its config name when the run
-    clamped the preset's K by a command-line num_bases."""
+    clamped the preset's K by a command-line num_bases; an auto.criterion=tokens run labelled as the attention
+    criterion's target."""
     assert display_value("adaptive_k", "auto_tight", {"inversion": auto_settings(0.1)}) == "STEM (auto, target 0.1)"
     assert display_value("adaptive_k", "k128", {"inversion": {"method": "stem", "num_bases": 64}}) == "STEM (K=64)"
     assert display_value("inversion", "stem_auto", {"inversion": auto_settings(0.3)}) == "STEM (auto, target 0.3)"
     assert display_value("inversion", "stem", {"inversion": auto_settings(0.25)}) == "STEM (auto, target 0.25)"
+    tokens = auto_settings(0.3)
+    tokens["auto"]["criterion"] = "tokens"   # the other criterion's error is another quantity: the label says so
+    assert display_value("inversion", "stem_auto", {"inversion": tokens}) == "STEM (auto, token error 0.3)"
     assert display_value("inversion", "stem_k256", {"inversion": {"method": "stem", "num_bases": 256}}) \
         == "STEM (K=256)"
     # a job that did not finish has no metrics.json: the row's own name
@@ -253,9 +257,12 @@ def test_sweep_tabulates_fixed_and_auto_rows_with_their_mean_k(tmp_path):
     """`experiment=ablation_adaptive_k` on the tiny CPU setting: one row per setting in the declared order, named
     as the paper names STEM (auto rows by their own target), its Mean K the job's metrics.json
     bases.inversion.mean_k, the mean of its per-layer record (a fixed row's: K clamped at each layer's tokens),
-    the loose target choosing no more bases than the tight one, real inversion times (no cache hit), the plot.
+    the loose target choosing no more bases than the tight one, real inversion times (no cache hit), the plot; its
+    Attention error the job's bases.inversion.mean_error, the mean of a per-layer estimate that every layer of every
+    row has (fixed rows: measure_attention_error), each auto layer's within its target or at its last candidate.
     Mutations caught: use_cache left on (a rerun would read 0 s), a row out of order, the mean K of the config's K
-    instead of the record's, the auto targets swapped between the rows."""
+    instead of the record's, the auto targets swapped between the rows, the fixed rows left unmeasured (empty
+    cells), the mean error taken over the tried candidates instead of the chosen ones."""
     import csv
     import json
 
@@ -278,16 +285,25 @@ def test_sweep_tabulates_fixed_and_auto_rows_with_their_mean_k(tmp_path):
         assert float(row["Mean K"]) == record["mean_k"] == pytest.approx(mean_of(record), rel=1e-12)
         assert float(row["Inversion s"]) == metrics["seconds"]["inversion"] > 0
         assert metrics["inversion_cache"]["path"] is None and float(row["PSNR vs VAE"]) > 20  # no cache: real times
+        errors = [e for layer in record["layers"].values() for e in layer["error"]]
+        assert len(errors) == len(record["layers"]) == 16 and all(0 < e < 1 for e in errors)
+        assert record["mean_error"] == pytest.approx(sum(errors) / len(errors), rel=1e-12)
+        assert float(row["Attention error"]) == pytest.approx(record["mean_error"], abs=5e-4)   # printed .3f
     for k in (128, 256, 512):
         layers = jobs[f"k{k}"]["bases"]["inversion"]["layers"]
         assert float(rows[ROWS.index(f"k{k}")]["Mean K"]) == pytest.approx(
             sum(min(k, tiny_tokens(p)) for p in layers) / len(layers), rel=1e-12)
     tight, loose = (jobs[f"auto_{t}"]["bases"] for t in ("tight", "loose"))
-    assert (tight["auto"]["target"], loose["auto"]["target"]) == (0.2, 0.4)
+    assert (tight["auto"]["target"], loose["auto"]["target"]) == (0.1, 0.3)
+    assert tight["auto"]["criterion"] == loose["auto"]["criterion"] == "attention"
     assert loose["inversion"]["mean_k"] <= tight["inversion"]["mean_k"]
+    for bases in (tight, loose):
+        for path, layer in bases["inversion"]["layers"].items():
+            last = min(512, tiny_tokens(path))
+            assert layer["error"][0] <= bases["auto"]["target"] or layer["k"][0] == last, (path, layer)
     md = (tmp_path / "ablation_adaptive_k.md").read_text().splitlines()
     assert [line.split(" | ")[0].lstrip("| ") for line in md if line.startswith("| STEM")] == [
-        "STEM (K=128)", "STEM (K=256)", "STEM (K=512)", "STEM (auto, target 0.2)", "STEM (auto, target 0.4)"]
+        "STEM (K=128)", "STEM (K=256)", "STEM (K=512)", "STEM (auto, target 0.1)", "STEM (auto, target 0.3)"]
     assert (tmp_path / "ablation_adaptive_k.png").stat().st_size > 1000
     assert all((tmp_path / str(job) / "bases_per_layer.png").is_file() for job in range(len(ROWS)))
 

@@ -312,14 +312,15 @@ def test_ablation_k_reconstructs_and_edits_120_frames_with_ddim_and_128_256_512_
         assert cfg["metrics"]["clip"]["pretrained"] == "openai" and cfg["metrics"]["warp_error"] is True
 
 
-ADAPTIVE_K = {"k128": 128, "k256": 256, "k512": 512, "auto_tight": 0.2, "auto_loose": 0.4}  # K, or auto's target
+ADAPTIVE_K = {"k128": 128, "k256": 256, "k512": 512, "auto_tight": 0.1, "auto_loose": 0.3}  # K, or auto's target
 
 
 def test_ablation_adaptive_k_runs_fixed_and_auto_rows_on_fig3_settings(tmp_path):
     """Fig. 3's setting as ablation_k runs it (SD 1.5, the whole 120-frame woman-running clip at its 512x512,
-    50 steps), rows in order fixed K 128/256/512 then auto at 0.2 and 0.4, every inversion timed (no cache).
+    50 steps), rows in order fixed K 128/256/512 then auto at 0.1 and 0.3 on the attention criterion (64 sampled
+    queries), every inversion timed (no cache), the fixed rows measuring their attention error.
     Mutations caught: a row's inversion left to the command line (an auto row running K=256), the targets
-    swapped, the cache on (a second sweep would time 0 s hits), a clip cut short."""
+    swapped, the cache on (a second sweep would time 0 s hits), a clip cut short, the fixed rows unmeasured."""
     assert sweep(tmp_path, "ablation_adaptive_k") == {"adaptive_k": list(ADAPTIVE_K)}
     for combo, cfg in jobs(tmp_path, "ablation_adaptive_k"):
         data, inv = cfg["data"], cfg["inversion"]
@@ -330,9 +331,10 @@ def test_ablation_adaptive_k_runs_fixed_and_auto_rows_on_fig3_settings(tmp_path)
         value = ADAPTIVE_K[combo["adaptive_k"]]
         if combo["adaptive_k"].startswith("auto"):
             assert inv["num_bases"] == "auto" and dict(inv["auto"]) == {
-                "target": value, "k_min": 32, "k_max": 512, "k_step": None, "when": "first_step"}
+                "target": value, "k_min": 32, "k_max": 512, "k_step": None, "when": "first_step",
+                "criterion": "attention", "queries": 64}
         else:
-            assert inv["num_bases"] == value
+            assert inv["num_bases"] == value and inv["measure_attention_error"] is True
 
 
 def test_fig9_feature_similarity_of_the_four_inversions(tmp_path):

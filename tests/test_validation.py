@@ -46,13 +46,17 @@ def test_non_integer_num_bases_is_refused_before_the_model(refused, value, got):
 
 # ---- issue 15: num_bases=auto and its auto block ------------------------------------------------------------------
 # Mutations caught: a bad auto setting validated only when the processor meets the video (after the model); the type
-# check refusing "auto" (then the first case fails with "type int").
+# check refusing "auto" (then the first case fails with "type int"); auto.criterion or auto.queries not checked at
+# construction (a bad one then fails inside the first layer call, after the model).
 @pytest.mark.parametrize("overrides, expected", [
     (("inversion=stem", "inversion.num_bases=auto", "inversion.auto.target=0"), "auto.target=0 must be a number"),
     (("inversion=stem_auto", "inversion.auto.target=1.5"), "auto.target=1.5 must be a number strictly between 0 and 1"),
     (("inversion=stem_auto", "inversion.auto.when=sometimes"), "auto.when='sometimes' is not one of"),
     (("inversion=stem_official", "inversion.num_bases=auto", "+inversion.auto.trget=0.2"),
-     "did you mean auto.target?")])
+     "did you mean auto.target?"),
+    (("inversion=stem_auto", "inversion.auto.criterion=keys"), "auto.criterion='keys' is not one of"),
+    (("inversion=stem_auto", "inversion.auto.queries=0"), "auto.queries=0 must be an integer of at least 1"),
+    (("inversion=stem_auto", "inversion.auto.queries=8.5"), "auto.queries=8.5 must be an integer")])
 def test_bad_auto_settings_are_refused_before_the_model(refused, overrides, expected):
     assert expected in refused(*overrides)
 
