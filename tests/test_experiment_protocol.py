@@ -361,3 +361,94 @@ def test_every_experiment_lists_its_departures_here_and_in_reproduce_md(experime
     assert departures((CONFIGS / "experiment" / f"{experiment}.yaml").read_text()), experiment
     docs = (ROOT / "docs" / "REPRODUCE.md").read_text().split("## Departures from the paper", 1)
     assert len(docs) == 2 and f"`{experiment}`" in docs[1].split("\n## ", 1)[0], experiment
+
+
+def _flat(text: str) -> str:
+    """Comment or Markdown text on one line: comment marks dropped, whitespace collapsed."""
+    return " ".join(re.sub(r"^#", "", text, flags=re.M).split())
+
+
+def reproduce_departures() -> list[str]:
+    """The items of docs/REPRODUCE.md's "Departures from the paper" list, each on one line."""
+    section = (ROOT / "docs" / "REPRODUCE.md").read_text().split("## Departures from the paper", 1)[1]
+    return [_flat(item) for item in re.split(r"^- ", section.split("\n## ", 1)[0], flags=re.M)[1:]]
+
+
+# Behaviours where the code departs from what the paper writes, or picks where it writes nothing: the
+# texts their declaration must hold (the behaviour and the named option that changes it), and the
+# experiments whose numbers they shape. Each is declared in each such header and in a REPRODUCE.md item
+# that names the experiment; test_declared_departures_are_where_the_configs_say pins the experiment lists.
+DECLARED = {
+    "fatezero_replace": (  # FateZero's spatio-temporal attention: middle frame only (release) vs Eq. 6: own + middle
+        ("`mode: replace`", "middle frame only", "Eq. 6", "`inversion.mode=concat`", "`editing.attention_mode=concat`"),
+        ("fig4_per_frame", "table2_editing")),
+    "stem_in_reconstruction": (  # the reconstruction samples back with STEM self-attention, as the release
+        ("`inversion.stem_in_reconstruction: true`", "`inversion.stem_in_reconstruction=false`"),
+        ("ablation_adaptive_k", "ablation_k", "fig4_per_frame", "fig9_feature_similarity", "table4_length",
+         "table5_resolution", "table6_inversion")),
+    "fig4_ii_fusion": (  # fashion (ii): every map fused at every step, guidance 1
+        ("fashion (ii)", "`editing.self_replace_steps=1.0`", "`editing.cross_replace_steps=1.0`", "guidance 1",
+         "`editing.cross_replace_steps=0.5"),
+        ("fig4_per_frame",)),
+}
+
+
+@pytest.mark.parametrize("departure,experiment", [(d, e) for d, (_, exps) in DECLARED.items() for e in exps])
+def test_departures_are_declared_in_each_header_and_in_reproduce_md(departure, experiment):
+    """Mutations caught: the declaration removed from a header's departures (or moved out of the list),
+    or from docs/REPRODUCE.md's item for that experiment; the named option dropped from either."""
+    texts, _ = DECLARED[departure]
+    declared = _flat(departures((CONFIGS / "experiment" / f"{experiment}.yaml").read_text()))
+    assert [t for t in texts if t not in declared] == [], (experiment, departure)
+    items = [item for item in reproduce_departures() if f"`{experiment}`" in item]
+    assert any(all(t in item for t in texts) for item in items), (experiment, departure)
+
+
+def rows(tmp_path, experiment):
+    """The job configs of an experiment's declared sweep, one clip (the clips share inversion and editing)."""
+    clips = sweep(tmp_path, experiment).get("data")
+    return [cfg for _, cfg in jobs(tmp_path, experiment, **({"data": clips[0]} if clips else {}))]
+
+
+def touches(cfg) -> set[str]:
+    """The DECLARED behaviours a job runs, read from its composed config."""
+    inv, e, found = cfg["inversion"], cfg.get("editing"), set()
+    if (target(inv) == "FateZeroInversion" and inv["mode"] == "replace") or (
+            target(e) == "FateZeroEditor" and e["attention_mode"] == "replace"):
+        found.add("fatezero_replace")
+    if target(inv) == "STEMInversion" and inv["stem_in_reconstruction"] and cfg["reconstruct"] and e is None:
+        found.add("stem_in_reconstruction")  # a reconstruction table: the sampled-back video is what is scored
+    if target(e) == "FateZeroEditor" and e["prompt"] is None and (
+            e["self_replace_steps"], e["cross_replace_steps"], e["guidance_scale"]) == (1.0, 1.0, 1.0):
+        found.add("fig4_ii_fusion")
+    return found
+
+
+def test_declared_departures_are_where_the_configs_say(tmp_path):
+    """Each DECLARED behaviour's experiment list is exactly the experiments whose sweep runs it, so a new
+    experiment (or row) that runs one must declare it. Mutations caught: an experiment left out of a list
+    (and so of the checks above), e.g. fig9's PSNR column sampled back with STEM self-attention undeclared."""
+    ran = {d: set() for d in DECLARED}
+    for experiment in sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")):
+        for cfg in rows(tmp_path, experiment):
+            for d in touches(cfg):
+                ran[d].add(experiment)
+    assert {d: sorted(exps) for d, exps in ran.items()} == {d: sorted(exps) for d, (_, exps) in DECLARED.items()}
+
+
+def test_the_options_that_undo_each_declared_departure_act(tmp_path):
+    """The named options give the paper's behaviour in the composed job. Mutations caught: editing's
+    attention mode no longer following FateZero's inversion (`inversion.mode=concat` would edit with
+    `replace`), an option the docs name that no config reads."""
+    cfg = compose(tmp_path, "experiment=table2_editing", "table2=fatezero", "inversion.mode=concat")
+    assert cfg.inversion.mode == cfg.editing.attention_mode == "concat"
+    cfg = compose(tmp_path, "experiment=table2_editing", "table2=stem_fatezero", "editing.attention_mode=concat")
+    assert cfg.editing.attention_mode == "concat"
+    cfg = compose(tmp_path, "experiment=fig4_per_frame", "fig4=ddim_ii", "inversion.mode=concat")
+    assert cfg.inversion.mode == cfg.editing.attention_mode == "concat"
+    cfg = compose(tmp_path, "experiment=fig4_per_frame", "fig4=stem_ii", "editing.attention_mode=concat",
+                  "editing.cross_replace_steps=0.5", "editing.self_replace_steps=0.5")
+    assert (cfg.editing.attention_mode, cfg.editing.cross_replace_steps, cfg.editing.self_replace_steps) == (
+        "concat", 0.5, 0.5)
+    cfg = compose(tmp_path, "experiment=table4_length", "inversion.stem_in_reconstruction=false")
+    assert cfg.inversion.stem_in_reconstruction is False
