@@ -14,16 +14,6 @@ def sweep(tmp_path, experiment, *extra):
     return proc
 
 
-# slow (about 10 min on 2 shared cores): the header's CPU check as written; the default run has the small sweep below
-@pytest.mark.slow
-def test_ablation_k_cpu_check_runs_as_written(tmp_path):
-    sweep(tmp_path, "ablation_k", "metrics.clip.pretrained=null", "inversion.num_steps=5", "data.n_frames=4")
-    rows = read_table(tmp_path, "ablation_k")
-    assert [r["ablation_k"] for r in rows] == ["ddim", "k128", "k256", "k512"]
-    assert all(float(r["PSNR vs VAE"]) > 20 and r["CLIP score"] and r["Warp error x1e-3"] for r in rows)
-    assert (tmp_path / "ablation_k.png").is_file() and (tmp_path / "ablation_k_frames.png").is_file()
-
-
 SMALL = ["inversion.num_steps=2", "data.width=64", "data.height=64"]  # seconds per job
 # STEM's paper preset refuses K above a layer's tokens (excess_bases=error): 16 frames of 256x256 give the
 # tiny UNet's mid block 16 x 4x4 = 256 tokens, so sweeps that mix DDIM with K=256 STEM run there

@@ -56,7 +56,8 @@ def check_what_a_newcomer_sees(sweep: Path, steps: int) -> None:
     layers = stem_job["bases"]["inversion"]["layers"]   # the tiny UNet at 64x64 holds K=256 at no layer of 4 frames
     fewer = sum(1 for layer in layers.values() if min(layer["k"]) < 256)
     assert fewer > 0   # the newcomer's fix (excess_bases=clamp) acted, and the row says so
-    stem_label = f"STEM (K=256, clamped at {fewer} of {len(layers)} layers, mean K {stem_job['bases']['inversion']['mean_k']:.1f})"
+    mean_k = stem_job["bases"]["inversion"]["mean_k"]
+    stem_label = f"STEM (K=256, clamped at {fewer} of {len(layers)} layers, mean K {mean_k:.1f})"
     assert [row[0] for row in body] == ["DDIM 1-frame", "DDIM 2-frame", "DDIM all-frame", stem_label]
     for row, key in zip(body, ROWS):
         assert (row[2], row[4]) == (SPEC["paper"][key]["PSNR"], SPEC["paper"][key]["SSIM"])  # as the paper prints
