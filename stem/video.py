@@ -321,38 +321,14 @@ def cap_indices(count: int, max_frames: int | None, keep: str = "even") -> np.nd
 
 
 def read_frames_at(path, indices) -> np.ndarray:
-    """The frames at 0-based `indices` (in the order given) of a video file (ffmpeg formats) or frame folder,
-    decoding no further than the last one: uint8 `(len(indices), H, W, 3)`. VideoError when the video is
-    missing, unreadable or has no frame at some index."""
-    path = Path(path)
+    """The frames at 0-based `indices` (in the order given) of a video file or frame folder, decoding no
+    further than the last one (`read_frames`): uint8 `(len(indices), H, W, 3)`. VideoError when the video
+    is missing, unreadable or shorter than the last index."""
     wanted = [int(i) for i in indices]
     if not wanted or min(wanted) < 0:
         raise ConfigError(f"read_frames_at: indices must be >= 0, got {wanted}")
-    if not path.exists():
-        raise VideoError(f"video not found: {path}")
-    found: dict[int, np.ndarray] = {}
-    try:
-        if path.is_dir():
-            files = _frame_files(path)
-            found = {i: frame for i, frame in zip(sorted(set(wanted) & set(range(len(files)))),
-                                                  _read_images([files[i] for i in sorted(set(wanted))
-                                                                if i < len(files)], source=path))}
-        else:
-            iterator, _ = _iter_ffmpeg(path)
-            for index, frame in enumerate(iterator):
-                if index in wanted:
-                    found[index] = frame
-                if index >= max(wanted):
-                    iterator.close()
-                    break
-    except VideoError:
-        raise
-    except Exception as exc:  # decoder errors: corrupt or unreadable file
-        raise VideoError(f"cannot read video {path}: {_one_line(exc)}") from exc
-    missing = sorted(set(wanted) - set(found))
-    if missing:
-        raise VideoError(f"{path} has no frame {missing[0]} (0-based): it has fewer than {missing[0] + 1} frames")
-    return np.stack([found[i] for i in wanted])
+    frames, _ = read_frames(path, n_frames=max(wanted) + 1)
+    return frames[wanted]
 
 
 def evenly_spaced(total: int, count: int) -> np.ndarray:
