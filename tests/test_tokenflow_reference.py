@@ -32,8 +32,7 @@ CONV = "up_blocks.1.resnets.1"
 class Release:
     """What the release's patched blocks know: pivotal or not, the chunk index, the step's injections."""
 
-    def __init__(self, keyframes_per_step):
-        self.keyframes_per_step = keyframes_per_step
+    def __init__(self):
         self.pivotal, self.batch_idx, self.step = True, 0, 0
 
     def inject_qk(self):
@@ -113,7 +112,7 @@ def reference_tokenflow(model, trajectory, source_prompt, keyframes_per_step):
     unet = model.unet
     scheduler = DDIMScheduler.from_config(model.scheduler.config)
     scheduler.set_timesteps(STEPS)
-    run = Release(keyframes_per_step)
+    run = Release()
     src_emb = encode_prompt(model, source_prompt)
     neg_emb, tgt_emb = encode_prompt(model, NEGATIVE), encode_prompt(model, TARGET)
     saved_t = trajectory.timesteps.tolist()
@@ -179,7 +178,8 @@ def test_tokenflow_edit_equals_the_release_loop_end_to_end(tiny_model, clip_and_
     Catches (each seen failing; max difference to the reference): the pivot pass feeding the current edit
     latent instead of the inverted latent to the source branch (8.8e-3); the blend weights swapped between
     the two nearest keyframes (w on the previous chunk's keyframe, 2.0e-2); nearest neighbours taken in the
-    cond branch instead of the source branch (1.2e-2); extended attention on the source branch too (2.2e-2).
+    cond branch instead of the source branch (1.2e-2); extended attention on the source branch too (2.2e-2);
+    Q/K injected for one step more (5.8e-3); conv2 injected for one step less (2.1e-2).
     """
     video, traj = clip_and_trajectory
     edit = TokenFlowEditor(TARGET, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE, num_steps=STEPS,
