@@ -81,9 +81,10 @@ def _unet_call(unet, seed=0):
 @pytest.mark.parametrize("site, hidden, stage", [("up_blocks.2.resnets.0", 64, 1), ("up_blocks.2.resnets.1", 32, 2),
                                                  ("up_blocks.1.resnets.2", 64, 1)])
 def test_hooked_resnet_input_equals_the_release_formula_and_hooks_leave(tiny_model, site, hidden, stage):
-    """Catches: all of h scaled instead of its first half, the filter on h instead of the skip r, the filter's
-    square off centre (e.g. {0, 1} x {0, 1}), b/s of the wrong stage, or hooks left on after the block (the
-    UNet's output then differs from an unhooked call)."""
+    """Catches: all of h scaled instead of its first half, the skip r left unfiltered, a filtered square of
+    another size (threshold 2; {0, 1} x {0, 1} instead of {0, -1} x {0, -1} gives the same real part), b/s
+    of the wrong stage, or hooks left on after the block (the UNet's output then differs from an unhooked
+    call)."""
     unet = tiny_model.unet
     resnet = unet.get_submodule(site)
     seen = {}
