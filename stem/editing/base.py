@@ -13,9 +13,10 @@ steps, 1, 3, ..., 999, and edits with 50, whose timesteps 1, 21, ..., 981 are am
 SD's "leading" spacing and steps_offset=1). `editing_indices` maps each editing step to the
 inverted latent saved at that same timestep.
 
-FreeU (Si et al. 2024; diffusers' `unet.enable_freeu`) can be switched on for the edit only
-(`freeu`): the STEM release edits with it (b1 1.2, b2 1.4, s1 0.9, s2 0.2), TokenFlow's release
-does not, and the paper does not mention it (default off).
+FreeU (Si et al. 2024; `stem.editing.freeu`) can be switched on for the edit only (`freeu`): the
+STEM release edits with it (b1 1.2, b2 1.4, s1 0.9, s2 0.2), TokenFlow's release does not, and the
+paper does not mention it (default off). `freeu_sites` picks the resnets it acts on: "release" (by
+channel count, as the STEM release) or "diffusers" (by up-block index, as `unet.enable_freeu`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stem.ddim import Trajectory, sampling_timesteps
+from stem.editing.freeu import FREEU_SITES, freeu_hooks
 from stem.errors import ConfigError, check_choice
 from stem.prompts import encode_prompt
 
@@ -125,17 +127,14 @@ def check_freeu(freeu) -> dict | None:
 
 
 @contextlib.contextmanager
-def freeu_enabled(unet, freeu: dict | None):
-    """FreeU on the UNet's up blocks (diffusers' `enable_freeu`) inside the block, removed on exit
-    (`disable_freeu`), also when the block raises; `freeu=None` changes nothing."""
+def freeu_enabled(unet, freeu: dict | None, sites: str = "release"):
+    """FreeU on the UNet's decoder at `sites` (`stem.editing.freeu.freeu_sites`) inside the block, removed
+    on exit, also when the block raises; `freeu=None` changes nothing."""
     if freeu is None:
         yield
         return
-    unet.enable_freeu(**freeu)
-    try:
+    with freeu_hooks(unet, **freeu, sites=sites):
         yield
-    finally:
-        unet.disable_freeu()
 
 
 class Observers(contextlib.AbstractContextManager):
@@ -171,7 +170,8 @@ class Editor:
     name = "edit"
 
     def __init__(self, prompt: str | None = None, negative_prompt: str = DEFAULT_NEGATIVE,
-                 guidance_scale: float = 7.5, num_steps: int = 50, seed: int = 0, freeu: dict | None = None):
+                 guidance_scale: float = 7.5, num_steps: int = 50, seed: int = 0, freeu: dict | None = None,
+                 freeu_sites: str = "release"):
         if num_steps < 1:
             raise ConfigError(f"editing.num_steps={num_steps} must be at least 1")
         if prompt is not None and not str(prompt).strip():
@@ -180,6 +180,8 @@ class Editor:
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.guidance_scale, self.num_steps, self.seed = float(guidance_scale), num_steps, seed
         self.freeu = check_freeu(freeu)
+        check_choice("editing.freeu_sites", freeu_sites, FREEU_SITES)
+        self.freeu_sites = freeu_sites
 
     @property
     def reconstructs(self) -> bool:
@@ -193,7 +195,7 @@ class Editor:
     def settings(self) -> dict:
         return {"method": self.name, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
                 "guidance_scale": self.guidance_scale, "num_steps": self.num_steps, "seed": self.seed,
-                "freeu": self.freeu}
+                "freeu": self.freeu, "freeu_sites": self.freeu_sites}
 
     def check(self, num_frames: int) -> None:
         """Refuse, before model work, settings that cannot run on `num_frames` frames."""
@@ -214,7 +216,7 @@ class Editor:
         check_timesteps(model.scheduler, trajectory, self.num_steps)
         prompts = encode_prompts(model, source_prompt, self.prompt, self.negative_prompt, prompt_overflow)
         start = time.perf_counter()
-        with freeu_enabled(model.unet, self.freeu):
+        with freeu_enabled(model.unet, self.freeu, self.freeu_sites):
             latents, info = self._edit(model, trajectory, prompts, progress, observed)
         return Edit(latents, prompts.target_text, time.perf_counter() - start, info)
 

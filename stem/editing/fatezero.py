@@ -238,8 +238,9 @@ class FateZeroEditor(Editor):
                  attention_frames=("mid",), attention_mode: str = "replace", min_channels: int = 640,
                  store_max_tokens: int = 1024, attention_store: str = "memory", store_dir: str | None = None,
                  store_budget_gib: float = 48.0, store_dtype: str = "float16", clip_groupnorm: bool = False,
-                 freeu: dict | None = None):
-        super().__init__(prompt, negative_prompt, guidance_scale, num_steps, seed, freeu)
+                 freeu: dict | None = None,
+                 freeu_sites: str = "release"):
+        super().__init__(prompt, negative_prompt, guidance_scale, num_steps, seed, freeu, freeu_sites)
         check_choice("editing.cross_edit", cross_edit, CROSS_EDITS)
         check_choice("editing.attention_store", attention_store, ("memory", "disk"))
         check_choice("editing.store_dtype", store_dtype, tuple(DTYPES))

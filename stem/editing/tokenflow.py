@@ -175,7 +175,7 @@ class TokenFlowEditor(Editor):
     Args:
         prompt: target prompt; None edits towards the source prompt ("TokenFlow reconstruction", Figs. 4/10).
         negative_prompt, guidance_scale (7.5), num_steps (50; the inversion's, or a subset of its timesteps),
-        seed, freeu (None: off): see `Editor`.
+        seed, freeu (None: off), freeu_sites ("release" | "diffusers"): see `Editor`.
         batch_size: frames per chunk, one keyframe each (8, as released).
         pnp_attn_t: fraction of the steps with Q/K injection (0.5); pnp_f_t: with conv injection (0.8).
         start_from: "renoise" (as released) or "inverted" (start from the inverted z_T).
@@ -190,8 +190,9 @@ class TokenFlowEditor(Editor):
                  guidance_scale: float = 7.5, num_steps: int = 50, batch_size: int = 8, pnp_attn_t: float = 0.5,
                  pnp_f_t: float = 0.8, start_from: str = "renoise", seed: int = 0, propagate: bool = True,
                  qk_layers=QK_LAYERS, conv_layers=CONV_LAYERS, query_chunk: int | None = 65536,
-                 freeu: dict | None = None):
-        super().__init__(prompt, negative_prompt, guidance_scale, num_steps, seed, freeu)
+                 freeu: dict | None = None,
+                 freeu_sites: str = "release"):
+        super().__init__(prompt, negative_prompt, guidance_scale, num_steps, seed, freeu, freeu_sites)
         if batch_size < 1:
             raise ConfigError(f"editing.batch_size={batch_size} must be at least 1")
         for name, value in (("pnp_attn_t", pnp_attn_t), ("pnp_f_t", pnp_f_t)):
