@@ -9,18 +9,20 @@ def resolved(tmp_path, *overrides):
     return OmegaConf.to_container(compose_config(tmp_path, *overrides, fast=False), resolve=True)
 
 
-@pytest.mark.parametrize("preset, cross, self_, inversion", [
-    ("fatezero_paper", 0.5, 0.5, "FateZeroInversion"),       # appendix D: FateZero fuses t in [0.5T, T]
-    ("fatezero", 0.8, 0.8, "FateZeroInversion"),             # the released teaser config
-    ("stem_fatezero", 0.8, 0.5, "STEMInversion"),            # reading A: cross [0.2T, T], self [0.5T, T]
-    ("stem_fatezero_smaller", 0.2, 0.5, "STEMInversion"),    # reading B: a "smaller" cross ratio, [0.8T, T]
+# cross_edit: the Table 2 rows follow FateZero's code (auto: replace for equal word counts, else refine); the
+# teaser preset keeps its config's forced refine (is_replace_controller: False).
+@pytest.mark.parametrize("preset, cross, self_, inversion, cross_edit", [
+    ("fatezero_paper", 0.5, 0.5, "FateZeroInversion", "auto"),     # appendix D: FateZero fuses t in [0.5T, T]
+    ("fatezero", 0.8, 0.8, "FateZeroInversion", "refine"),         # the released teaser config
+    ("stem_fatezero", 0.8, 0.5, "STEMInversion", "auto"),          # reading A: cross [0.2T, T], self [0.5T, T]
+    ("stem_fatezero_smaller", 0.2, 0.5, "STEMInversion", "auto"),  # reading B: a "smaller" cross ratio
 ])
-def test_fusion_presets(tmp_path, preset, cross, self_, inversion):
+def test_fusion_presets(tmp_path, preset, cross, self_, inversion, cross_edit):
     cfg = resolved(tmp_path, f"editing={preset}")
     editing = cfg["editing"]
     assert (editing["cross_replace_steps"], editing["self_replace_steps"]) == (cross, self_)
     assert cfg["inversion"]["_target_"] == f"stem.inversion.{inversion}"
-    assert editing["reweight"] == {} and editing["cross_edit"] == "refine" and editing["guidance_scale"] == 7.5
+    assert editing["reweight"] == {} and editing["cross_edit"] == cross_edit and editing["guidance_scale"] == 7.5
     assert (editing["latent_blend_steps"], editing["latent_blend_mask"], editing["latent_blend_reference"]) == \
         ([0.2, 0.8], "source_or_edit", "step_start")
 

@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from stem.editing import FateZeroEditor
 from stem.editing.p2p import align_tokens, refine_mapper, replace_mapper, reweight_equalizer, word_tokens
 from stem.errors import ConfigError
 from stem.models import tiny_tokenizer
@@ -98,23 +99,129 @@ def test_refine_mapper_for_a_style_prefix():
     assert mapper[4:].tolist() == list(range(4, 77)) and (alphas[3:] == 1).all()
 
 
+def release_replacement_mapper(tok, x: str, y: str, length: int = 77) -> torch.Tensor:
+    """prompt-to-prompt's `get_replacement_mapper_` (seq_aligner.py; FateZero's copy is the same), written
+    out: two cursors i (source) and j (target) walk from BOS; at a changed word (words compared as
+    written, split on spaces) its source rows x target columns get 1 on the diagonal for equal token counts,
+    else 1 / (target tokens) everywhere, and both cursors jump past the word; before the last changed
+    word a token maps to the token it walks with; after it, to the same position (mapper[j, j]); the walk
+    ends when either cursor reaches `length`."""
+    wx, wy = x.split(" "), y.split(" ")
+
+    def inds(words, k):  # token positions of word k (BOS is 0)
+        start = 1 + sum(len(tok.tokenize(w)) for w in words[:k])
+        return list(range(start, start + len(tok.tokenize(words[k]))))
+
+    changed = [k for k in range(len(wy)) if wy[k] != wx[k]]
+    src, tgt = [inds(wx, k) for k in changed], [inds(wy, k) for k in changed]
+    m = torch.zeros(length, length, dtype=torch.float64)
+    i = j = cur = 0
+    while i < length and j < length:
+        if cur < len(src) and src[cur][0] == i:
+            if len(src[cur]) == len(tgt[cur]):
+                for a, b in zip(src[cur], tgt[cur]):
+                    m[a, b] = 1
+            else:
+                for b in tgt[cur]:
+                    for a in src[cur]:
+                        m[a, b] = 1 / len(tgt[cur])
+            i, j, cur = i + len(src[cur]), j + len(tgt[cur]), cur + 1
+        elif cur < len(src):
+            m[i, j] = 1
+            i, j = i + 1, j + 1
+        else:
+            m[j, j] = 1
+            i, j = i + 1, j + 1
+    return m
+
+
+# CLIP-like splits written out (one token per piece): 1, 2 and 3 tokens for the swapped words
+SWAP_PIECES = {"mallard": ["mall", "ard"], "vermeer": ["ver", "meer"], "flamingo": ["fla", "min", "go"]}
+SWAPS = {  # source -> target, same number of words; (source tokens -> target tokens) of the changed words
+    "1->2": ("a cat on a mat", "a mallard on a mat"),
+    "1->3": ("a cat on a mat", "a flamingo on a mat"),
+    "2->1": ("a mallard on a mat", "a cat on a mat"),
+    "2->2": ("a mallard on a mat", "a Vermeer on a mat"),
+    "2->1, 1->3": ("a mallard on a cat", "a dog on a flamingo"),
+    "case": ("A cat on a mat", "a cat on a mat"),
+    "2->1, case": ("a mallard on a Mat", "a cat on a mat"),  # "Mat" vs "mat" is a changed word, as released
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWAPS))
+def test_replace_mapper_equals_prompt_to_prompt(name):
+    """Against the written-out release mapper. Catches: the mean over source tokens (1/a instead of 1/b),
+    averaging an equal-length multi-token swap (2->2), mapping the words after a changed one by token
+    instead of by position, filling the columns the release leaves empty (2->1), and words compared
+    lower-cased (then "on" after a 2->1 swap would map by position, not to "on")."""
+    tok = WordTokenizer(SWAP_PIECES)
+    source, target = SWAPS[name]
+    assert torch.equal(replace_mapper(tok, source, target), release_replacement_mapper(tok, source, target))
+
+
+def test_replace_mapper_quirks_by_hand():
+    """The release's quirks, entry by entry (BOS a ... ; the changed word starts at position 2)."""
+    tok = WordTokenizer(SWAP_PIECES)
+    m = replace_mapper(tok, *SWAPS["2->2"])  # mallard -> Vermeer: token to token, not 0.5 / 0.5
+    assert m[2:4, 2:4].tolist() == [[1, 0], [0, 1]]
+    m = replace_mapper(tok, *SWAPS["1->2"])  # cat -> mall ard: each gets cat / 2 (1 / target tokens)
+    assert m[2, 2].item() == m[2, 3].item() == 0.5 and m[:, 2].sum().item() == 0.5
+    assert m[4, 4].item() == 1 and m[3, 4].item() == 0  # "on" (target 4) takes source 4 ("a"), not "on" (3)
+    m = replace_mapper(tok, *SWAPS["1->3"])
+    assert m[2, 2:5].tolist() == [1 / 3] * 3
+    m = replace_mapper(tok, *SWAPS["2->1"])  # mall ard -> cat: cat gets mall + ard (1 / 1)
+    assert m[2:4, 2].tolist() == [1, 1] and (m[:, 76] == 0).all() and m[75, 75].item() == 1
+    m = replace_mapper(tok, *SWAPS["case"])  # "A" vs "a": changed as written, same token, token to token
+    assert torch.equal(m, torch.eye(77, dtype=torch.float64))
+
+
 def test_replace_mapper_with_multi_token_words():
-    tok = tiny_tokenizer()  # character level: "silver" is 6 tokens, "porsche" 7, "jeep" 4, "car" 3
+    """The character-level tiny tokenizer: silver (6 tokens) -> porsche (7), jeep (4) -> car (3)."""
+    tok = tiny_tokenizer()
     m = replace_mapper(tok, JEEP, PORSCHE)
-    expected = torch.zeros(77, 77, dtype=torch.float64)
-    expected[0, 0] = 1                      # BOS
-    expected[1, 1] = 1                      # "a"
-    expected[2:8, 2:9] = 1 / 6              # silver (source 2..7) -> porsche (target 2..8)
-    expected[8:12, 9:12] = 1 / 4            # jeep (source 8..11) -> car (target 9..11)
-    src_rest, tgt_rest = range(12, 28), range(12, 28)  # "driving down a road" is 16 tokens in both
-    for s, t in zip(src_rest, tgt_rest):
-        expected[s, t] = 1
-    for k, t in enumerate(range(28, 77)):  # EOS and padding
-        expected[min(28 + k, 76), t] = 1
-    assert torch.equal(m, expected)
+    assert torch.equal(m, release_replacement_mapper(tok, JEEP, PORSCHE))
+    assert (m[2:8, 2:9] == 1 / 7).all() and (m[8:12, 9:12] == 1 / 3).all()
     attn = torch.rand(2, 5, 77, dtype=torch.float64)
     mapped = attn @ m
-    assert torch.allclose(mapped[..., 2], attn[..., 2:8].mean(-1))  # a target token of porsche: mean of silver
+    assert torch.allclose(mapped[..., 2], attn[..., 2:8].sum(-1) / 7)  # a porsche token: silver's sum / 7
+
+
+def fused(editor, tok, source, target, src, own):
+    return editor._cross_edit(tok, source, target)(src, own)
+
+
+@pytest.mark.parametrize("name", ["wolf", "woman_running", "car_turn"])
+def test_cross_edit_auto_follows_the_fatezero_release(name):
+    """FateZero's release picks Replace when the prompts have the same number of words, else Refine.
+    Catches Refine for wolf -> fox / woman-running (fox and Wonder would keep the edit's own map) and
+    Replace tried on car-turn's prefix."""
+    tok = WordTokenizer(CLIP_PIECES)
+    source, target = TABLE2[name]
+    src, own = torch.rand(2, 3, 77, dtype=torch.float64), torch.rand(2, 3, 77, dtype=torch.float64)
+    out = fused(FateZeroEditor(prompt=target), tok, source, target, src, own)  # the default is "auto"
+    if len(source.split()) == len(target.split()):
+        assert torch.equal(out, src @ release_replacement_mapper(tok, source, target))
+        assert torch.equal(out[..., 1 if name == "woman_running" else 2], src[..., 1 if name == "woman_running" else 2])
+    else:
+        index, alphas = refine_mapper(tok, source, target)
+        assert torch.equal(out, src[..., index] * alphas + own * (1 - alphas))
+    forced = fused(FateZeroEditor(prompt=target, cross_edit="refine"), tok, source, target, src, own)
+    index, alphas = refine_mapper(tok, source, target)
+    assert torch.equal(forced, src[..., index] * alphas + own * (1 - alphas))
+
+
+def test_reweight_scales_the_mapped_map():
+    """The release's reweight controller scales the map its Refine/Replace controller returns. Catches the
+    scale applied to the source map before the mapping: "watercolor" (new, unpaired) keeps the edit's own
+    map, which must be scaled x10 too."""
+    tok = WordTokenizer()
+    source, target = JEEP, STYLE
+    src, own = torch.rand(2, 3, 77, dtype=torch.float64), torch.rand(2, 3, 77, dtype=torch.float64)
+    out = fused(FateZeroEditor(prompt=target, reweight={"watercolor": 10}), tok, source, target, src, own)
+    index, alphas = refine_mapper(tok, source, target)
+    expected = src[..., index] * alphas + own * (1 - alphas)
+    expected[..., 1] *= 10  # "watercolor" is target token 1
+    assert torch.equal(out, expected)
 
 
 def test_identical_prompts_map_to_themselves():

@@ -57,11 +57,11 @@ from stem.attention import (
 from stem.ddim import Trajectory, ddim_sample_with, sampling_timesteps
 from stem.editing.attention_store import AttentionRecorder, AttentionStore, stored_layers
 from stem.editing.base import Editor, Observers, Prompts, guided
-from stem.editing.p2p import refine_mapper, replace_mapper, reweight_equalizer, word_tokens
+from stem.editing.p2p import cross_edit_kind, refine_mapper, replace_mapper, reweight_equalizer, word_tokens
 from stem.errors import ConfigError, check_choice
 from stem.fatezero_attention import fatezero_frames, layer_frame_tables, spatio_temporal_processors
 
-CROSS_EDITS = ("refine", "replace")
+CROSS_EDITS = ("auto", "refine", "replace")
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 BLEND_MASKS = ("source_or_edit", "source")
 BLEND_REFERENCES = ("step_start", "step_end")
@@ -206,7 +206,9 @@ class FateZeroEditor(Editor):
         prompt: target prompt; None edits towards the source prompt (reconstruction fashion).
         negative_prompt: the unconditional prompt ("" as released). guidance_scale 7.5 (1: no unconditional
             branch is computed). num_steps: editing steps, timesteps among the inversion's.
-        cross_edit: "refine" (any prompts; prompt-to-prompt's token alignment) or "replace" (same word count).
+        cross_edit: "auto" (FateZero's release: "replace" when the prompts have the same number of words,
+            else "refine"), "refine" (any prompts; prompt-to-prompt's token alignment) or "replace" (same
+            word count).
         cross_replace_steps, self_replace_steps: fractions of the steps (from the start) with fusion (paper
             appendix D, Table 2 FateZero: 0.5 / 0.5; released teaser: 0.8 / 0.8).
         reweight: {target word: scale} applied to the fused cross-attention (e.g. {"watercolor": 10}).
@@ -231,7 +233,7 @@ class FateZeroEditor(Editor):
     name = "FateZero"
 
     def __init__(self, prompt: str | None = None, negative_prompt: str = "", guidance_scale: float = 7.5,
-                 num_steps: int = 50, seed: int = 0, cross_edit: str = "refine", cross_replace_steps: float = 0.5,
+                 num_steps: int = 50, seed: int = 0, cross_edit: str = "auto", cross_replace_steps: float = 0.5,
                  self_replace_steps: float = 0.5, reweight: dict | None = None, blend_words=None,
                  blend_threshold: float = 0.3, latent_blend: bool = False, latent_blend_steps=(0.2, 0.8),
                  latent_blend_mask: str = "source_or_edit", latent_blend_reference: str = "step_start",
@@ -316,7 +318,7 @@ class FateZeroEditor(Editor):
 
     # ---- editing -----------------------------------------------------------------------------
     def _cross_edit(self, tokenizer, source: str, target: str):
-        if self.cross_edit == "replace":
+        if cross_edit_kind(source, target, self.cross_edit) == "replace":
             mapper = replace_mapper(tokenizer, source, target)
             edit = lambda src, own: src @ mapper.to(src.device, src.dtype)  # noqa: E731
         else:
@@ -327,7 +329,7 @@ class FateZeroEditor(Editor):
                 return src[..., index.to(src.device)] * a + own * (1 - a)
         if not self.reweight:
             return edit
-        scale = reweight_equalizer(tokenizer, target, self.reweight)
+        scale = reweight_equalizer(tokenizer, target, self.reweight)  # on the mapped map, as released
         return lambda src, own: edit(src, own) * scale.to(src.device, src.dtype)
 
     def _blend_layers(self, recorder, latent_hw: tuple[int, int]) -> list[str]:

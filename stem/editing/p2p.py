@@ -5,9 +5,15 @@ each query to token s of the (77-token, BOS first) prompt. From the source promp
 (recorded during inversion) and the edit's own maps A_edit:
 
 - Replace (same number of words): A = A_src M, with M (L x L) mapping source tokens to target
-  tokens: identity for BOS, unchanged words and the end/padding tail; for a replaced word
-  with a source tokens and b target tokens, M[s, t] = 1/a (each target token takes the mean
-  of the source word's maps); an unchanged word maps token to token.
+  tokens, as prompt-to-prompt's `get_replacement_mapper_` (FateZero's copy is the same), quirks
+  included: walking both prompts from BOS, tokens before the last changed word map token to token;
+  a changed word whose source and target have the same number of tokens maps token to token too
+  (mallard -> Vermeer, 2 tokens each: the diagonal, not the mean); one with a source tokens and b != a
+  target tokens gets M[s, t] = 1/b (each target token takes the SUM of the source word's maps divided by
+  the number of TARGET tokens, not their mean); after the last changed word, target token t takes source
+  token t (same position, not the token it follows from: with a != b the rest of the prompt is shifted),
+  and when the source has n more tokens in all, the last n target positions get no source token at all
+  (zero columns). Words are compared case-sensitively after splitting on single spaces.
 - Refine (any prompts): prompt-to-prompt's global alignment of the two token sequences (the
   tokenizer's ids, BOS and EOS included; match +1, mismatch -1, gap 0; tracing back from the
   ends, a tie leaves the target token unpaired first, then skips a source token, then pairs
@@ -16,7 +22,10 @@ each query to token s of the (77-token, BOS first) prompt. From the source promp
   changed token) keeps the edit's own map (`alphas` = 0); positions after the target's EOS map to
   the same position of the source, as released:
   A = A_src[..., mapper] * alphas + A_edit * (1 - alphas).
-- Reweight: A[..., t] *= scale for the tokens t of the chosen target words (e.g. x10).
+- Reweight: A[..., t] *= scale for the tokens t of the chosen target words (e.g. x10), on the map
+  after the Replace/Refine mapping (the released reweight controller wraps the mapping one).
+- Which mapping (`cross_edit_kind`): FateZero's release uses Replace when the prompts have the same
+  number of space-separated words (its `is_replace_controller`, on by default), Refine otherwise.
 
 Word boundaries (Replace, Reweight, blend words) come from the tokenizer itself
 (`tokenizer.tokenize(word)` per word), so the same code works for CLIP's BPE and the tiny
@@ -76,28 +85,41 @@ def align_tokens(source: list, target: list) -> list[int | None]:
     return out
 
 
-def _tail(src_end: int, tgt_end: int, length: int) -> list[tuple[int, int]]:
-    """(source, target) positions of the end token and padding after the last word."""
-    return [(min(src_end + k, length - 1), t) for k, t in enumerate(range(tgt_end, length))]
-
-
 def replace_mapper(tokenizer, source: str, target: str, length: int = 77) -> torch.Tensor:
-    """M (length x length) with A_target = A_src @ M; the prompts must have the same number of words."""
-    src_words, src_spans = word_spans(tokenizer, source, length)
-    tgt_words, tgt_spans = word_spans(tokenizer, target, length)
+    """M (length x length) with A_target = A_src @ M, as prompt-to-prompt's replacement mapper (module
+    docstring); the prompts must have the same number of words."""
+    src_words, tgt_words = source.split(" "), target.split(" ")  # as released: single spaces, case kept
+    if src_words != source.split() or tgt_words != target.split():
+        raise ConfigError(f"prompt-to-prompt replace splits words on single spaces: '{source}' / '{target}'")
     if len(src_words) != len(tgt_words):
         raise ConfigError(f"prompt-to-prompt replace needs the same number of words: '{source}' has "
                           f"{len(src_words)}, '{target}' has {len(tgt_words)}; use editing.cross_edit=refine")
+    _, src_spans = word_spans(tokenizer, source, length)
+    _, tgt_spans = word_spans(tokenizer, target, length)
+    changed = [k for k, (sw, tw) in enumerate(zip(src_words, tgt_words)) if sw != tw]
     mapper = torch.zeros(length, length, dtype=torch.float64)
-    mapper[0, 0] = 1.0
-    for sw, tw, s, t in zip(src_words, tgt_words, src_spans, tgt_spans):
-        if sw.lower() == tw.lower():  # an unchanged word: token to token
+    i = j = 0  # source and target positions, walked together from BOS
+    for k in changed:
+        s, t = src_spans[k], tgt_spans[k]
+        for d in range(s.start - i):  # BOS and unchanged words up to the changed one: token to token
+            mapper[i + d, j + d] = 1.0
+        if len(s) == len(t):  # quirk: token to token, not the mean over the source word
             mapper[list(s), list(t)] = 1.0
-        else:
-            mapper[s.start:s.stop, t.start:t.stop] = 1.0 / len(s)
-    for s, t in _tail(src_spans[-1].stop if src_spans else 1, tgt_spans[-1].stop if tgt_spans else 1, length):
-        mapper[s, t] = 1.0
+        else:  # quirk: 1 / (number of TARGET tokens), so each target token gets sum(source maps) / b
+            mapper[s.start:s.stop, t.start:t.stop] = 1.0 / len(t)
+        i, j = s.stop, t.stop
+    # quirk: after the last changed word, target token t takes source token t (positions, not tokens); the
+    # walk stops when either side reaches `length`, so a source longer by n leaves the last n columns empty
+    for t in range(j, length - max(0, i - j)):
+        mapper[t, t] = 1.0
     return mapper
+
+
+def cross_edit_kind(source: str, target: str, choice: str = "auto") -> str:
+    """"replace" or "refine": `choice` itself, or for "auto" FateZero's release rule (module docstring)."""
+    if choice != "auto":
+        return choice
+    return "replace" if len(source.split(" ")) == len(target.split(" ")) else "refine"
 
 
 def refine_mapper(tokenizer, source: str, target: str, length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
