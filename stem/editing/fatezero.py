@@ -35,8 +35,8 @@ M_g = [value > blend_threshold].
         edit's own A_edit summed over steps 0..j and the target prompt's blend words; "source": M_src.
 
 Editing starts from the inverted latent at t_0. Attention behaviour goes through
-`unet.set_attn_processor`; the optional clip-level GroupNorm (statistics over all frames, as FateZero's
-pseudo-3D UNet) through forward hooks on the ResNet and output GroupNorms (the transformer input norms stay
+`unet.set_attn_processor`; the clip-level GroupNorm (statistics over all frames, as FateZero's
+pseudo-3D UNet always does; on in the configs' presets, off by default here) through forward hooks on the ResNet and output GroupNorms (the transformer input norms stay
 per frame, as released), active in the inversion (part of its cache key) and in the edit.
 """
 
@@ -234,7 +234,8 @@ class FateZeroEditor(Editor):
             `store_dir`, removed after the run).
         store_budget_gib: refuse (with the ways out) a store larger than this (48). store_dtype: of the maps.
         clip_groupnorm: ResNet/output GroupNorm statistics over all frames (FateZero's pseudo-3D UNet; the
-            transformer input norms stay per frame, as released); off = stock per frame.
+            transformer input norms stay per frame, as released; on in the configs' FateZero presets);
+            off = stock per frame.
     """
 
     name = "FateZero"
