@@ -36,8 +36,9 @@ M_g = [value > blend_threshold].
 
 Editing starts from the inverted latent at t_0. Attention behaviour goes through
 `unet.set_attn_processor`; the clip-level GroupNorm (statistics over all frames, as FateZero's
-pseudo-3D UNet always does; on in the configs' presets, off by default here) through forward hooks on the ResNet and output GroupNorms (the transformer input norms stay
-per frame, as released), active in the inversion (part of its cache key) and in the edit.
+pseudo-3D UNet always does; on in the configs' presets, off by default here) through forward hooks on the
+ResNet and output GroupNorms (the transformer input norms stay per frame, as released), active in the
+inversion (part of its cache key) and in the edit.
 """
 
 from __future__ import annotations
