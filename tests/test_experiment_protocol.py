@@ -386,6 +386,9 @@ DECLARED = {
         ("`inversion.stem_in_reconstruction: true`", "`inversion.stem_in_reconstruction=false`"),
         ("ablation_adaptive_k", "ablation_k", "fig4_per_frame", "fig9_feature_similarity", "table4_length",
          "table5_resolution", "table6_inversion")),
+    "fatezero_clip_groupnorm": (  # paper silent: ResNet/output GroupNorms over the clip, as FateZero's release
+        ("`editing.clip_groupnorm: true`", "`editing.clip_groupnorm=false`", "whole clip"),
+        ("fig4_per_frame", "table2_editing")),
     "fig4_ii_fusion": (  # fashion (ii): every map fused at every step, guidance 1
         ("fashion (ii)", "`editing.self_replace_steps=1.0`", "`editing.cross_replace_steps=1.0`", "guidance 1",
          "`editing.cross_replace_steps=0.5"),
@@ -423,6 +426,8 @@ def touches(cfg, experiment: str) -> set[str]:
     if (target(inv) == "FateZeroInversion" and inv["mode"] == "replace") or (
             target(e) == "FateZeroEditor" and e["attention_mode"] == "replace"):
         found.add("fatezero_replace")
+    if target(e) == "FateZeroEditor" and e["clip_groupnorm"]:
+        found.add("fatezero_clip_groupnorm")
     sampled_back = cfg["reconstruct"] and (e is None or (cfg["report_reconstruction"]
                                                          and scores_reconstruction(experiment)))
     if target(inv) == "STEMInversion" and inv["stem_in_reconstruction"] and sampled_back:
@@ -459,5 +464,9 @@ def test_the_options_that_undo_each_declared_departure_act(tmp_path):
                   "editing.cross_replace_steps=0.5", "editing.self_replace_steps=0.5")
     assert (cfg.editing.attention_mode, cfg.editing.cross_replace_steps, cfg.editing.self_replace_steps) == (
         "concat", 0.5, 0.5)
+    for experiment, row in (("table2_editing", "table2=fatezero"), ("table2_editing", "table2=stem_fatezero"),
+                            ("fig4_per_frame", "fig4=ddim_ii"), ("fig4_per_frame", "fig4=stem_ii")):
+        assert compose(tmp_path, f"experiment={experiment}", row, "editing.clip_groupnorm=false").editing \
+            .clip_groupnorm is False
     cfg = compose(tmp_path, "experiment=table4_length", "inversion.stem_in_reconstruction=false")
     assert cfg.inversion.stem_in_reconstruction is False

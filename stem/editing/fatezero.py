@@ -16,10 +16,11 @@ Notation (N frames; T editing steps; step j = 0..T-1 runs at timestep t_j, desce
 
 Per step j (classifier-free guidance g, unconditional prompt `negative_prompt`, "" as released; with
 g = 1 only the conditional branch is computed):
-    cross-attention, j < int(cross_replace_steps * T):
+    cross-attention, j < int(cross_replace_steps * (T + 1)) (as released: prompt-to-prompt's per-step
+    weights have T + 1 rows, so at T = 5, 0.5 fuses 3 steps; at T = 50 the same as int(p T) for 0.2/0.5/0.8):
         replace: A = A_src Mapper;  refine: A = A_src[..., mapper] a + A_edit (1 - a)   (stem.editing.p2p)
         then reweight: A[..., word] *= scale
-    self-attention, j < int(self_replace_steps * T):
+    self-attention, j < int(self_replace_steps * T) (as released):
         A = M_g A_edit + (1 - M_g) A_src   (A = A_src without blend words)
     eps = eps_u + g (eps_c - eps_u);  x <- DDIM step from t_j to t_{j+1}
     latent blend (optional), after step j when int(s T) < j + 1 < int(e T), (s, e) = latent_blend_steps
@@ -34,9 +35,10 @@ M_g = [value > blend_threshold].
         edit's own A_edit summed over steps 0..j and the target prompt's blend words; "source": M_src.
 
 Editing starts from the inverted latent at t_0. Attention behaviour goes through
-`unet.set_attn_processor`; the optional clip-level GroupNorm (statistics over all frames, as FateZero's
-pseudo-3D UNet) through forward hooks on the ResNet and output GroupNorms (the transformer input norms stay
-per frame, as released), active in the inversion (part of its cache key) and in the edit.
+`unet.set_attn_processor`; the clip-level GroupNorm (statistics over all frames, as FateZero's
+pseudo-3D UNet always does; on in the configs' presets, off by default here) through forward hooks on the
+ResNet and output GroupNorms (the transformer input norms stay per frame, as released), active in the
+inversion (part of its cache key) and in the edit.
 """
 
 from __future__ import annotations
@@ -179,6 +181,13 @@ def blend_mask(pooled: torch.Tensor, size: tuple[int, int], threshold: float) ->
     return (m > threshold).float()
 
 
+def fusion_steps(cross_replace_steps: float, self_replace_steps: float, num_steps: int) -> tuple[int, int]:
+    """How many steps (from the first) fuse cross- and self-attention, as released: int(p (T + 1)) for
+    cross-attention (prompt-to-prompt's per-step word weights have T + 1 rows, the first int(p (T + 1))
+    of them on; at most T steps run) and int(p T) for self-attention (FateZero's own counter)."""
+    return min(int(cross_replace_steps * (num_steps + 1)), num_steps), int(self_replace_steps * num_steps)
+
+
 def latent_blend_window(num_steps: int, window) -> list[bool]:
     """Per step j: whether the latent blend follows it, int(s T) < j + 1 < int(e T) (the release's counter)."""
     lo, hi = int(window[0] * num_steps), int(window[1] * num_steps)
@@ -210,7 +219,8 @@ class FateZeroEditor(Editor):
             else "refine"), "refine" (any prompts; prompt-to-prompt's token alignment) or "replace" (same
             word count).
         cross_replace_steps, self_replace_steps: fractions of the steps (from the start) with fusion (paper
-            appendix D, Table 2 FateZero: 0.5 / 0.5; released teaser: 0.8 / 0.8).
+            appendix D, Table 2 FateZero: 0.5 / 0.5; released teaser: 0.8 / 0.8); cross fuses the first
+            int(p (T + 1)) steps, self the first int(p T), as released (module docstring).
         reweight: {target word: scale} applied to the fused cross-attention (e.g. {"watercolor": 10}).
         blend_words: source-prompt words whose cross-attention makes the blend masks, or
             [[source words], [target words]] as released (the target words for the latent mask's M_edit;
@@ -227,7 +237,8 @@ class FateZeroEditor(Editor):
             `store_dir`, removed after the run).
         store_budget_gib: refuse (with the ways out) a store larger than this (48). store_dtype: of the maps.
         clip_groupnorm: ResNet/output GroupNorm statistics over all frames (FateZero's pseudo-3D UNet; the
-            transformer input norms stay per frame, as released); off = stock per frame.
+            transformer input norms stay per frame, as released; on in the configs' FateZero presets);
+            off = stock per frame.
     """
 
     name = "FateZero"
@@ -368,7 +379,7 @@ class FateZeroEditor(Editor):
             state.edit_tokens = word_tokens(tokenizer, prompts.target_text,
                                             self.target_blend_words or self.source_blend_words)
         grids = {f"{b}.attn2": g for b, g in recorder.layers.items()}
-        cross_steps, self_steps = int(steps * self.cross_replace_steps), int(steps * self.self_replace_steps)
+        cross_steps, self_steps = fusion_steps(self.cross_replace_steps, self.self_replace_steps, steps)
         blend_after = latent_blend_window(steps, self.latent_blend_steps) if self.latent_blend else [False] * steps
         guidance = self.guidance_scale != 1
         dtype = next(unet.parameters()).dtype
