@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 2  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "c49adbe31d99173adececf6bdce4794e9d14db557cacd0de3ed20da2de73f599"
+INVERSION_SOURCES_DIGEST = "020c5be42c0584e78755717e5a27c57a40b4aaeec4bec3cc61e3ab3a6c61f254"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).

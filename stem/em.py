@@ -15,7 +15,7 @@ M-step (Eq. 10/11): mu_k = sum_i z_ik x_i / (sum_i z_ik + mass_eps)       (m_ste
 
 m_step="eps": `mass_eps` keeps the division finite for a basis without responsibility. The paper
 writes no epsilon; the paper preset uses 1e-6, the released code 1e-4 (its M-step: z / (sum z + 1e-4)).
-With tau = 0.01 many bases hold little mass, so the choice changes the bases (issue #11). A basis whose
+With tau = 0.01 many bases hold little mass, so the choice changes the bases. A basis whose
 responsibilities all underflow in fp32 (raw bases at tau 0.05: logits hundreds apart) gets 0 / eps = 0.
 
 m_step="literal": Eq. 10 to the letter, a scale-free weighted mean. Dividing z_ik by its largest value
@@ -51,14 +51,14 @@ Dead bases: a basis with (almost) no responsibility, sum_i z_ik < `DEAD_MASS`, b
 `dead_bases="keep"`). `dead_bases="reseed"` replaces it after the M-step by one of the
 tokens worst represented by the current bases (lowest best similarity), with its value.
 
-Reconstruction error (`measure_error=True`, adaptive K, issue 15): with z the responsibilities of the
+Reconstruction error (`measure_error=True`, adaptive K with criterion=tokens): with z the responsibilities of the
 last E-step and mu the returned bases (after reseeding), `error_sq` = sum_i ||x_i - z_i mu||^2 and
 `energy` = sum_i ||x_i||^2 per group, streamed without holding z: the last iteration's chunk loop
 also accumulates the Gram G = sum_i z_i^T z_i (K x K) and sum_i ||x_i||^2, and
 sum_i ||x_i - z_i mu||^2 = sum_i ||x_i||^2 - 2 <mu, sum_i z_i^T x_i>_F + trace(mu^T G mu) (clamped at 0;
 fp32: exact to about 1e-6 of the energy). Unmeasured (the default), none of this is computed.
 
-Distributed EM (`EMShard`, issue #14): when each process holds part of the EM problem, EM gives
+Distributed EM (`EMShard`, frame-sharded jobs): when each process holds part of the EM problem, EM gives
 every process the bases one process holding everything would get (up to float summation order):
 - global bases, tokens split over processes (`token_start`, `total_tokens`, `comm`): the M-step
   sums sum_i z_ik x_i, sum_i z_ik (and sum_i z_ik v_i) are all-reduced once per iteration, right
