@@ -17,7 +17,7 @@ Contexts (spec/STEM.md section 2), frame indices 0-based:
 - "allframe": all N frames. Cost O((N S)^2) per layer; queries are processed in chunks of
   `query_chunk` tokens so the score matrix in memory is at most query_chunk x N*S.
 
-Frame-sharded (`shard`, a `stem.distributed.FrameShard`; issue #14): the processor holds frames
+Frame-sharded (`shard`, a `stem.distributed.FrameShard`): the processor holds frames
 start .. stop - 1 of the N-frame video (frame indices above are those of the whole video) and
 fetches the keys/values its context needs from the other processes:
 - "1frame": nothing.

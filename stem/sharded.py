@@ -1,4 +1,4 @@
-"""Inversion and reconstruction of a frame-sharded video (issue #14): each process holds a slice.
+"""Inversion and reconstruction of a frame-sharded video: each process holds a slice.
 
 `shard_video` splits the video (ConfigError before any model work for impossible splits);
 `invert_sharded` runs DDIM inversion on this process's latents with every `attn1` configured for

@@ -21,7 +21,7 @@ reconstruction error ("tokens"). The
 layer is the path of the view installed on it (`for_layer`); with when="first_step" its first choice is
 kept. Each EM call draws one seed from the processor's generator and every candidate starts from it.
 
-Frame-sharded (`shard`, a `stem.distributed.FrameShard`; issue #14): this process holds frames
+Frame-sharded (`shard`, a `stem.distributed.FrameShard`): this process holds frames
 start .. stop - 1 of the N-frame video, and its bases are those of one process holding all N:
 - group=None (global bases): the EM runs on this slice's tokens and all-reduces its sums over
   processes every iteration (`stem.em.EMShard`); all processes end with the same bases.
