@@ -381,3 +381,14 @@ def test_base_url_that_is_not_a_url_is_one_line_and_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --base-url notaurl") and "https://" in lines[0], lines
     assert not (tmp_path / "videos").exists()
+
+
+def test_announced_size_of_another_file_is_refused_before_writing(http_server, tmp_path):
+    """Item 4. A mirror whose file has another length than the table's (Content-Length 5000 for an expected 6000).
+    Catches: downloading it whole and only then failing on the checksum (or, with the byte count, calling it a
+    dropped connection and asking for a rerun that can never succeed)."""
+    other = dl.ClipFile(FILE.name, FILE.repo, FILE.path, FILE.sha256, 6000)
+    with pytest.raises(dl.DownloadError) as e:
+        dl.download(other, tmp_path, http_server.url, progress=False, repositories=FAKE_REPOS, timeout=10)
+    assert "is 5000 bytes, not the expected 6000" in str(e.value) and "\n" not in str(e.value)
+    assert http_server.requests == [None] and list(tmp_path.iterdir()) == []
