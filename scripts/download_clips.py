@@ -22,10 +22,13 @@ The destination defaults to where `configs/paths/default.yaml` looks for clips: 
 if set, else `data/videos` under the current folder (run this from the folder you run
 `python run.py` or `stem-run` from). A file already there with the right checksum is skipped.
 A download goes to `<file>.part`, is resumed from there with an HTTP Range request when the
-server supports it (from the start otherwise), is checked against its sha256, and only then renamed
-to its final name: an interrupted or corrupt download never sits under the final name. Errors
-(offline, a wrong checksum, a different file already in the way) are one line `error: ...` naming
-the file, the URL and what to do; exit status 1 (2 for bad options).
+server supports it (from the start otherwise), is checked against its size and then its sha256, and
+only then renamed to its final name: an interrupted or corrupt download never sits under the final
+name. A connection that drops (also one that just ends the body early) keeps the `.part` for the next
+run to resume; at most the file's size is written, so a body longer than the file (or endless) is
+refused and deleted instead of filling the disk. Errors (offline, a dropped connection, a wrong size
+or checksum, a different file already in the way) are one line `error: ...` naming the file, the URL
+and what to do; exit status 1 (2 for bad options, such as a --base-url that is not a URL).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import hashlib
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from http.client import HTTPException
@@ -120,30 +124,60 @@ def _fetch(url: str, part: Path, size: int | None, opener, timeout: float, progr
         resumed = getattr(response, "status", None) == 206 and str(
             response.headers.get("Content-Range", "")).startswith(f"bytes {offset}-")
         if resumed:
-            return _write(response, part, offset, size, progress)
+            return _write(response, url, part, offset, size, progress)
         if getattr(response, "status", None) == 206:  # another range than asked: of no use, ask for everything
             response.close()
         else:
-            return _write(response, part, 0, size, progress)
-    _write(opener(urllib.request.Request(url), timeout=timeout), part, 0, size, progress)
+            return _write(response, url, part, 0, size, progress)
+    _write(opener(urllib.request.Request(url), timeout=timeout), url, part, 0, size, progress)
 
 
-def _write(response, part: Path, offset: int, size: int | None, progress: bool) -> None:
-    """Stream `response` into `part` from byte `offset` (0: truncate first), with a progress bar."""
+def _content_length(response) -> int | None:
+    text = str(response.headers.get("Content-Length", "")).strip()
+    return int(text) if text.isdigit() else None
+
+
+def _write(response, url: str, part: Path, offset: int, size: int | None, progress: bool) -> None:
+    """Stream `response` into `part` from byte `offset` (0: truncate first), with a progress bar, writing at most
+    up to the file's `size` (else offset + the response's Content-Length). DownloadError (one line) when the
+    server announces another size, when the body is longer (the .part is deleted) and when it ends short: a
+    server that closes the connection early makes read() return short without an error, so the byte count is
+    what tells; the short .part is kept for the next run's Range request."""
+    length = _content_length(response)
+    expected = size if size is not None else (None if length is None else offset + length)
+    if length is not None and expected is not None and offset + length != expected:
+        response.close()
+        raise DownloadError(f"{url} is {offset + length} bytes, not the expected {expected}: it is another file; "
+                            f"check --base-url (a mirror needs <base>/<owner>/<repo>/<commit>/<path>) or fetch "
+                            f"the file by hand from the repository")
+    got = offset
     with response, open(part, "ab" if offset else "wb") as out, \
-            tqdm(total=size, initial=offset, unit="B", unit_scale=True, desc=part.name[:-len(".part")],
+            tqdm(total=expected, initial=offset, unit="B", unit_scale=True, desc=part.name[:-len(".part")],
                  disable=None if progress else True, leave=False) as bar:
-        for block in iter(lambda: response.read(CHUNK), b""):
+        while expected is None or got < expected:
+            block = response.read(CHUNK if expected is None else min(CHUNK, expected - got))
+            if not block:
+                break
             out.write(block)
+            got += len(block)
             bar.update(len(block))
+        longer = expected is not None and got == expected and response.read(1)
+    if longer:
+        part.unlink()
+        raise DownloadError(f"{url} sends more than the expected {expected} bytes: it is another file (the download "
+                            f"was stopped there and deleted); check --base-url or fetch the file by hand")
+    if expected is not None and got < expected:
+        raise DownloadError(f"the connection dropped after {got} of {expected} bytes of {url}: the partial "
+                            f"download is kept in {part.absolute()}; run again to resume it")
 
 
 def download(file: ClipFile, dest: Path, base_url: str = DEFAULT_BASE_URL, opener=urllib.request.urlopen,
              timeout: float = TIMEOUT, progress: bool = True, repositories: dict | None = None) -> str:
     """Put `file` under `dest` with its checksum verified; returns "present" (already there) or "downloaded".
 
-    Raises DownloadError (one line) when offline, on a wrong checksum (the bad .part is deleted, nothing is left
-    under the final name) or when a different file is already in the way."""
+    Raises DownloadError (one line) when offline or the connection drops (the .part is kept: the next call resumes
+    it), on a wrong size or checksum (the bad .part is deleted, nothing is left under the final name) or when a
+    different file is already in the way."""
     target = dest / file.name
     url = url_for(file, base_url, repositories)
     if target.is_file():
@@ -198,6 +232,11 @@ def main(argv: list[str] | None = None, opener=urllib.request.urlopen) -> int:
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds to wait for an answer")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    base = urllib.parse.urlsplit(args.base_url)
+    if base.scheme not in ("http", "https", "ftp", "file") or (base.scheme != "file" and not base.netloc):
+        print(f"error: --base-url {args.base_url} is not a URL: give a mirror's address such as {DEFAULT_BASE_URL} "
+              "or file:///path/to/mirror", file=sys.stderr)
+        return 2
     dest = args.dest if args.dest is not None else default_dest()
     names = list(dict.fromkeys(args.only)) if args.only else list(CLIPS)
     try:

@@ -14,7 +14,7 @@ import math
 import numbers
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageSequence
 
 from stem.atomic import atomic_dir, atomic_file
-from stem.errors import ConfigError, VideoError
+from stem.errors import ConfigError, StemError, VideoError
 
 logger = logging.getLogger(__name__)
 
@@ -172,22 +172,52 @@ def _one_line(exc: BaseException | str) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
 
 
-def _iter_ffmpeg(path: Path) -> tuple[Iterator[np.ndarray], float | None]:
+@dataclass
+class _Source:
+    """An opened video before its first frame is decoded: the frames (decoded on iteration), the frame rate,
+    the frame size and the number of frames the file declares (None when unknown; for ffmpeg files an
+    estimate from the header's duration x fps)."""
+
+    frames: Iterator[np.ndarray]
+    fps: float | None
+    width: int
+    height: int
+    count: int | None
+    close: Callable[[], None]  # releases the decoder when no frame is read (closing `frames` does once started)
+
+
+def _iter_ffmpeg(path: Path) -> _Source:
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     meta = next(reader)
     width, height = meta["size"]
+    fps, duration = meta.get("fps"), meta.get("duration")
+    declared = fps * duration if fps and duration else None
 
     def frames() -> Iterator[np.ndarray]:
+        decoded = 0
         try:
             for raw in reader:
+                decoded += 1
                 yield np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
         finally:
             reader.close()  # stops ffmpeg when the caller stops early
+        _warn_short(path, decoded, declared, fps=fps, duration=duration)  # only reached at the end of the file
 
-    return frames(), meta.get("fps")
+    return _Source(frames(), fps, width, height, None if declared is None else round(declared), reader.close)
 
 
-def _iter_gif(path: Path) -> tuple[Iterator[np.ndarray], float | None]:
+def _warn_short(path: Path, decoded: int, declared: float | None, *, fps, duration) -> None:
+    """Warn when the decoder ran out of frames before the header's duration x fps: a truncated file (a cut-off
+    download or copy) decodes to its first frames without any error. ffmpeg prints the duration to 0.01 s and
+    the rate to 0.01 fps, so up to 0.005 x (fps + duration) frames of the estimate are rounding; half a frame
+    more counts as missing."""
+    if declared is not None and decoded < declared - 0.5 - 0.005 * (fps + duration):
+        logger.warning("%s: only %d frames decoded, but its header declares %d (%.2f s at %.2f fps): the file is "
+                       "probably truncated (a cut-off download or copy); get it again, or set n_frames to use "
+                       "fewer frames knowingly", path, decoded, round(declared), duration, fps)  # fmt: skip
+
+
+def _iter_gif(path: Path) -> _Source:
     image = Image.open(path)
     duration_ms = image.info.get("duration")
 
@@ -203,7 +233,8 @@ def _iter_gif(path: Path) -> tuple[Iterator[np.ndarray], float | None]:
         finally:  # also when the caller stops early
             _warn_transparent(*counts, source=path)
 
-    return frames(), (1000.0 / duration_ms if duration_ms else None)
+    return _Source(frames(), 1000.0 / duration_ms if duration_ms else None, *image.size,
+                   getattr(image, "n_frames", 1), image.close)
 
 
 def _rgb(image: Image.Image) -> tuple[np.ndarray, bool]:
@@ -239,13 +270,17 @@ def _warn_transparent(total: int, transparent: int, *, source: Path) -> None:
 
 
 def read_frames(
-    path, *, start: int = 0, stride: int = 1, n_frames: int | None = None
+    path, *, start: int = 0, stride: int = 1, n_frames: int | None = None, before_decode=None
 ) -> tuple[np.ndarray, float | None]:
     """Decode frames `start, start + stride, ...` (`n_frames` of them; None = all) of a video file
     or frame folder (natural sort order), stopping as soon as enough frames are read.
 
     Returns `(frames, fps)`: uint8 `(N, H, W, 3)` and the file's frame rate (None for folders).
     Transparent frame images and GIF frames are composited on white (`ALPHA_BACKGROUND`), with one warning.
+    A video file that decodes to fewer frames than its header declares (truncated) is read with a warning.
+    `before_decode(width, height, count)`, when given, is called once the source is opened and before any
+    frame is decoded, with the frame size and the number of frames the source declares (None if unknown);
+    it may raise to refuse.
     Raises VideoError for a missing/corrupt/too short input, ConfigError for bad arguments.
     """
     path = Path(path)
@@ -265,16 +300,26 @@ def read_frames(
         if path.is_dir():
             files = _frame_files(path)
             total = len(files)
+            if before_decode is not None:
+                with Image.open(files[0]) as first:  # reads the header only
+                    before_decode(*first.size, total)
             selected = _read_images(files[start::stride][:n_frames], source=path)
             fps = None
         else:
             if suffix in FFMPEG_SUFFIXES:
-                iterator, fps = _iter_ffmpeg(path)
+                source = _iter_ffmpeg(path)
             elif suffix == ".gif":
-                iterator, fps = _iter_gif(path)
+                source = _iter_gif(path)
             else:
                 formats = ", ".join(FFMPEG_SUFFIXES)
                 raise VideoError(f"unsupported video format {path}: use {formats}, .gif or a frame folder")
+            iterator, fps = source.frames, source.fps
+            if before_decode is not None:
+                try:
+                    before_decode(source.width, source.height, source.count)
+                except BaseException:
+                    source.close()
+                    raise
             total = 0  # frames decoded; the clip's length once the iterator is exhausted
             for frame in iterator:
                 if total >= start and (total - start) % stride == 0:
@@ -283,7 +328,7 @@ def read_frames(
                 if len(selected) == n_frames:
                     iterator.close()
                     break
-    except VideoError:
+    except StemError:  # ours, with its own message (a corrupt file's, or before_decode's refusal)
         raise
     except Exception as exc:  # decoder errors: corrupt or unreadable file
         raise VideoError(f"cannot read video {path}: {_one_line(exc)}") from exc
@@ -354,6 +399,29 @@ def _target_size(native_width: int, native_height: int, width: int | None, heigh
     return width, height
 
 
+def load_memory_need(native: tuple[int, int], target: tuple[int, int], decoded: int, kept: int) -> int:
+    """A lower bound of the bytes `load_video` holds at once: `decoded` frames of `native` (width, height) as
+    uint8 while they are stacked (list and array: twice), or `kept` frames at once as uint8, as float32 and,
+    when `target` differs, resized to it as float32 (the resize's own intermediates left out)."""
+    frame = native[0] * native[1] * 3
+    resized = target[0] * target[1] * 3 * 4 if target != native else 0
+    return max(2 * decoded * frame, kept * (frame + 4 * frame + resized))
+
+
+def _check_load_memory(path: Path, native: tuple[int, int], target: tuple[int, int], decoded: int,
+                       kept: int) -> None:
+    """ConfigError (one line) when `load_memory_need` exceeds the memory available to this process."""
+    from stem import precheck
+
+    need = load_memory_need(native, target, decoded, kept)
+    free = precheck.available_memory(torch.device("cpu"))
+    if free is not None and need > free:
+        size = f"{native[0]}x{native[1]}" + (f" resized to {target[0]}x{target[1]}" if target != native else "")
+        raise ConfigError(f"{path}: {kept} frames of {size} need at least {need / 2**30:.2f} GiB of memory to "
+                          f"load, {free / 2**30:.2f} GiB is available: use a lower data.width/data.height or "
+                          "fewer frames (data.n_frames, data.max_frames), or check_memory=false to try anyway")
+
+
 def _load_flow(
     folder: Path, *, start: int, stride: int, n_frames: int, resized: bool, size: tuple[int, int]
 ) -> torch.Tensor | None:
@@ -385,6 +453,7 @@ def load_video(
     edit_prompt: str | None = None,
     max_frames: int | None = None,
     max_frames_keep: str = "even",
+    check_memory: bool = True,
 ) -> Video:
     """Load a video file (.mp4/.webm/.mov/.avi/.gif) or a folder of frames as a `Video`.
 
@@ -407,6 +476,9 @@ def load_video(
         max_frames_keep: which frames a cap keeps (`cap_indices`): "even" spreads them over the selection
             (first and last kept); "first" keeps the first `max_frames`, consecutive (Table 2's shared
             window: warp error between neighbours, and a stored flow still applies).
+        check_memory: before decoding, refuse (ConfigError) a load whose lower-bound memory need
+            (`load_memory_need`, from the size and frame count the file declares) exceeds the available
+            memory (`stem.precheck.available_memory`); False: decode anyway.
 
     A folder holding `flow.npy` (see `save_video_with_flow`) gives `Video.flow` when the frames
     are neither subsampled nor resized.
@@ -415,10 +487,23 @@ def load_video(
     if fps is not None:
         check_fps(fps)  # before decoding anything
     cap_indices(1, max_frames, max_frames_keep)  # bad max_frames / max_frames_keep: before decoding anything
+    if stride == "even" and n_frames is None:
+        raise ConfigError("stride='even' spreads n_frames frames over the clip: set n_frames too")
+
+    def before_decode(native_width: int, native_height: int, count: int | None) -> None:
+        target = _target_size(native_width, native_height, width, height)  # a bad width/height: before decoding
+        if not check_memory:
+            return
+        even = stride == "even"
+        known = None if count is None else max(0, len(range(start, count, 1 if even else stride)))
+        selected = n_frames if known is None else known if n_frames is None else min(n_frames, known)
+        selected = 1 if selected is None else selected  # unknown length: at least one frame
+        decoded = known if even and known is not None else selected
+        kept = min(selected, max_frames) if max_frames is not None else selected
+        _check_load_memory(path, (native_width, native_height), target, decoded, kept)
+
     if stride == "even":
-        if n_frames is None:
-            raise ConfigError("stride='even' spreads n_frames frames over the clip: set n_frames too")
-        array, file_fps = read_frames(path, start=start)
+        array, file_fps = read_frames(path, start=start, before_decode=before_decode)
         if n_frames > len(array):
             raise VideoError(f"{path} has {len(array)} frames from frame {start}; cannot spread {n_frames} evenly "
                              f"(use n_frames <= {len(array)})")
@@ -426,7 +511,7 @@ def load_video(
         stride = int(picked[1] - picked[0]) if n_frames > 1 and len(set(np.diff(picked))) == 1 else None
         array, indices = array[picked], start + picked
     else:
-        array, file_fps = read_frames(path, start=start, stride=stride, n_frames=n_frames)
+        array, file_fps = read_frames(path, start=start, stride=stride, n_frames=n_frames, before_decode=before_decode)
         indices = start + stride * np.arange(len(array))
     kept = cap_indices(len(array), max_frames, max_frames_keep)
     if len(kept) < len(array):

@@ -5,11 +5,13 @@ without Range support, failing mid-stream or not. Each test names the bug (mutat
 from __future__ import annotations
 
 import hashlib
+import http.server
 import importlib.util
 import io
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,124 @@ def test_data_configs_read_the_download_folder(monkeypatch, tmp_path):
             cfg = compose_config(tmp_path, f"data={name}")
             assert Path(cfg.data.path) == dest / files[0].name.split("/")[0], name
 
+
+
+# --- a real local HTTP server: a body that ends early, an endless body, Range requests ---------------------------
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves DATA for any path as `server.mode` says: "whole" (honours `Range: bytes=N-` with 206), "short" (a
+    full Content-Length but only `server.cut` bytes of a 200 body, then the connection closes; Range requests are
+    answered whole) or "endless" (a 200 body without Content-Length that never ends, up to `server.cap` bytes)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        server = self.server
+        server.requests.append(self.headers.get("Range"))
+        start = 0
+        if server.mode == "endless":
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            block = bytes(range(256)) * 256
+            try:
+                while server.sent < server.cap:
+                    self.wfile.write(block)
+                    server.sent += len(block)
+            except OSError:  # the client stopped reading and closed the connection
+                server.client_closed = True
+            self.close_connection = True
+            return
+        header = self.headers.get("Range")
+        if header and header.startswith("bytes=") and header.endswith("-"):
+            start = int(header[len("bytes="):-1])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(DATA) - 1}/{len(DATA)}")
+        else:
+            self.send_response(200)
+        body = DATA[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if server.mode == "short" and not header:
+            body = body[:server.cut]
+        self.wfile.write(body)
+        server.sent += len(body)
+        self.close_connection = True
+
+
+@pytest.fixture
+def http_server():
+    """A real http.server on 127.0.0.1 in a thread; yields it (set `.mode`), its base URL is `.url`."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    server.mode, server.cut, server.cap, server.sent, server.client_closed = "whole", 3000, 64 << 20, 0, False
+    server.requests = []
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def _http_download(tmp_path, server):
+    return dl.download(FILE, tmp_path, server.url, progress=False, repositories=FAKE_REPOS, timeout=10)
+
+
+def test_body_that_ends_early_keeps_its_part_and_the_next_run_resumes(http_server, tmp_path):
+    """Item 4. A server that closes the connection after 3000 of 5000 bytes: urllib's read() then returns short
+    without an error. Catches: hashing the short file and reporting a checksum mismatch (and deleting the
+    .part, so nothing is resumed) instead of saying that the connection dropped; the next run not asking for
+    the rest with a Range request."""
+    http_server.mode = "short"
+    with pytest.raises(dl.DownloadError) as e:
+        _http_download(tmp_path, http_server)
+    message = str(e.value)
+    assert "\n" not in message and "sha256" not in message, message
+    assert "3000 of 5000 bytes" in message and "run again" in message and http_server.url in message
+    assert (tmp_path / "a.mp4.part").read_bytes() == DATA[:3000] and not (tmp_path / "a.mp4").exists()
+    http_server.mode = "whole"
+    assert _http_download(tmp_path, http_server) == "downloaded"
+    assert http_server.requests == [None, "bytes=3000-"] and (tmp_path / "a.mp4").read_bytes() == DATA
+    assert not (tmp_path / "a.mp4.part").exists()
+
+
+def test_endless_body_stops_at_the_expected_size(fake, http_server, tmp_path, capsys):
+    """Item 4. A server whose body never ends (no Content-Length): the script must stop reading at the file's
+    5000 bytes and fail with one line. Catches: writing without a cap (the .part grows until the disk is full;
+    here until the server's 64 MiB cap), a multi-line error."""
+    http_server.mode = "endless"
+    dest = tmp_path / "videos"
+    args = ["--base-url", http_server.url, "--dest", str(dest), "--only", "one", "--no-progress"]
+    assert dl.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "more than the expected 5000 bytes" in err, err
+    assert http_server.sent < http_server.cap and not (dest / "a.mp4").exists()
+    assert not (dest / "a.mp4.part").exists() or (dest / "a.mp4.part").stat().st_size <= 5000
+
+
+def test_base_url_that_is_not_a_url_is_one_line_and_exit_2(tmp_path):
+    """Item 4. `--base-url notaurl` as a user types it. Catches: urllib's ValueError ("unknown url type") escaping
+    as a traceback (exit 1), or a usage dump instead of one `error:` line."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--base-url", "notaurl", "--dest", str(tmp_path / "videos"),
+                           "--only", "taylor"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --base-url notaurl") and "https://" in lines[0], lines
+    assert not (tmp_path / "videos").exists()
+
+
+def test_announced_size_of_another_file_is_refused_before_writing(http_server, tmp_path):
+    """Item 4. A mirror whose file has another length than the table's (Content-Length 5000 for an expected 6000).
+    Catches: downloading it whole and only then failing on the checksum (or, with the byte count, calling it a
+    dropped connection and asking for a rerun that can never succeed)."""
+    other = dl.ClipFile(FILE.name, FILE.repo, FILE.path, FILE.sha256, 6000)
+    with pytest.raises(dl.DownloadError) as e:
+        dl.download(other, tmp_path, http_server.url, progress=False, repositories=FAKE_REPOS, timeout=10)
+    assert "is 5000 bytes, not the expected 6000" in str(e.value) and "\n" not in str(e.value)
+    assert http_server.requests == [None] and list(tmp_path.iterdir()) == []
