@@ -23,8 +23,8 @@ from hydra.core.utils import setup_globals
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from stem.errors import TableError
-from stem.tables import collect_runs, sweep_order, varying_keys, write_sweep_outputs
+from stem.core.errors import TableError
+from stem.reporting.tables import collect_runs, sweep_order, varying_keys, write_sweep_outputs
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class SweepDirCallback(Callback):
 class SweepTableCallback(Callback):
     """Table of a finished sweep: `<sweep dir>/<name>.md` (provenance caption, then the table), `.csv`,
     the sidecar `<name>.json`, `<name>.png` (`plot`), `<name>_frames.png` (`frames`: videos of every job side by
-    side, `stem.plots.sweep_frames`) and a W&B table. Rows follow the order the sweep declares."""
+    side, `stem.reporting.plots.sweep_frames`) and a W&B table. Rows follow the order the sweep declares."""
 
     def __init__(self, name: str = "table", columns: list[str] | None = None, metrics: list | None = None,
                  average_over: list | None = None, paper: dict | None = None, plot: dict | None = None,
@@ -158,7 +158,7 @@ def log_sweep_summary(sweep_dir: str | Path, name: str, out: dict, config: DictC
 
     The composed config holds the first value of each swept key; `sweep_overrides` is the sweep's command
     line (e.g. "inversion=ddim_1frame,stem") and the table the value of every job.
-    `out` is what stem.tables.write_sweep_outputs returned; `config` the sweep's config (the callback's),
+    `out` is what stem.reporting.tables.write_sweep_outputs returned; `config` the sweep's config (the callback's),
     None to read `<sweep dir>/multirun.yaml` (scripts/make_tables.py --wandb). W&B settings (project, entity,
     mode, tags) are the sweep's `logger=wandb` ones, else project "stem" in offline mode, as
     configs/logger/wandb.yaml; WANDB_MODE in the environment overrides the mode."""

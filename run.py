@@ -49,24 +49,25 @@ from omegaconf.errors import (
 )
 
 from callbacks import sweep_group
-from stem.cache import TensorCache
-from stem.device import device_name, setup_cpu
-from stem.display import bases_label, bases_line, display_value
-from stem.distributed import Distributed, from_env, submitit_environ
-from stem.editing.pipeline import edit_video
-from stem.errors import ConfigError, StemError
-from stem.evaluation import inversion_reconstruction_sections, per_frame_columns, summary_scalars
-from stem.plots import BASES_PLOT, plot_bases
-from stem.precheck import check_arguments, check_before_model
-from stem.reconstruction import bases_section, invert_video, reconstruct_video
-from stem.rundir import write_run
-from stem.sharded import shard_video
-from stem.tables import mark_job
+from stem.core.errors import ConfigError, StemError
+from stem.diffusion.device import device_name, setup_cpu
+from stem.distributed.sharding import Distributed, from_env, submitit_environ
+from stem.inversion.sharded import shard_video
+from stem.metrics.evaluation import inversion_reconstruction_sections, per_frame_columns, summary_scalars
+from stem.reporting.display import bases_label, bases_line, display_value
+from stem.reporting.plots import BASES_PLOT, plot_bases
+from stem.reporting.tables import mark_job
+from stem.runs.cache import TensorCache
+from stem.runs.edit import edit_video
+from stem.runs.precheck import check_arguments, check_before_model
+from stem.runs.reconstruction import bases_section, invert_video, reconstruct_video
+from stem.runs.rundir import write_run
 
 log = logging.getLogger("run")
 # Before any torch op of a job: the flush-to-zero mode is per thread, and torch's CPU worker threads take it from the
-# thread that starts them, so setting it only when the model is built (stem.device) left the workers that building
-# the data had started computing with denormals (an auto-K inversion on the tiny model: 11.5 s instead of 1.4 s).
+# thread that starts them, so setting it only when the model is built (stem.diffusion.device) left the workers that
+# building the data had started computing with denormals (an auto-K inversion on the tiny model: 11.5 s instead
+# of 1.4 s).
 setup_cpu()
 HEADLINE = ("psnr", "ssim", "clip_score", "frame_consistency", "warp_error", "mean")  # logged at the end of a job
 
@@ -218,7 +219,7 @@ def _ends_on_sigterm(task):
 
 def _build(group: str, node: DictConfig, **kwargs):
     """instantiate() with the library's StemError surfaced instead of Hydra's wrapper; unknown keys and
-    values of the wrong type are refused first (`stem.precheck.check_arguments`)."""
+    values of the wrong type are refused first (`stem.runs.precheck.check_arguments`)."""
     _check_node(group, node, kwargs)
     literal = {} if kwargs else {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
                                  if isinstance(v, str) and "${" in v}
@@ -250,7 +251,7 @@ def _check_node(group: str, node: DictConfig, kwargs: dict) -> None:
 
 
 def _check_before_model(cfg: DictConfig, method, editor, video, planned: Distributed | None = None) -> None:
-    """Checks that need the model's architecture (steps, K vs tokens, memory), from its config (`stem.precheck`).
+    """Checks that need the model's architecture (steps, K vs tokens, memory), from its config (`stem.runs.precheck`).
     A frame-sharded job checks the memory of one rank: its largest slice of frames."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     check_memory = cfg.get("check_memory", True)
@@ -396,7 +397,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None,
 
 
 def _report_bases(facts: dict, method, inverted, sampled_back: bool, model, video, run_dir: Path) -> None:
-    """STEM runs: the K per layer (`stem.reconstruction.bases_section`) into `facts["bases"]` (metrics.json),
+    """STEM runs: the K per layer (`stem.runs.reconstruction.bases_section`) into `facts["bases"]` (metrics.json),
     one log line per phase, and the plot `bases_per_layer.png` in `run_dir`. Other methods: nothing."""
     section = bases_section(method, inverted, sampled_back)
     if section is None:
@@ -418,7 +419,7 @@ def _report_bases(facts: dict, method, inverted, sampled_back: bool, model, vide
 
 def _check_sharded(planned: Distributed, method, editor, evaluator, video) -> None:
     """What a frame-sharded job cannot do, refused on every rank before any process group or model work:
-    more ranks than frames, EM groups straddling ranks, FateZero's inversion (`stem.sharded.shard_video`),
+    more ranks than frames, EM groups straddling ranks, FateZero's inversion (`stem.inversion.sharded.shard_video`),
     editing, and feature similarity (it records the UNet of one process)."""
     if editor is not None:
         raise ConfigError(f"editing ({editor.name}) runs on one process: invert with torchrun (editing=null), "
@@ -472,7 +473,7 @@ CONFIG_PATH = str(_REPO_CONFIGS) if (_REPO_CONFIGS / "config.yaml").is_file() el
 def launch_environ(settings: dict | None = None, environ: dict | None = None) -> dict[str, str]:
     """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) of this process's job:
     torchrun's own; under submitit with several tasks (hydra/launcher=slurm_multigpu) those of its
-    `JobEnvironment` (`stem.distributed.submitit_environ`; the port `settings["master_port"]`, or one derived
+    `JobEnvironment` (`stem.distributed.sharding.submitit_environ`; the port `settings["master_port"]`, or one derived
     from the job id when null); else {} (one process)."""
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" in env:

@@ -20,13 +20,13 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from stem.benchmarking import Parser, add_common_args, device_line, finish_report, load_frames, load_model, measure
-from stem.device import resolve_device, resolve_dtype
+from stem.core.errors import StemError
+from stem.diffusion.device import resolve_device, resolve_dtype
+from stem.diffusion.prompts import encode_prompt
+from stem.diffusion.vae import encode_frames
 from stem.editing import TokenFlowEditor
-from stem.errors import StemError
-from stem.inversion import DDIMInversion
-from stem.prompts import encode_prompt
-from stem.vae import encode_frames
+from stem.inversion.methods import DDIMInversion
+from stem.runs.benchmarking import Parser, add_common_args, device_line, finish_report, load_frames, load_model, measure
 
 
 def table(rows: list[dict], header: list[str]) -> str:

@@ -5,13 +5,13 @@
     python scripts/benchmark_inversion.py --model sd15_arch --frames 8 --width 128 --height 128 --steps 2 --nproc 1,2
 
 Encodes the video once, then times only the inversion loop for every method in one process
-(`stem.benchmarking.time_inversion`, the same definition of "inversion time" as
+(`stem.runs.benchmarking.time_inversion`, the same definition of "inversion time" as
 `experiment=table1_time`: VAE encoding excluded): one untimed warm-up run per method, then
 --repeats timed runs (the median is reported). Memory is the peak increase during a run: CUDA's max_memory_allocated
 on GPU, the resident set size sampled every 2 ms on CPU. Prints the table (and writes it as
 markdown plus raw numbers as JSON with --output). Bad options: one line `error: ...`, exit 2.
 
---nproc 1,2: the frame-sharded inversion (`stem.sharded`, docs/SCALING.md) on W forked processes joined over
+--nproc 1,2: the frame-sharded inversion (`stem.inversion.sharded`, docs/SCALING.md) on W forked processes joined over
 gloo on the CPU (the model built once, before forking; the cores split between the ranks): per method and W,
 the slowest rank's median time, every rank's peak memory increase, and the share of a rank's inversion time
 spent inside collectives (all-reduce, all-gather, broadcast, gather: transfer plus waiting for the other ranks).
@@ -31,7 +31,14 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from stem.benchmarking import (
+from stem.core.errors import StemError
+from stem.diffusion.device import resolve_device, resolve_dtype
+from stem.diffusion.prompts import encode_prompt
+from stem.diffusion.vae import encode_frames
+from stem.distributed.sharding import Distributed, init
+from stem.inversion.methods import DDIMInversion, STEMInversion, self_attention_tokens
+from stem.inversion.sharded import invert_sharded, shard_video
+from stem.runs.benchmarking import (
     Parser,
     add_common_args,
     device_line,
@@ -42,13 +49,6 @@ from stem.benchmarking import (
     time_inversion,
     warm_up,
 )
-from stem.device import resolve_device, resolve_dtype
-from stem.distributed import Distributed, init
-from stem.errors import StemError
-from stem.inversion import DDIMInversion, STEMInversion, self_attention_tokens
-from stem.prompts import encode_prompt
-from stem.sharded import invert_sharded, shard_video
-from stem.vae import encode_frames
 
 DEFAULT_METHODS = "ddim_1frame,ddim_2frame,ddim_allframe,stem_k128,stem_k256,stem_k512"
 # STEM as the paper writes it: the knobs of configs/inversion/stem.yaml, read from the file so they cannot drift

@@ -13,7 +13,7 @@ table spec (name, columns, metrics, averaging, the paper's values, plot) in
 `<sweep dir>/multirun.yaml` under `hydra.callbacks.sweep_table`, and its declared sweep
 (`hydra.sweeper.params`: the row order): both are used unless options here override them.
 Otherwise columns default to the override keys that vary between jobs. With `--metrics`, the sweep's
-paper values follow their metric, not its label (`stem.tables.paper_by_metric`): each sits beside
+paper values follow their metric, not its label (`stem.reporting.tables.paper_by_metric`): each sits beside
 the metric with the dotted path it was written for (`vs_input.psnr` for the paper's PSNR), whatever
 its label, and only there; any subset of metrics is accepted. `--no-paper` leaves the paper's
 columns (and plot markers) out. The provenance comes
@@ -48,8 +48,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from stem.errors import StemError, TableError
-from stem.tables import DEFAULT_METRICS, paper_by_metric, sweep_order, write_sweep_outputs
+from stem.core.errors import StemError, TableError
+from stem.reporting.tables import DEFAULT_METRICS, paper_by_metric, sweep_order, write_sweep_outputs
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated override keys (default: the keys that vary between jobs)")
     parser.add_argument("--metrics", nargs="+", type=parse_metric, metavar="LABEL=PATH[:FMT]",
                         help="metrics as dotted paths into metrics.json "
-                             "(default: those of stem.tables.DEFAULT_METRICS that the runs have)")
+                             "(default: those of stem.reporting.tables.DEFAULT_METRICS that the runs have)")
     parser.add_argument("--no-paper", action="store_true",
                         help="leave out the paper's columns (and the plot's paper markers)")
     parser.add_argument("--wandb", action="store_true",

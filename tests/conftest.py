@@ -19,7 +19,7 @@ torch.set_flush_denormal(True)  # random weights produce denormals: 2-3x slower 
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from stem.models import build_tiny
+    from stem.diffusion.models import build_tiny
 
     return build_tiny(seed=0, device="cpu")
 
@@ -118,7 +118,7 @@ def cfg_ddim_reference(model, latents: torch.Tensor, steps: int, negative: str, 
     current processors: the reference editing methods reduce to when they inject nothing."""
     from diffusers import DDIMScheduler
 
-    from stem.prompts import encode_prompt
+    from stem.diffusion.prompts import encode_prompt
 
     scheduler = DDIMScheduler.from_config(model.scheduler.config)
     scheduler.set_timesteps(steps)

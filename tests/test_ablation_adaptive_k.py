@@ -8,8 +8,8 @@ import imageio.v3 as iio
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from stem.display import bases_line, display_value, layer_order, short_layer
-from stem.plots import bases_figure, plot_bases, sweep_figure
+from stem.reporting.display import bases_line, display_value, layer_order, short_layer
+from stem.reporting.plots import bases_figure, plot_bases, sweep_figure
 
 # the attn1 layers of an SD-style UNet (tiny and SD 1.5 alike) in the UNet's order, and their short names
 UNET = ([f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1" for b in range(3) for a in range(2)]

@@ -11,13 +11,13 @@ from conftest import run_cli
 from diffusers.models.attention_processor import Attention
 from test_distributed import N_FRAMES, attn1_inputs, close, em_data, replay, run_ranks, video
 
-from stem.adaptive import candidates, resolve_auto
-from stem.distributed import Distributed, frame_slices
-from stem.em import DEAD_MASS, NORM_EPS, EMShard, em_bases
-from stem.errors import ConfigError
-from stem.inversion import STEMInversion, self_attention_tokens
-from stem.sharded import invert_sharded, shard_processor, shard_video
-from stem.stem_attention import STEMAttnProcessor
+from stem.core.errors import ConfigError
+from stem.distributed.sharding import Distributed, frame_slices
+from stem.inversion.adaptive import candidates, resolve_auto
+from stem.inversion.em import DEAD_MASS, NORM_EPS, EMShard, em_bases
+from stem.inversion.methods import STEMInversion, self_attention_tokens
+from stem.inversion.sharded import invert_sharded, shard_processor, shard_video
+from stem.inversion.stem_attention import STEMAttnProcessor
 
 STEPS = 2
 
@@ -554,7 +554,7 @@ def test_sharded_auto_chooses_as_one_process(tiny_model, one_process_auto, tmp_p
     """2 and 3 ranks on 7 frames: the EM's error sums (global bases: joined to the M-step all-reduce) and, for
     global bases and groups of 3 frames in both spaces, the K chosen per layer, its error and every layer's output
     (replaying the one-process attn1 inputs), and in a sharded inversion the K per layer (method.bases_report()
-    through stem.sharded's processors) and the trajectory, all as in one process.
+    through stem.inversion.sharded's processors) and the trajectory, all as in one process.
 
     Mutations seen failing: the Gram and energy left out of the last iteration's all-reduce (each rank measures its
     own tokens); group-scoped error totals not all-reduced over ranks (ranks choose different K); criterion

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from stem.attention import FrameContextAttnProcessor, context_frames, self_attention_processors
-from stem.errors import ConfigError
+from stem.core.errors import ConfigError
+from stem.inversion.attention import FrameContextAttnProcessor, context_frames, self_attention_processors
 
 N, S, C, HEADS = 5, 6, 16, 2
 

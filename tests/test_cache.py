@@ -1,4 +1,4 @@
-"""Content-addressed tensor cache (stem.cache) and atomic writes (stem.atomic)."""
+"""Content-addressed tensor cache (stem.runs.cache) and atomic writes (stem.core.atomic)."""
 
 import json
 import os
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import stem.cache
-from stem.atomic import atomic_dir, atomic_file
-from stem.cache import META, TENSORS, TensorCache, content_key
+import stem.runs.cache
+from stem.core.atomic import atomic_dir, atomic_file
+from stem.runs.cache import META, TENSORS, TensorCache, content_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_content_key_is_stable_and_independent_of_argument_and_dict_order():
 
 
 def test_content_key_is_the_same_in_another_process():
-    code = ("import torch; from stem.cache import content_key; "
+    code = ("import torch; from stem.runs.cache import content_key; "
             "print(content_key(frames=torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) / 7, "
             "model='34e329d5f8f8d070', prompt='a woman is running', "
             "method={'name': 'ddim_1frame', 'steps': 50, 'frames': [0, 1]}))")
@@ -95,7 +95,7 @@ def test_save_then_load_round_trips(tmp_path):
     assert loaded.keys() == tensors.keys()
     for name, t in tensors.items():
         assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
-    assert {k: v for k, v in json.loads((entry / META).read_text()).items() if k != stem.cache.CHECKSUM} == meta
+    assert {k: v for k, v in json.loads((entry / META).read_text()).items() if k != stem.runs.cache.CHECKSUM} == meta
 
 
 def test_save_replaces_an_existing_entry(tmp_path):
@@ -129,7 +129,7 @@ def test_failed_save_leaves_no_entry_and_no_temporary_folder(tmp_path, monkeypat
 
     cache = TensorCache(tmp_path / "cache")
     cache.save("old", {"x": torch.ones(2)}, {"v": 1})
-    monkeypatch.setattr(stem.cache, "save_file", broken_save_file)
+    monkeypatch.setattr(stem.runs.cache, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         cache.save("new", {"x": torch.zeros(2)}, {"v": 2})
     with pytest.raises(OSError, match="disk full"):
@@ -239,7 +239,7 @@ def test_a_damaged_entry_is_a_miss_with_a_warning_naming_it_and_the_next_save_re
     folder. Catches: load without a guard around reading/parsing (the old behaviour), a miss without a warning."""
     cache, entry, tensors = _entry(tmp_path)
     DAMAGES[damage](entry)
-    with caplog.at_level("WARNING", logger="stem.cache"):
+    with caplog.at_level("WARNING", logger="stem.runs.cache"):
         assert cache.load("k") is None
     assert any(str(entry) in r.getMessage() and r.levelname == "WARNING" for r in caplog.records), caplog.text
     cache.save("k", tensors, {"v": 2})
@@ -255,7 +255,7 @@ def test_meta_holds_the_sha256_of_the_tensors_file(tmp_path):
 
     cache, entry, _ = _entry(tmp_path)
     on_disk = json.loads((entry / META).read_text())
-    assert on_disk == {"v": 1, stem.cache.CHECKSUM: hashlib.sha256((entry / TENSORS).read_bytes()).hexdigest()}
+    assert on_disk == {"v": 1, stem.runs.cache.CHECKSUM: hashlib.sha256((entry / TENSORS).read_bytes()).hexdigest()}
     assert cache.load("k")[1] == {"v": 1}
 
 
@@ -272,7 +272,7 @@ def test_overwritten_tensor_values_in_a_valid_file_are_a_miss_with_a_warning(tmp
     data[where:where + 256] = (z_t[:64] + 1).numpy().tobytes()
     (entry / TENSORS).write_bytes(bytes(data))
     assert not torch.equal(load_file(entry / TENSORS)["latents"], tensors["latents"])  # valid file, other values
-    with caplog.at_level("WARNING", logger="stem.cache"):
+    with caplog.at_level("WARNING", logger="stem.runs.cache"):
         assert cache.load("k") is None
     assert any(str(entry) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records), caplog.text
 
@@ -286,7 +286,7 @@ def test_an_entry_written_before_checksums_is_a_miss_with_a_warning(tmp_path, ca
     entry.mkdir(parents=True)
     save_file({"x": torch.ones(2)}, entry / TENSORS)
     (entry / META).write_text(json.dumps({"v": 1}))
-    with caplog.at_level("WARNING", logger="stem.cache"):
+    with caplog.at_level("WARNING", logger="stem.runs.cache"):
         assert TensorCache(tmp_path / "cache").load("k") is None
     assert any(str(entry) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records), caplog.text
 
@@ -295,9 +295,9 @@ def test_an_entry_written_before_checksums_is_a_miss_with_a_warning(tmp_path, ca
 
 
 def _reconstruct(model, cache, invert_only: bool = False):
-    from stem.inversion import DDIMInversion
-    from stem.reconstruction import invert_video, reconstruct_video
-    from stem.synthetic import camera_pan
+    from stem.data.synthetic import camera_pan
+    from stem.inversion.methods import DDIMInversion
+    from stem.runs.reconstruction import invert_video, reconstruct_video
 
     video = camera_pan(n_frames=2, width=64, height=64)
     return (invert_video if invert_only else reconstruct_video)(model, video, DDIMInversion("1frame", num_steps=2),
@@ -323,7 +323,7 @@ def test_a_truncated_inversion_entry_is_inverted_again_and_replaced(tiny_model, 
     cache = TensorCache(tmp_path / "cache")
     first = _reconstruct(tiny_model, cache, invert_only=True)
     _truncate(first.entry / TENSORS, 0.5)
-    with caplog.at_level("WARNING", logger="stem.cache"):
+    with caplog.at_level("WARNING", logger="stem.runs.cache"):
         again = _reconstruct(tiny_model, cache, invert_only=True)
     assert not again.cache_hit and str(first.entry) in caplog.text
     assert torch.equal(again.trajectory.latents, first.trajectory.latents)

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import stem.cache
-from stem.cache import TensorCache
-from stem.errors import ConfigError
+import stem.runs.cache
+from stem.core.errors import ConfigError
+from stem.runs.cache import TensorCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_run_job_refuses_an_unwritable_cache_before_building_the_model(tmp_path,
     (the reported traceback once the whole inversion is done), or no check."""
     from conftest import compose_config
 
-    import stem.models
+    import stem.diffusion.models
     from run import run_job
 
     def no_model(*args, **kwargs):
@@ -64,7 +64,7 @@ def test_run_job_refuses_an_unwritable_cache_before_building_the_model(tmp_path,
 
     cfg = compose_config(tmp_path, "model=tiny")
     cfg.paths.cache_dir = str(_unwritable(tmp_path, kind))
-    monkeypatch.setattr(stem.models, "build_tiny", no_model)
+    monkeypatch.setattr(stem.diffusion.models, "build_tiny", no_model)
     with pytest.raises(ConfigError, match="use_cache=false"):
         run_job(cfg, tmp_path / "run")
 
@@ -74,9 +74,9 @@ def test_a_failed_save_after_the_inversion_warns_with_the_entry_and_keeps_the_re
     """A disk that fills up while the entry is written: the finished inversion is returned (the run goes on)
     with a warning naming the entry, and no entry or temporary folder is left. Catches: the OSError propagating
     after the whole inversion (the run is lost), a half-written entry."""
-    from stem.inversion import DDIMInversion
-    from stem.reconstruction import invert_video
-    from stem.synthetic import camera_pan
+    from stem.data.synthetic import camera_pan
+    from stem.inversion.methods import DDIMInversion
+    from stem.runs.reconstruction import invert_video
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -84,8 +84,8 @@ def test_a_failed_save_after_the_inversion_warns_with_the_entry_and_keeps_the_re
     video = camera_pan(n_frames=2, width=64, height=64)
     method = DDIMInversion("1frame", num_steps=1)
     cache = TensorCache(tmp_path / "cache")
-    monkeypatch.setattr(stem.cache, "save_file", full_disk)
-    with caplog.at_level("WARNING", logger="stem.reconstruction"):
+    monkeypatch.setattr(stem.runs.cache, "save_file", full_disk)
+    with caplog.at_level("WARNING", logger="stem.runs.reconstruction"):
         inverted = invert_video(tiny_model, video, method, cache, progress=False)
     assert not inverted.cache_hit and inverted.entry is None
     assert inverted.trajectory.latents.shape == (2, 2, 4, 8, 8) and inverted.trajectory.latents.isfinite().all()
@@ -103,7 +103,7 @@ WRITER = r"""
 import os, sys, time
 from pathlib import Path
 import torch
-from stem.cache import TensorCache
+from stem.runs.cache import TensorCache
 
 root, me, races = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 other, flags = ("second" if me == "first" else "first"), root.parent
@@ -161,8 +161,8 @@ def test_two_processes_writing_one_key_both_succeed_and_leave_only_the_entry(tmp
 
     root = tmp_path / "cache"
     damaged = TensorCache(root).save("b", {"x": torch.full((4,), 7.0)}, {"writer": "old"})
-    data = (damaged / stem.cache.TENSORS).read_bytes()
-    (damaged / stem.cache.TENSORS).write_bytes(data[:len(data) // 2])
+    data = (damaged / stem.runs.cache.TENSORS).read_bytes()
+    (damaged / stem.runs.cache.TENSORS).write_bytes(data[:len(data) // 2])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = {me: subprocess.Popen([sys.executable, "-c", WRITER, str(root), me, "a", "fresh", "b", "damaged"],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

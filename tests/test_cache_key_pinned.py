@@ -9,9 +9,9 @@ of the tiny model, the synthetic clip, or the key's parts): then update it with 
 
 from __future__ import annotations
 
-from stem.inversion import STEMInversion
-from stem.reconstruction import invert_video
-from stem.synthetic import camera_pan
+from stem.data.synthetic import camera_pan
+from stem.inversion.methods import STEMInversion
+from stem.runs.reconstruction import invert_video
 
 PINNED_KEY = "94be53b044614f661391e931"  # computed on the flat layout, before the move
 

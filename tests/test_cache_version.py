@@ -6,18 +6,18 @@ from pathlib import Path
 
 import torch
 
-import stem.cache_version as cv
-from stem.cache import TensorCache
+import stem.runs.cache_version as cv
+from stem.runs.cache import TensorCache
 
 
 def test_inversion_code_matches_the_digest_recorded_with_the_cache_version():
     """The SHA-256 of the sources in `INVERSION_SOURCES` (recomputed from the imported modules' files) equals the
     digest recorded when `INVERSION_CACHE_VERSION` was last set. Catches: a change of the EM/DDIM/attention/VAE/
-    prompt maths (checked: one EM constant in stem/em.py changed) that would silently reuse old latents."""
+    prompt maths (checked: one EM constant in stem/inversion/em.py changed) that would silently reuse old latents."""
     digest = cv.sources_digest()
     assert digest == cv.INVERSION_SOURCES_DIGEST, (
         f"inversion code changed: bump INVERSION_CACHE_VERSION and update the digest "
-        f"(run `python -m stem.cache_version --update`; add --keep-version only if the change cannot alter any "
+        f"(run `python -m stem.runs.cache_version --update`; add --keep-version only if the change cannot alter any "
         f"inverted latent, e.g. comments or docstrings). Recorded {cv.INVERSION_SOURCES_DIGEST}, now {digest}")
 
 
@@ -27,7 +27,8 @@ def test_the_digest_covers_each_source_and_ignores_line_endings(monkeypatch):
     that differs with git's autocrlf."""
     texts = {name: cv.source_text(name) for name in cv.INVERSION_SOURCES}
     assert all(len(t) > 100 and "\r" not in t for t in texts.values())
-    assert "def em_bases" in texts["stem.em"] and "def clip_groupnorm" in texts["stem.editing.fatezero:clip_groupnorm"]
+    assert "def em_bases" in texts["stem.inversion.em"]
+    assert "def clip_groupnorm" in texts["stem.editing.fatezero:clip_groupnorm"]
     assert "def edit" not in texts["stem.editing.fatezero:clip_groupnorm"]  # the function only, not its module
     base = cv.sources_digest(texts)
     assert base == cv.sources_digest()
@@ -37,7 +38,7 @@ def test_the_digest_covers_each_source_and_ignores_line_endings(monkeypatch):
 
 
 def test_update_rewrites_the_version_and_the_digest(tmp_path):
-    """`update` (what `python -m stem.cache_version --update` runs) on a copy of the module bumps the version by
+    """`update` (what `python -m stem.runs.cache_version --update` runs) on a copy of the module bumps the version by
     one and records the current digest; with bump=False it records the digest only. Catches: an update that
     forgets the bump, writes the wrong digest, or edits nothing."""
     copy = tmp_path / "cache_version.py"
@@ -55,8 +56,8 @@ def test_update_rewrites_the_version_and_the_digest(tmp_path):
 
 
 def test_check_command_exits_zero_when_the_digest_matches_and_one_when_it_does_not(capsys, monkeypatch):
-    """`python -m stem.cache_version` (no arguments, `main([])`) checks: prints the digest, exits 0 on this checkout
-    and 1 with a recorded digest that differs. Catches: a check that always passes."""
+    """`python -m stem.runs.cache_version` (no arguments, `main([])`) checks: prints the digest, exits 0 on this
+    checkout and 1 with a recorded digest that differs. Catches: a check that always passes."""
     assert cv.main([]) == 0 and cv.INVERSION_SOURCES_DIGEST in capsys.readouterr().out
     monkeypatch.setattr(cv, "INVERSION_SOURCES_DIGEST", "stale")
     assert cv.main([]) == 1 and "--update" in capsys.readouterr().out
@@ -65,9 +66,9 @@ def test_check_command_exits_zero_when_the_digest_matches_and_one_when_it_does_n
 def test_a_version_bump_changes_the_inversion_key_so_old_entries_miss(tiny_model, tmp_path, monkeypatch):
     """Same video, model and method: the entry written under one version is a hit under it and a miss (another
     key, another entry) after a bump. Catches: a version that does not enter the inversion key."""
-    from stem.inversion import DDIMInversion
-    from stem.reconstruction import invert_video
-    from stem.synthetic import camera_pan
+    from stem.data.synthetic import camera_pan
+    from stem.inversion.methods import DDIMInversion
+    from stem.runs.reconstruction import invert_video
 
     video = camera_pan(n_frames=2, width=64, height=64)
     cache = TensorCache(tmp_path / "cache")

@@ -4,11 +4,11 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from stem.ddim import ddim_invert, ddim_sample
-from stem.inversion import DDIMInversion
-from stem.prompts import encode_prompt
-from stem.synthetic import camera_pan
-from stem.vae import encode_frames
+from stem.data.synthetic import camera_pan
+from stem.diffusion.ddim import ddim_invert, ddim_sample
+from stem.diffusion.prompts import encode_prompt
+from stem.diffusion.vae import encode_frames
+from stem.inversion.methods import DDIMInversion
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-from stem.display import display_column, display_value
+from stem.reporting.display import display_column, display_value
 
 
 def test_stem_rows_name_k_from_the_run():

@@ -16,12 +16,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stem.distributed import Distributed, choose_backend, frame_slices, from_env, init, submitit_environ
-from stem.em import DEAD_MASS, EMShard, em_bases
-from stem.errors import ConfigError
-from stem.inversion import DDIMInversion, FateZeroInversion, STEMInversion
-from stem.sharded import invert_sharded, reconstruct_sharded, shard_processor, shard_video
-from stem.stem_attention import STEMAttnProcessor
+from stem.core.errors import ConfigError
+from stem.distributed.sharding import Distributed, choose_backend, frame_slices, from_env, init, submitit_environ
+from stem.inversion.em import DEAD_MASS, EMShard, em_bases
+from stem.inversion.methods import DDIMInversion, FateZeroInversion, STEMInversion
+from stem.inversion.sharded import invert_sharded, reconstruct_sharded, shard_processor, shard_video
+from stem.inversion.stem_attention import STEMAttnProcessor
 
 N_FRAMES, STEPS = 7, 3
 
@@ -278,7 +278,7 @@ def die_in_em(model, rank_to_die: int, stall: float = 0.0):
     """A job whose rank `rank_to_die` raises inside its third EM call (the others wait in an all-reduce), or
     with `stall` seconds, stays alive there that long (a hung rank)."""
     def job(d: Distributed):
-        import stem.stem_attention as sa
+        import stem.inversion.stem_attention as sa
         calls, em = [0], sa.em_bases
 
         def failing(*args, **kwargs):
@@ -310,10 +310,10 @@ def die_in_cached_inversion(model, cache_root):
     """A job inverting a 7-frame video through `invert_video` with a cache, whose rank 1 raises inside its third
     EM call (rank 0 waits in the M-step all-reduce, before any gather or cache write)."""
     def job(d: Distributed):
-        import stem.stem_attention as sa
-        from stem.cache import TensorCache
-        from stem.reconstruction import invert_video
-        from stem.video import Video
+        import stem.inversion.stem_attention as sa
+        from stem.data.video import Video
+        from stem.runs.cache import TensorCache
+        from stem.runs.reconstruction import invert_video
 
         calls, em = [0], sa.em_bases
 

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import run
-from stem.errors import ConfigError
+from stem.core.errors import ConfigError
 
 # STEM as configs/inversion/stem.yaml (global bases), K=8 for the tiny UNet (its mid block has 1 token per frame)
 JOB = ["inversion=stem", "inversion.num_bases=8", "excess_bases=clamp", "inversion.num_steps=3", "data.n_frames=5",
@@ -106,7 +106,7 @@ def test_bad_sharded_setups_fail_on_every_rank_before_the_process_group(tmp_path
     Mutation seen failing: no `_check_sharded` call (editing reaches the process group; the world-size and
     straddling cases are still refused by the sharded memory check, which slices the video first)."""
     monkeypatch.setattr(run, "from_env", _no_process_group)
-    monkeypatch.setattr("stem.models.build_tiny", _no_process_group)
+    monkeypatch.setattr("stem.diffusion.models.build_tiny", _no_process_group)
     for rank in (0, 1):
         environ = {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
         with pytest.raises(ConfigError, match=message):

@@ -5,14 +5,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from stem.ddim import Trajectory, sampling_timesteps
+from stem.core.errors import ConfigError
+from stem.data.synthetic import camera_pan
+from stem.diffusion.ddim import Trajectory, sampling_timesteps
+from stem.diffusion.prompts import encode_prompt
 from stem.editing.base import check_timesteps, editing_indices, start_latents
 from stem.editing.tokenflow import TokenFlowEditor
-from stem.errors import ConfigError
-from stem.inversion import DDIMInversion
-from stem.prompts import encode_prompt
-from stem.reconstruction import invert_video
-from stem.synthetic import camera_pan
+from stem.inversion.methods import DDIMInversion
+from stem.runs.reconstruction import invert_video
 
 
 @pytest.fixture(scope="module")

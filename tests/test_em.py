@@ -1,10 +1,10 @@
-"""EM of bases (stem/em.py) against naive loops, Lloyd's k-means, and its own streamed form."""
+"""EM of bases (stem/inversion/em.py) against naive loops, Lloyd's k-means, and its own streamed form."""
 
 import pytest
 import torch
 
-from stem.em import DEAD_MASS, MASS_EPS, NORM_EPS, em_bases, init_bases, responsibilities
-from stem.errors import ConfigError
+from stem.core.errors import ConfigError
+from stem.inversion.em import DEAD_MASS, MASS_EPS, NORM_EPS, em_bases, init_bases, responsibilities
 
 
 def naive_em(x, mu, n_iters, tau, normalize_bases, values=None):
@@ -211,7 +211,7 @@ def test_literal_m_step_reconstruction_error_is_that_of_the_literal_bases():
     xd = x[0].double()
     want = (xd - z @ res.bases[0].double()).square().sum()
     energy = xd.square().sum()
-    # fp32 sums of terms of the size of the energy: exact to about 1e-6 of it (stem/em.py)
+    # fp32 sums of terms of the size of the energy: exact to about 1e-6 of it (stem/inversion/em.py)
     assert abs(res.error_sq[0].item() - want.item()) <= 1e-5 * energy.item()
     torch.testing.assert_close(res.energy[0].double(), energy, rtol=1e-6, atol=0)
 

@@ -1,4 +1,4 @@
-"""The `metrics` group end to end: stem.evaluation.Evaluator, run_job with metrics=recon|edit|all,
+"""The `metrics` group end to end: stem.metrics.evaluation.Evaluator, run_job with metrics=recon|edit|all,
 figures in the run directory, flows cached per source, and bad metric settings refused early."""
 
 import json
@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import FAST, compose_config, read_wandb_records, run_cli
 
-from stem.cache import TensorCache
-from stem.errors import ConfigError, MetricError
-from stem.evaluation import Evaluator, per_frame_columns, summary_scalars
+from stem.core.errors import ConfigError, MetricError
+from stem.data.synthetic import camera_pan
+from stem.data.video import Video, read_frames, write_video
 from stem.metrics import reconstruction_metrics, warp_error
 from stem.metrics.clip_score import ClipScorer
-from stem.synthetic import camera_pan
-from stem.video import Video, read_frames, write_video
+from stem.metrics.evaluation import Evaluator, per_frame_columns, summary_scalars
+from stem.runs.cache import TensorCache
 
 RANDOM_CLIP = "metrics.clip.pretrained=null"  # no CLIP weights offline: a random model (mechanics only)
 
@@ -34,7 +34,7 @@ def test_each_metrics_option_composes_with_its_sections(tmp_path):
                 "all": (True, True, True, True)}
     for name, (recon, clip, warp, features) in sections.items():
         cfg = compose_config(tmp_path, f"metrics={name}")
-        assert cfg.metrics._target_ == "stem.evaluation.Evaluator"
+        assert cfg.metrics._target_ == "stem.metrics.evaluation.Evaluator"
         assert (cfg.metrics.reconstruction, cfg.metrics.clip is not None, cfg.metrics.warp_error,
                 cfg.metrics.features is not None) == (recon, clip, warp, features), name
     cfg = compose_config(tmp_path, "metrics=edit")
@@ -78,7 +78,7 @@ def test_a_run_with_a_random_clip_yields_a_caption_saying_so(all_metrics_run, tm
     Mutation caught: the evaluator not recording the weights (the caption would read them as unknown)."""
     from test_provenance import make_sweep
 
-    from stem.tables import write_sweep_outputs
+    from stem.reporting.tables import write_sweep_outputs
 
     run_dir, _ = all_metrics_run
     saved = json.loads((run_dir / "metrics.json").read_text())
@@ -130,8 +130,8 @@ def test_static_video_has_feature_similarity_one_at_every_step(tiny_model):
     pan = camera_pan(n_frames=1, width=64, height=64)
     video = Video(frames=pan.frames.repeat(3, 1, 1, 1), fps=10, prompt=pan.prompt, name="static",
                   flow=torch.zeros(2, 2, 64, 64))
-    from stem.inversion import DDIMInversion
-    from stem.reconstruction import invert_video
+    from stem.inversion.methods import DDIMInversion
+    from stem.runs.reconstruction import invert_video
 
     ev = Evaluator(reconstruction=False, features={"pca_steps": [0]}, device="cpu", progress=False)
     method = DDIMInversion("1frame", num_steps=3)

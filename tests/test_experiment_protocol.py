@@ -168,8 +168,8 @@ SHARED_WINDOW = 20  # Table 2's default: the first 20 frames of each clip, every
 def _selected(data, clip_frames: int) -> list[int]:
     """0-based source indices a composed `data` node selects from a clip of `clip_frames` frames: the
     clip's frames from start by stride (n_frames of them), then the cap through the loaders' own
-    `stem.video.cap_indices`."""
-    from stem.video import cap_indices
+    `stem.data.video.cap_indices`."""
+    from stem.data.video import cap_indices
 
     assert data.stride != "even", "this helper takes integer strides"
     picked = list(range(data.start, clip_frames, data.stride))[: data.n_frames]

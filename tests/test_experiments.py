@@ -33,8 +33,8 @@ def test_ablation_k_reconstructs_and_edits_every_row_with_a_frames_figure(tmp_pa
     Mutations caught: an edit-only row (no report_reconstruction: empty PSNR), reconstruction-only rows (no CLIP
     column), the frames spec dropped from the experiment or from multirun.yaml's rebuild (no _frames.png), the
     two PNGs logged under one W&B key (the plot overwritten)."""
-    from stem.plots import sweep_frames_figure
-    from stem.tables import collect_runs
+    from stem.reporting.plots import sweep_frames_figure
+    from stem.reporting.tables import collect_runs
 
     sweep(tmp_path, "ablation_k", *SMALL, "data.n_frames=4", "metrics.clip.pretrained=null", "logger=wandb")
     rows = read_table(tmp_path, "ablation_k")

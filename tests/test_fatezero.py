@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from conftest import cfg_ddim_reference, compose_config
 
+from stem.core.errors import ConfigError
+from stem.data.synthetic import camera_pan
+from stem.diffusion.prompts import encode_prompt
 from stem.editing.fatezero import (
     FateZeroEditor,
     FusionAttnProcessor,
@@ -17,11 +20,8 @@ from stem.editing.fatezero import (
     pooled_blend_map,
     token_map,
 )
-from stem.editing.pipeline import edit_video
-from stem.errors import ConfigError
-from stem.inversion import DDIMInversion, FateZeroInversion, self_attention_tokens
-from stem.prompts import encode_prompt
-from stem.synthetic import camera_pan
+from stem.inversion.methods import DDIMInversion, FateZeroInversion, self_attention_tokens
+from stem.runs.edit import edit_video
 
 TARGET = "a watercolor portrait photo of an astronaut"
 

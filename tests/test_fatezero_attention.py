@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from stem.attention import FrameContextAttnProcessor, self_attention_processors
-from stem.errors import ConfigError
-from stem.fatezero_attention import (
+from stem.core.errors import ConfigError
+from stem.inversion.attention import FrameContextAttnProcessor, self_attention_processors
+from stem.inversion.fatezero_attention import (
     SpatioTemporalAttnProcessor,
     fatezero_frames,
     layer_channels,

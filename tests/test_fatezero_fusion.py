@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from conftest import cfg_ddim_reference
 
+from stem.core.errors import ConfigError
+from stem.diffusion.prompts import encode_prompt
 from stem.editing.base import encode_prompts
 from stem.editing.fatezero import FateZeroEditor, clip_groupnorm, groupnorms, latent_blend_window
-from stem.errors import ConfigError
-from stem.inversion import DDIMInversion
-from stem.prompts import encode_prompt
+from stem.inversion.methods import DDIMInversion
 
 SOURCE = "a portrait photo of an astronaut"
 TARGET = "a watercolor portrait photo of an astronaut"
@@ -221,7 +221,7 @@ def test_store_keeps_maps_in_host_memory_and_reads_them_to_the_model_device(tiny
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (maps pinned in host memory, UNet on GPU)")
 def test_store_on_cuda_keeps_maps_pinned_on_the_host():
-    from stem.models import build_tiny
+    from stem.diffusion.models import build_tiny
 
     model = build_tiny(device="cuda", dtype="float32")
     ed = FateZeroEditor(prompt=TARGET, num_steps=2, min_channels=10**6, store_max_tokens=16)

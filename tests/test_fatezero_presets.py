@@ -21,7 +21,7 @@ def test_fusion_presets(tmp_path, preset, cross, self_, inversion, cross_edit):
     cfg = resolved(tmp_path, f"editing={preset}")
     editing = cfg["editing"]
     assert (editing["cross_replace_steps"], editing["self_replace_steps"]) == (cross, self_)
-    assert cfg["inversion"]["_target_"] == f"stem.inversion.{inversion}"
+    assert cfg["inversion"]["_target_"] == f"stem.inversion.methods.{inversion}"
     assert editing["reweight"] == {} and editing["cross_edit"] == cross_edit and editing["guidance_scale"] == 7.5
     assert (editing["latent_blend_steps"], editing["latent_blend_mask"], editing["latent_blend_reference"]) == \
         ([0.2, 0.8], "source_or_edit", "step_start")

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from stem.cache import TensorCache
+from stem.data.synthetic import camera_pan
+from stem.diffusion.prompts import encode_prompt
 from stem.editing.fatezero import FateZeroEditor, fusion_steps
-from stem.editing.pipeline import edit_video
-from stem.inversion import DDIMInversion
-from stem.prompts import encode_prompt
-from stem.synthetic import camera_pan
+from stem.inversion.methods import DDIMInversion
+from stem.runs.cache import TensorCache
+from stem.runs.edit import edit_video
 
 SOURCE = "a portrait photo of an astronaut"
 TARGET = "a watercolor portrait photo of an astronaut"

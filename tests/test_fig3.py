@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from stem.display import display_value
-from stem.plots import sweep_figure, sweep_frames_figure
-from stem.tables import collect_runs, sweep_table, write_sweep_outputs
-from stem.video import write_video
+from stem.data.video import write_video
+from stem.reporting.display import display_value
+from stem.reporting.plots import sweep_figure, sweep_frames_figure
+from stem.reporting.tables import collect_runs, sweep_table, write_sweep_outputs
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiment"
 

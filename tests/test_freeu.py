@@ -5,11 +5,11 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from stem.data.synthetic import camera_pan
 from stem.editing.freeu import freeu_hooks, freeu_sites
 from stem.editing.tokenflow import TokenFlowEditor
-from stem.inversion import DDIMInversion
-from stem.reconstruction import invert_video
-from stem.synthetic import camera_pan
+from stem.inversion.methods import DDIMInversion
+from stem.runs.reconstruction import invert_video
 
 RELEASED = {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from skimage.data import astronaut
 
-from stem.errors import ConfigError, StemError
+from stem.core.errors import ConfigError, StemError
 from stem.metrics import clip_score as cs
 from stem.metrics.clip_score import ClipScorer, ClipWeightsError
 

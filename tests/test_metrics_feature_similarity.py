@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stem.inversion import DDIMInversion
+from stem.data.synthetic import camera_pan
+from stem.diffusion.prompts import encode_prompt
+from stem.diffusion.vae import encode_frames
+from stem.inversion.methods import DDIMInversion
 from stem.metrics.feature_similarity import (
     FeatureRecorder,
     capture_features,
@@ -15,9 +18,6 @@ from stem.metrics.feature_similarity import (
     last_decoder_self_attention,
     similarity_per_step,
 )
-from stem.prompts import encode_prompt
-from stem.synthetic import camera_pan
-from stem.vae import encode_frames
 
 
 def _constant_flow(shifts, height, width):

@@ -1,6 +1,6 @@
 """Warp error, flow backends and the forward-backward mask (stem.metrics.warp/flow) on known answers.
 
-References: the exact flow of the synthetic camera pan (stem.synthetic), naive per-pixel loops for
+References: the exact flow of the synthetic camera pan (stem.data.synthetic), naive per-pixel loops for
 bilinear sampling and the consistency test, and explicit formulas for the zero-padded border error
 (spec/METRICS.md, "Temporal consistency: warp error"). Bounds below were measured on this CPU.
 """
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torchvision.models.optical_flow import Raft_Large_Weights, raft_small
 
 import stem.metrics.flow as flow_mod
-from stem.errors import MetricError
+from stem.core.errors import MetricError
+from stem.data.synthetic import camera_pan
 from stem.metrics.flow import estimate_flow, pad_to_multiple, unpad
 from stem.metrics.warp import consistency_mask, in_bounds_mask, warp, warp_error
-from stem.synthetic import camera_pan
 
 DX, DY = 4, 2  # camera_pan default shift: exact flow (-4, -2) on 256x256 frames, 8 frames
 

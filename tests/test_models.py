@@ -1,4 +1,4 @@
-"""Model builders and the SD 1.5 loader (stem.models): round trips, safetensors only, DDIM settings."""
+"""Model builders and the SD 1.5 loader (stem.diffusion.models): round trips, safetensors only, DDIM settings."""
 
 import json
 import os
@@ -11,9 +11,9 @@ from diffusers import DDIMScheduler, PNDMScheduler
 from safetensors.torch import load_file
 from skimage.data import astronaut, chelsea
 
-from stem.errors import StemError
-from stem.models import DDIM_SETTINGS, build_sd15_arch, build_tiny, load_pretrained, save_pretrained
-from stem.vae import encode_frames
+from stem.core.errors import StemError
+from stem.diffusion.models import DDIM_SETTINGS, build_sd15_arch, build_tiny, load_pretrained, save_pretrained
+from stem.diffusion.vae import encode_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a woman is running on the beach"
@@ -87,7 +87,7 @@ def test_model_sd15_config_instantiates_the_same_loader(tiny_model, saved):
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=["model=sd15", f"model.path={saved}", "device=cpu"])
-    assert cfg.model._target_ == "stem.models.load_pretrained"
+    assert cfg.model._target_ == "stem.diffusion.models.load_pretrained"
     loaded = instantiate(cfg.model)
     _assert_same_model(tiny_model, loaded)
     _assert_paper_ddim(loaded.scheduler)

@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
+from stem.core.errors import ConfigError
+from stem.diffusion.models import tiny_tokenizer
 from stem.editing import FateZeroEditor
 from stem.editing.p2p import align_tokens, refine_mapper, replace_mapper, reweight_equalizer, word_tokens
-from stem.errors import ConfigError
-from stem.models import tiny_tokenizer
 
 JEEP = "a silver jeep driving down a road"
 PORSCHE = "a Porsche car driving down a road"

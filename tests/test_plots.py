@@ -10,11 +10,11 @@ import torch
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from stem import plots
-from stem.plots import Panel, curves_figure, grid_figure, image_grid, plot_curves, sweep_figure
-from stem.rundir import write_run
-from stem.tables import sweep_plot
-from stem.video import Video, load_video, write_video
+from stem.data.video import Video, load_video, write_video
+from stem.reporting import plots
+from stem.reporting.plots import Panel, curves_figure, grid_figure, image_grid, plot_curves, sweep_figure
+from stem.reporting.tables import sweep_plot
+from stem.runs.rundir import write_run
 
 
 def test_plot_curves_writes_a_png_and_no_temporary_file(tmp_path):
@@ -56,7 +56,7 @@ def _sweep_spec(name: str) -> dict:
 
 
 def _runs(column: str, values: list, metrics) -> list[dict]:
-    """Finished fake jobs of a sweep over `column` (as stem.tables.collect_runs returns them)."""
+    """Finished fake jobs of a sweep over `column` (as stem.reporting.tables.collect_runs returns them)."""
     return [{"job": i, "dir": None, "overrides": {column: v}, "status": "ok", "metrics": metrics(i, v)}
             for i, v in enumerate(values)]
 
@@ -98,7 +98,7 @@ def test_paper_values_are_markers_at_the_papers_x_and_y(name, column, ours, pape
 
 def test_no_paper_markers_where_the_paper_gives_no_numbers(tmp_path):
     """Fig. 3 (ablation_k) has no numbers in the paper: its spec names no paper label, so nothing is
-    drawn even when a paper dict is passed; the PNG is still written by stem.tables.sweep_plot.
+    drawn even when a paper dict is passed; the PNG is still written by stem.reporting.tables.sweep_plot.
     Mutation caught: a paper label guessed from the y path (a "paper" line appears)."""
     spec = _sweep_spec("ablation_k")
     assert "paper_label" not in spec["plot"] and "paper" not in spec
@@ -149,7 +149,7 @@ def test_a_nearly_constant_curve_has_no_offset_label():
 
 
 def test_legend_labels_are_display_names_with_the_runs_own_k():
-    """Curves are labelled with the paper's names (stem.display), K read from each run's metrics.json,
+    """Curves are labelled with the paper's names (stem.reporting.display), K read from each run's metrics.json,
     not the config names. Mutation caught: labels from the raw override values ("stem", "ddim_1frame")."""
     settings = {"ddim_1frame": {"method": "ddim"}, "stem": {"method": "stem", "num_bases": 512}}
     runs = _runs("inversion", ["ddim_1frame", "stem"], lambda i, v: {
@@ -197,7 +197,7 @@ def test_feature_pca_title_names_the_method_and_frames_by_source_number(tmp_path
     """feature_pca.png's title names the method (its display name), not the last PCA row's label,
     and its columns are the frames' source numbers. Mutation caught: the PCA row loop reusing the
     `label` variable (the title then reads "step 2 (t=961): ...")."""
-    from stem.evaluation import PCA_FIGURE, Evaluator
+    from stem.metrics.evaluation import PCA_FIGURE, Evaluator
 
     figures = {}
     monkeypatch.setattr(plots, "save_png", lambda fig, path: figures.setdefault(Path(path).name, fig) and path)

@@ -1,4 +1,4 @@
-"""Prompt encoding (stem.prompts): the 77-token limit and its overflow policies."""
+"""Prompt encoding (stem.diffusion.prompts): the 77-token limit and its overflow policies."""
 
 import logging
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stem.errors import ConfigError, PromptError
-from stem.prompts import encode_prompt
+from stem.core.errors import ConfigError, PromptError
+from stem.diffusion.prompts import encode_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = ("a woman in a red dress is running along a sandy beach at sunset, waves breaking, seagulls "
@@ -51,11 +51,11 @@ def test_truncate_gives_the_first_77_tokens_and_warns(tiny_model, caplog):
     # What SD's pipeline feeds the encoder: start token, the first 75 prompt tokens, end token.
     truncated = ids[:76] + [tok.eos_token_id]
     assert len(truncated) == 77 and ids[-1] == tok.eos_token_id and ids[76] != tok.eos_token_id
-    with caplog.at_level(logging.WARNING, logger="stem.prompts"):
+    with caplog.at_level(logging.WARNING, logger="stem.diffusion.prompts"):
         out = encode_prompt(tiny_model, LONG, overflow="truncate")
     assert out.shape == (1, 77, 32)
     torch.testing.assert_close(out, _encode_ids(tiny_model, truncated), rtol=0, atol=0)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "stem.prompts"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "stem.diffusion.prompts"]
     assert len(warnings) == 1 and f"{len(ids)} tokens" in warnings[0].getMessage()
     # The last 77-token window would give other states: the prompt's start really is what is kept.
     assert not torch.allclose(out, _encode_ids(tiny_model, [ids[0]] + ids[-76:]))
@@ -64,9 +64,9 @@ def test_truncate_gives_the_first_77_tokens_and_warns(tiny_model, caplog):
 def test_exactly_77_tokens_passes_and_78_is_refused(tiny_model, caplog):
     word = "a" * 75  # one word of 75 characters: 75 tokens plus start and end
     assert len(_ids(tiny_model, word)) == 77 and len(_ids(tiny_model, word + "a")) == 78
-    with caplog.at_level(logging.WARNING, logger="stem.prompts"):
+    with caplog.at_level(logging.WARNING, logger="stem.diffusion.prompts"):
         out = encode_prompt(tiny_model, word)
-    assert out.shape == (1, 77, 32) and not [r for r in caplog.records if r.name == "stem.prompts"]
+    assert out.shape == (1, 77, 32) and not [r for r in caplog.records if r.name == "stem.diffusion.prompts"]
     torch.testing.assert_close(out, _encode_ids(tiny_model, _ids(tiny_model, word)), rtol=0, atol=0)
     with pytest.raises(PromptError, match="78 tokens"):
         encode_prompt(tiny_model, word + "a")

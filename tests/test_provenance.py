@@ -1,4 +1,4 @@
-"""Provenance of a sweep's tables (stem.provenance, stem.device.device_name) on hand-written sweep
+"""Provenance of a sweep's tables (stem.reporting.provenance, stem.diffusion.device.device_name) on hand-written sweep
 folders: no model runs. `make_sweep` is shared with tests/test_tables.py."""
 
 import json
@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stem.device import device_name
-from stem.provenance import sweep_provenance
-from stem.tables import collect_runs, write_sweep_outputs
+from stem.diffusion.device import device_name
+from stem.reporting.provenance import sweep_provenance
+from stem.reporting.tables import collect_runs, write_sweep_outputs
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 OTHER_SHA = "fedcba9876543210fedcba9876543210fedcba98"
-TARGETS = {"tiny": "stem.models.build_tiny", "sd15_arch": "stem.models.build_sd15_arch",
-           "sd15": "stem.models.load_pretrained"}
+TARGETS = {"tiny": "stem.diffusion.models.build_tiny", "sd15_arch": "stem.diffusion.models.build_sd15_arch",
+           "sd15": "stem.diffusion.models.load_pretrained"}
 
 
 def job_metrics(psnr=30.0, ssim=0.9, *, model="tiny-seed0", device="cpu", name="AMD EPYC 7B13", dtype="torch.float32",
@@ -140,7 +140,7 @@ NOT_PAPER = "not comparable to the paper"
 
 
 def edit_metrics(*, clip_weights="openai", backend="raft", flow_weights=None, frame_numbers=None, **kwargs):
-    """An editing job's metrics.json: CLIP and warp sections as stem.evaluation writes them; clip_weights
+    """An editing job's metrics.json: CLIP and warp sections as stem.metrics.evaluation writes them; clip_weights
     None: a run from before `weights` was recorded, with `pretrained` only (here None: random)."""
     clip = {"model": "ViT-B-32-quickgelu", "pretrained": None if clip_weights in (None, "random") else clip_weights,
             "clip_score": 0.3}

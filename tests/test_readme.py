@@ -5,8 +5,8 @@ import re
 import socket
 from pathlib import Path
 
-import stem.reconstruction
-from stem.reconstruction import reconstruct_video
+import stem.runs.reconstruction
+from stem.runs.reconstruction import reconstruct_video
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEADING = "## Library use without Hydra"
@@ -40,7 +40,7 @@ def test_api_snippet_runs_as_written_offline_with_two_steps(tmp_path, monkeypatc
         calls.append((method.num_steps, len(result.inverted.trajectory.latents)))
         return result
 
-    monkeypatch.setattr(stem.reconstruction, "reconstruct_video", recorded)
+    monkeypatch.setattr(stem.runs.reconstruction, "reconstruct_video", recorded)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.chdir(tmp_path)
     scope = {"__name__": "readme_snippet"}

@@ -15,8 +15,8 @@ import pytest
 import skimage.data
 from conftest import run_cli
 
-from stem.errors import ConfigError, VideoError
-from stem.video import load_video, read_frames, write_video
+from stem.core.errors import ConfigError, VideoError
+from stem.data.video import load_video, read_frames, write_video
 
 TAYLOR = (48, 640, 360)  # frames, width, height of taylor.mp4 (shared/videos/README.md)
 
@@ -134,7 +134,7 @@ def test_truncated_mp4_read_to_the_end_warns_with_the_counts(tmp_path, caplog):
     """Item 8: an mp4 cut short (a cut-off copy) read with n_frames=null. Catches: the file read as fewer frames
     without a word (today: 3 of 4 frames, no warning), a warning that does not name the file or the counts."""
     path, decoded = _truncated_mp4(tmp_path)
-    caplog.set_level(logging.WARNING, logger="stem.video")
+    caplog.set_level(logging.WARNING, logger="stem.data.video")
     video = load_video(path, "a prompt")
     assert video.num_frames == decoded
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -146,7 +146,7 @@ def test_truncated_mp4_read_to_the_end_warns_with_the_counts(tmp_path, caplog):
 def test_truncated_mp4_warns_through_stride_even_too(tmp_path, caplog):
     """stride=even reads the whole file too. Catches: the check tied to one call path of read_frames."""
     path, decoded = _truncated_mp4(tmp_path)
-    caplog.set_level(logging.WARNING, logger="stem.video")
+    caplog.set_level(logging.WARNING, logger="stem.data.video")
     load_video(path, "a prompt", stride="even", n_frames=2)
     assert any(f"only {decoded} frames decoded" in r.getMessage() for r in caplog.records)
 
@@ -156,7 +156,7 @@ def test_whole_mp4_and_early_stop_do_not_warn(tmp_path, caplog, shared_videos):
     header says 2.02 s at 23.98 fps, 48.4 frames, for 48). Catches: a comparison without the header's rounding, or
     one made when the reader stopped early on purpose."""
     path, _ = _truncated_mp4(tmp_path)
-    caplog.set_level(logging.WARNING, logger="stem.video")
+    caplog.set_level(logging.WARNING, logger="stem.data.video")
     assert len(read_frames(tmp_path / "clip.mp4")[0]) == 4
     assert len(read_frames(path, n_frames=2)[0]) == 2
     for name in ("taylor.mp4", "wolf.mp4", "woman-running.mp4"):

@@ -9,8 +9,8 @@ import torch
 from conftest import FAST, ROOT, compose_config, read_wandb_records, run_cli
 from safetensors.torch import load_file
 
-from stem.errors import StemError
-from stem.video import load_video, write_video
+from stem.core.errors import StemError
+from stem.data.video import load_video, write_video
 
 
 def test_default_cli_run_writes_the_run_directory_and_reuses_the_cache(tmp_path):

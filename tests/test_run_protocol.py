@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from stem.inversion import DDIMInversion
-from stem.reconstruction import invert_video
-from stem.synthetic import camera_pan
+from stem.data.synthetic import camera_pan
+from stem.inversion.methods import DDIMInversion
+from stem.runs.reconstruction import invert_video
 
 
 def small_video(n=2, size=64):
@@ -21,7 +21,7 @@ def test_inversion_time_is_the_inversion_loop_only(tiny_model, monkeypatch):
     """A fake clock that only the VAE encoder and the inversion loop advance, by 100 and 7 ticks: the
     reported inversion time is exactly the loop's 7, the encoding's 100 is reported on its own.
     Catches: timing VAE encoding into the inversion (the old definition)."""
-    import stem.reconstruction as rec
+    import stem.runs.reconstruction as rec
 
     clock = {"now": 0.0}
     monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])

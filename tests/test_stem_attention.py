@@ -6,13 +6,13 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from stem.em import init_bases
-from stem.errors import ConfigError
-from stem.inversion import STEMInversion
-from stem.prompts import encode_prompt
-from stem.stem_attention import STEMAttnProcessor, group_spans
-from stem.synthetic import camera_pan
-from stem.vae import encode_frames
+from stem.core.errors import ConfigError
+from stem.data.synthetic import camera_pan
+from stem.diffusion.prompts import encode_prompt
+from stem.diffusion.vae import encode_frames
+from stem.inversion.em import init_bases
+from stem.inversion.methods import STEMInversion
+from stem.inversion.stem_attention import STEMAttnProcessor, group_spans
 
 S, C, HEADS = 6, 8, 2
 D = C // HEADS

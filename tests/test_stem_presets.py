@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stem.adaptive import AUTO_DEFAULTS
-from stem.errors import ConfigError
-from stem.inversion import STEMInversion
-from stem.stem_attention import STEMAttnProcessor
+from stem.core.errors import ConfigError
+from stem.inversion.adaptive import AUTO_DEFAULTS
+from stem.inversion.methods import STEMInversion
+from stem.inversion.stem_attention import STEMAttnProcessor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -22,7 +22,7 @@ def test_python_defaults_equal_the_stem_preset():
     """Catches: a constructor default drifting from configs/inversion/stem.yaml (dead_bases was keep vs
     reseed: seen failing with it restored), a knob missing from the preset or the constructor."""
     preset = load("stem")
-    assert preset.pop("_target_") == "stem.inversion.STEMInversion"
+    assert preset.pop("_target_") == "stem.inversion.methods.STEMInversion"
     top = yaml.safe_load((CONFIGS / "config.yaml").read_text())
     defaults = {n: p.default for n, p in inspect.signature(STEMInversion).parameters.items()}
     for knob in ("seed", "excess_bases"):  # read from the top-level knobs

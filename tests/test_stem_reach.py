@@ -4,10 +4,10 @@ attn2, at every UNet call of both the inversion and the reconstruction."""
 import pytest
 import torch
 
-from stem.attention import FrameContextAttnProcessor
-from stem.inversion import STEMInversion
-from stem.prompts import encode_prompt
-from stem.stem_attention import STEMAttnProcessor
+from stem.diffusion.prompts import encode_prompt
+from stem.inversion.attention import FrameContextAttnProcessor
+from stem.inversion.methods import STEMInversion
+from stem.inversion.stem_attention import STEMAttnProcessor
 
 # SD 1.5's self-attention layers, written out: 2 per attention down block (3 of them), 1 in the mid
 # block, 3 per attention up block (3 of them). The tiny UNet has the same topology.

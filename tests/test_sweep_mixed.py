@@ -11,8 +11,8 @@ import yaml
 from conftest import compose_config
 from hydra.utils import instantiate
 
-from stem.errors import ConfigError
-from stem.inversion import STEMInversion
+from stem.core.errors import ConfigError
+from stem.inversion.methods import STEMInversion
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (ROOT / "configs" / "inversion").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""The synthetic camera pan and its exact ground-truth flow (`stem.synthetic`)."""
+"""The synthetic camera pan and its exact ground-truth flow (`stem.data.synthetic`)."""
 
 import logging
 
@@ -7,9 +7,9 @@ import pytest
 import skimage.data
 import torch
 
-from stem.errors import ConfigError, VideoError
-from stem.synthetic import camera_pan
-from stem.video import load_video, save_video_with_flow
+from stem.core.errors import ConfigError, VideoError
+from stem.data.synthetic import camera_pan
+from stem.data.video import load_video, save_video_with_flow
 
 
 def test_shapes_range_and_metadata():
@@ -93,7 +93,7 @@ def test_save_and_load_with_flow(tmp_path, caplog):
     assert torch.equal(loaded.frames, video.frames) and torch.equal(loaded.flow, video.flow)
     part = load_video(folder, prompt="p", start=1, n_frames=3)
     assert torch.equal(part.frames, video.frames[1:4]) and torch.equal(part.flow, video.flow[1:3])
-    with caplog.at_level(logging.INFO, logger="stem.video"):
+    with caplog.at_level(logging.INFO, logger="stem.data.video"):
         assert load_video(folder, prompt="p", stride=2).flow is None
         assert load_video(folder, prompt="p", width=16).flow is None
     assert caplog.text.count("ignoring") == 2

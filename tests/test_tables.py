@@ -1,4 +1,4 @@
-"""Sweep tables: stem.tables on hand-written sweep folders, scripts/make_tables.py, and the
+"""Sweep tables: stem.reporting.tables on hand-written sweep folders, scripts/make_tables.py, and the
 Hydra callback at the end of real multiruns (`python run.py -m ...`), with and without W&B."""
 
 import json
@@ -13,8 +13,8 @@ from conftest import FAST, ROOT, read_wandb_records, run_cli
 from omegaconf import OmegaConf
 from test_provenance import job_metrics, make_sweep
 
-from stem.errors import TableError
-from stem.tables import (
+from stem.core.errors import TableError
+from stem.reporting.tables import (
     DEFAULT_METRICS,
     collect_runs,
     sweep_order,
@@ -173,9 +173,10 @@ TINY = [*FAST, "data.n_frames=2", "data.width=64", "data.height=64"]  # about 2 
 
 
 def caption_line(sweep, finished=2, jobs=2):
-    """The provenance line of a real tiny CPU sweep, from stem.device and git independently of stem.provenance."""
-    from stem.device import device_name
-    from stem.rundir import git_revision
+    """The provenance line of a real tiny CPU sweep, from stem.diffusion.device and git independently of
+    stem.reporting.provenance."""
+    from stem.diffusion.device import device_name
+    from stem.runs.rundir import git_revision
 
     rev = git_revision(ROOT)
     commit = f"{rev['commit'][:10]}{' (dirty)' if rev['dirty'] else ''}"
@@ -440,8 +441,8 @@ def test_cli_no_paper_leaves_the_paper_columns_out(tmp_path):
 def test_paper_by_metric_pairs_by_path_and_scale():
     """The library function: by (path, scale), first label of a path wins, unknown paper labels refused.
     Mutation caught: pairing on the path alone (seconds beside the paper's minutes)."""
-    from stem.errors import TableError
-    from stem.tables import paper_by_metric
+    from stem.core.errors import TableError
+    from stem.reporting.tables import paper_by_metric
 
     written = [["Minutes", "seconds.inversion", ".2f", 1 / 60], ["PSNR", "vs_input.psnr", ".3f"]]
     paper = {"stem": {"Minutes": "1.50", "PSNR": "30.1"}}

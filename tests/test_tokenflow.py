@@ -7,7 +7,10 @@ import pytest
 import torch
 from conftest import FAST, cfg_ddim_reference, compose_config, run_cli
 
-from stem.attention import self_attention_processors
+from stem.core.errors import ConfigError
+from stem.data.synthetic import camera_pan
+from stem.data.video import load_video
+from stem.diffusion.prompts import encode_prompt
 from stem.editing.base import check_timesteps, start_latents
 from stem.editing.tokenflow import (
     TokenFlowAttnProcessor,
@@ -19,12 +22,9 @@ from stem.editing.tokenflow import (
     draw_keyframes,
     nearest_tokens,
 )
-from stem.errors import ConfigError
-from stem.inversion import DDIMInversion
-from stem.prompts import encode_prompt
-from stem.reconstruction import invert_video
-from stem.synthetic import camera_pan
-from stem.video import load_video
+from stem.inversion.attention import self_attention_processors
+from stem.inversion.methods import DDIMInversion
+from stem.runs.reconstruction import invert_video
 
 LAYER = "up_blocks.1.attentions.1.transformer_blocks.0.attn1"
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from stem.data.synthetic import camera_pan
+from stem.diffusion.prompts import encode_prompt
 from stem.editing.tokenflow import TokenFlowEditor
-from stem.inversion import DDIMInversion
-from stem.prompts import encode_prompt
-from stem.reconstruction import invert_video
-from stem.synthetic import camera_pan
+from stem.inversion.methods import DDIMInversion
+from stem.runs.reconstruction import invert_video
 
 FRAMES, BATCH, STEPS, SEED = 12, 4, 4, 3        # three chunks: the blend with the previous keyframe is used twice
 PNP_ATTN_T, PNP_F_T, GUIDANCE = 0.5, 0.8, 7.5    # Q/K injection in int(4 * 0.5) = 2 steps, conv2 in int(3.2) = 3

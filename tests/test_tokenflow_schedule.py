@@ -5,11 +5,11 @@ import pytest
 import torch
 from test_tokenflow import reference_pivot
 
-from stem.ddim import sampling_timesteps
+from stem.data.synthetic import camera_pan
+from stem.diffusion.ddim import sampling_timesteps
 from stem.editing.tokenflow import TokenFlowEditor, chunk_spans, draw_keyframes
-from stem.inversion import DDIMInversion
-from stem.reconstruction import invert_video
-from stem.synthetic import camera_pan
+from stem.inversion.methods import DDIMInversion
+from stem.runs.reconstruction import invert_video
 
 STEPS = 5  # int(5 * 0.5) = 2 steps of Q/K injection, int(5 * 0.8) = 4 of conv injection
 QK_LAYER, PLAIN_LAYER = "up_blocks.1.attentions.1", "up_blocks.1.attentions.0"  # released: injected / not

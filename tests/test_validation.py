@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config, run_cli
 
-import stem.models
-from stem.errors import StemError
+import stem.diffusion.models
+from stem.core.errors import StemError
 
 
 def _no_model(**_):
@@ -20,7 +20,7 @@ def _no_model(**_):
 def refused(tmp_path, monkeypatch):
     """refused(*overrides) -> the one-line message run_job raises, without building a model or a cache entry."""
     for name in ("build_tiny", "build_sd15_arch", "load_pretrained"):
-        monkeypatch.setattr(stem.models, name, _no_model)
+        monkeypatch.setattr(stem.diffusion.models, name, _no_model)
 
     def run(*overrides: str) -> str:
         from run import run_job
@@ -95,11 +95,11 @@ def test_more_steps_than_training_timesteps_is_refused_before_the_model(refused)
 
 
 def test_as_many_steps_as_training_timesteps_passes_the_check():
-    from stem.inversion import DDIMInversion
-    from stem.precheck import check_before_model
-    from stem.synthetic import camera_pan
+    from stem.data.synthetic import camera_pan
+    from stem.inversion.methods import DDIMInversion
+    from stem.runs.precheck import check_before_model
 
-    check_before_model({"_target_": "stem.models.build_tiny"}, DDIMInversion(num_steps=1000),
+    check_before_model({"_target_": "stem.diffusion.models.build_tiny"}, DDIMInversion(num_steps=1000),
                        camera_pan(n_frames=2, width=64, height=64))
 
 
@@ -115,10 +115,10 @@ def test_more_bases_than_tokens_is_refused_before_the_model(refused):
 def test_token_grids_from_the_config_equal_those_of_the_built_unet(tiny_model):
     """The names and grids derived from the config alone match the built UNet's attn1 layers, odd sizes too.
     Mutation caught: a wrong number of attention layers per up block, or a mid block placed at another level."""
-    from stem.inversion import self_attention_tokens
-    from stem.models import architecture
+    from stem.diffusion.models import architecture
+    from stem.inversion.methods import self_attention_tokens
 
-    config = architecture("stem.models.build_tiny", {})["unet"]
+    config = architecture("stem.diffusion.models.build_tiny", {})["unet"]
     for hw in ((32, 32), (45, 80), (7, 9)):
         assert self_attention_tokens(config, *hw) == self_attention_tokens(tiny_model.unet, *hw)
 
@@ -148,7 +148,7 @@ def test_safetensors_detection_reads_only_the_header(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from stem.errors import is_safetensors
+    from stem.core.errors import is_safetensors
 
     save_file({"w": torch.zeros(3)}, tmp_path / "real.safetensors")
     torch.save({"w": torch.zeros(3)}, tmp_path / "pickle.safetensors")
@@ -165,7 +165,7 @@ def test_bin_only_pretrained_folder_says_how_to_convert(tmp_path, monkeypatch):
 
     import torch
 
-    from stem.models import load_pretrained
+    from stem.diffusion.models import load_pretrained
 
     folder = tmp_path / "sd"
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -209,10 +209,11 @@ def test_memory_need_is_four_activations_of_the_largest_self_attention_layer():
     or the mid block), the VAE's 8x left out, or the dtype's bytes ignored."""
     from types import SimpleNamespace
 
-    from stem.models import architecture
-    from stem.precheck import memory_need
+    from stem.diffusion.models import architecture
+    from stem.runs.precheck import memory_need
 
-    tiny, sd = architecture("stem.models.build_tiny", {}), architecture("stem.models.build_sd15_arch", {})
+    tiny = architecture("stem.diffusion.models.build_tiny", {})
+    sd = architecture("stem.diffusion.models.build_sd15_arch", {})
     video = SimpleNamespace(num_frames=4, height=256, width=256)
     assert memory_need(tiny, video, 4)[0] == 4 * 4 * (32 * 32) * 32 * 4
     video = SimpleNamespace(num_frames=48, height=360, width=640)   # Table 1: latents 45x80
@@ -225,9 +226,9 @@ def test_memory_need_is_four_activations_of_the_largest_self_attention_layer():
 
 def test_video_too_large_for_memory_is_refused_with_the_estimate(refused, monkeypatch):
     """Mutation caught: no memory check before the model (the model builder is called)."""
-    import stem.precheck
+    import stem.runs.precheck
 
-    monkeypatch.setattr(stem.precheck, "available_memory", lambda device: 2**20)  # 1 MiB free
+    monkeypatch.setattr(stem.runs.precheck, "available_memory", lambda device: 2**20)  # 1 MiB free
     message = refused("inversion=ddim_allframe")
     need = 4 * 4 * (32 * 32) * 32 * 4   # debug=fast: 4 frames of 256x256, fp32 on the CPU
     assert f"need at least {need / 2**30:.2f} GiB" in message and "0.00 GiB is available" in message
@@ -236,11 +237,11 @@ def test_video_too_large_for_memory_is_refused_with_the_estimate(refused, monkey
 
 def test_check_memory_false_runs_anyway(tmp_path, monkeypatch):
     """The override: the same run goes on to build the model. Mutation caught: the knob not read."""
-    import stem.precheck
+    import stem.runs.precheck
     from run import run_job
 
-    monkeypatch.setattr(stem.precheck, "available_memory", lambda device: 2**20)
-    monkeypatch.setattr(stem.models, "build_tiny", _no_model)
+    monkeypatch.setattr(stem.runs.precheck, "available_memory", lambda device: 2**20)
+    monkeypatch.setattr(stem.diffusion.models, "build_tiny", _no_model)
     with pytest.raises(Exception, match="the model was built"):
         run_job(compose_config(tmp_path, "inversion=ddim_allframe", "check_memory=false"), tmp_path / "run")
 
@@ -251,17 +252,17 @@ def test_pretrained_architecture_is_read_from_the_folder_configs(tmp_path):
     Mutations caught: the folder's configs ignored (a preset's used instead), or a bad config raising."""
     import json
 
-    from stem.models import TINY_UNET, TINY_VAE, _sd15_unet_config, _sd15_vae_config, architecture
+    from stem.diffusion.models import TINY_UNET, TINY_VAE, _sd15_unet_config, _sd15_vae_config, architecture
 
     unet = {**_sd15_unet_config(**TINY_UNET), "block_out_channels": [32, 64, 64]}   # 3 levels: not the preset's
     unet["down_block_types"], unet["up_block_types"] = unet["down_block_types"][1:], unet["up_block_types"][1:]
     for sub, config in (("unet", unet), ("vae", _sd15_vae_config(**TINY_VAE))):
         (tmp_path / "sd" / sub).mkdir(parents=True)
         (tmp_path / "sd" / sub / "config.json").write_text(json.dumps(config))
-    arch = architecture("stem.models.load_pretrained", {"path": str(tmp_path / "sd")})
+    arch = architecture("stem.diffusion.models.load_pretrained", {"path": str(tmp_path / "sd")})
     assert arch["unet"]["block_out_channels"] == [32, 64, 64] and arch["vae_scale"] == 8
     (tmp_path / "sd" / "unet" / "config.json").write_text("{}")
-    assert architecture("stem.models.load_pretrained", {"path": str(tmp_path / "sd")}) is None
+    assert architecture("stem.diffusion.models.load_pretrained", {"path": str(tmp_path / "sd")}) is None
 
 
 def test_run_name_from_overrides_keeps_an_interpolation_as_typed(tmp_path):

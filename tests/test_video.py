@@ -1,4 +1,4 @@
-"""Reading, writing and resizing videos (`stem.video`)."""
+"""Reading, writing and resizing videos (`stem.data.video`)."""
 
 import logging
 from pathlib import Path
@@ -10,9 +10,9 @@ import skimage.data
 import torch
 from PIL import Image
 
-import stem.video
-from stem.errors import ConfigError, VideoError
-from stem.video import load_video, side_by_side, to_uint8, write_video
+import stem.data.video
+from stem.core.errors import ConfigError, VideoError
+from stem.data.video import load_video, side_by_side, to_uint8, write_video
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
 
@@ -53,7 +53,7 @@ def test_folder_round_trip_is_bitwise_exact(tmp_path, caplog):
     frames = torch.rand(4, 3, 24, 32, generator=torch.Generator().manual_seed(0))
     write_video(tmp_path / "frames", frames, fps=7)
     assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"{i:05d}.png" for i in range(4)]
-    caplog.set_level(logging.INFO, logger="stem.video")
+    caplog.set_level(logging.INFO, logger="stem.data.video")
     video = load_video(tmp_path / "frames", prompt="noise")
     quantised = torch.round(frames.double() * 255) / 255  # the only change a PNG may make
     assert video.frames.dtype == torch.float32 and video.frames.shape == (4, 3, 24, 32)
@@ -86,7 +86,7 @@ def test_rgba_frames_are_composited_on_white_with_one_warning(tmp_path, caplog):
     alpha = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1)).astype(np.uint8)
     alpha[0, 0, 0], alpha[0, 0, 1] = 0, 255  # a fully transparent and a fully opaque pixel
     folder = write_pngs(tmp_path / "rgba", np.concatenate([rgb, alpha], axis=-1))
-    caplog.set_level(logging.INFO, logger="stem.video")
+    caplog.set_level(logging.INFO, logger="stem.data.video")
     video = load_video(folder, prompt="p")
     a = alpha.astype(np.float64) / 255  # straight alpha compositing over white (255), by the formula
     expected = np.rint(rgb * a + 255 * (1 - a)).astype(int)
@@ -114,7 +114,7 @@ def test_transparent_gif_is_composited_on_white(tmp_path, caplog):
         frames.append(frame)
     frames[0].save(tmp_path / "t.gif", save_all=True, append_images=frames[1:], transparency=0, duration=100,
                    disposal=2)  # fmt: skip
-    caplog.set_level(logging.INFO, logger="stem.video")
+    caplog.set_level(logging.INFO, logger="stem.data.video")
     video = load_video(tmp_path / "t.gif", prompt="p")
     expected = np.full((2, 8, 8, 3), [200, 100, 50])
     expected[0, :4] = expected[1, 4:] = 255
@@ -210,8 +210,8 @@ def test_max_frames_keeps_at_most_that_many_spread_evenly(clip_path, kwargs, pic
 def test_max_frames_drops_stored_flow_of_a_capped_folder(tmp_path):
     """The flow beside a frame folder holds for consecutive frames only: kept when the cap does not
     bite, dropped when it does (mutation: keeping it, sliced as if the picks were consecutive)."""
-    from stem.synthetic import camera_pan
-    from stem.video import save_video_with_flow
+    from stem.data.synthetic import camera_pan
+    from stem.data.video import save_video_with_flow
 
     folder = save_video_with_flow(camera_pan(n_frames=5, width=64, height=64), tmp_path / "pan")
     assert load_video(folder, prompt="p", max_frames=5).flow is not None
@@ -237,8 +237,8 @@ def test_max_frames_keep_first_keeps_the_first_ones(clip_path, kwargs, picks):
 def test_max_frames_keep_first_keeps_the_stored_flow_of_its_window(tmp_path):
     """The first frames are consecutive, so the folder's flow still applies, sliced to them (mutation:
     dropped as for spread picks, or not sliced)."""
-    from stem.synthetic import camera_pan
-    from stem.video import save_video_with_flow
+    from stem.data.synthetic import camera_pan
+    from stem.data.video import save_video_with_flow
 
     pan = camera_pan(n_frames=5, width=64, height=64)
     folder = save_video_with_flow(pan, tmp_path / "pan")
@@ -271,7 +271,7 @@ def test_decoding_stops_once_enough_frames_are_read(tmp_path, monkeypatch):
             pulled.append(item)
             yield item
 
-    monkeypatch.setattr(stem.video.imageio_ffmpeg, "read_frames", counting_reader)
+    monkeypatch.setattr(stem.data.video.imageio_ffmpeg, "read_frames", counting_reader)
     load_video(path, prompt="p", start=1, stride=2, n_frames=3)
     assert len(pulled) == 1 + 6  # meta + frames 0..5 (frame 5 is the last one kept), not all 12
 
@@ -299,7 +299,7 @@ def test_bad_selection_arguments(clip_path, kwargs, needle):
 
 def test_native_size_not_multiple_of_8_is_resized_and_logged(tmp_path, caplog):
     folder = write_pngs(tmp_path / "frames", clip(2, width=100, height=60))
-    with caplog.at_level(logging.WARNING, logger="stem.video"):
+    with caplog.at_level(logging.WARNING, logger="stem.data.video"):
         video = load_video(folder, prompt="p")
     assert (video.width, video.height) == (96, 56)
     assert [r.levelno for r in caplog.records if "100x60 -> 96x56" in r.getMessage()] == [logging.WARNING]
@@ -315,7 +315,7 @@ def test_given_size(tmp_path, caplog, width, height, expected):
         assert expected[1] == 8 * round(width * 60 / 100 / 8)
     if width is None:
         assert expected[0] == 8 * round(height * 100 / 60 / 8)
-    with caplog.at_level(logging.INFO, logger="stem.video"):
+    with caplog.at_level(logging.INFO, logger="stem.data.video"):
         video = load_video(folder, prompt="p", width=width, height=height)
     assert (video.width, video.height) == expected
     assert f"100x60 -> {expected[0]}x{expected[1]}" in caplog.text
@@ -391,7 +391,7 @@ def test_failed_mp4_write_leaves_nothing(tmp_path, monkeypatch):
         Path(cmd[-1]).write_bytes(b"half a video")
         raise OSError("disk full")
 
-    monkeypatch.setattr(stem.video.subprocess, "run", failing_run)
+    monkeypatch.setattr(stem.data.video.subprocess, "run", failing_run)
     with pytest.raises(OSError, match="disk full"):
         write_video(tmp_path / "a.mp4", clip(3), fps=10)
     assert list(tmp_path.iterdir()) == []
@@ -446,7 +446,7 @@ def test_bad_fps_is_a_config_error_before_any_work(tmp_path, fps):
     with pytest.raises(ConfigError, match=r"fps=.*positive.*fps"):
         load_video(folder, prompt="p", fps=fps)
     with pytest.raises(ConfigError, match=r"fps="):
-        stem.video.Video(frames=torch.zeros(2, 3, 16, 16), fps=fps, prompt="p", name="n")
+        stem.data.video.Video(frames=torch.zeros(2, 3, 16, 16), fps=fps, prompt="p", name="n")
     with pytest.raises(ConfigError, match=r"fps="):
         write_video(tmp_path / "out" / "a.mp4", clip(2, width=16, height=16), fps=fps)
     assert not (tmp_path / "out").exists()  # not even the parent folder

@@ -10,7 +10,7 @@ import yaml
 from conftest import FAST, compose_config, read_wandb_records, run_cli, run_script
 from omegaconf import OmegaConf
 
-from stem.errors import StemError
+from stem.core.errors import StemError
 
 # 2 frames of 64x64, 2 DDIM steps, inversion only (no sampling back, no video, no metrics: half the time of a
 # reconstruction): the smallest sweep that runs the tiny model through run_job with W&B on
@@ -63,7 +63,7 @@ def test_jobs_of_a_sweep_share_its_group_are_named_after_their_swept_overrides_a
 def test_summary_run_is_in_the_jobs_group_with_the_sweeps_config_and_provenance(sweep):
     """Catches: the summary run outside the jobs' group, no config or provenance on it, Hydra's own node
     logged, ${hydra:runtime.cwd} left unresolved (Hydra resets its job config before the callback)."""
-    from stem.tables import write_sweep_outputs
+    from stem.reporting.tables import write_sweep_outputs
 
     record = run_record(sweep)
     assert (record.job_type, record.display_name) == ("summary", "debug-summary")
@@ -73,7 +73,7 @@ def test_summary_run_is_in_the_jobs_group_with_the_sweeps_config_and_provenance(
     assert config["provenance"] == expected
     assert "hydra" not in config and config["task_name"] == "debug"
     assert (config["data"]["width"], config["inversion"]["num_steps"], config["model"]["_target_"]) == (
-        64, 2, "stem.models.build_tiny")
+        64, 2, "stem.diffusion.models.build_tiny")
     assert config["sweep_overrides"][-2:] == ["inversion=ddim_1frame,ddim_2frame", f"paths.cache_dir={sweep.parent}"
                                               "/cache"]
     assert config["sweep_dir"] == str(sweep) and "${" not in json.dumps(config)

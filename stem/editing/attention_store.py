@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from stem.attention import attention_probabilities, gather_frames, project_heads
-from stem.errors import ConfigError, check_choice
-from stem.inversion import self_attention_tokens
+from stem.core.errors import ConfigError, check_choice
+from stem.inversion.attention import attention_probabilities, gather_frames, project_heads
+from stem.inversion.methods import self_attention_tokens
 
 log = logging.getLogger(__name__)
 

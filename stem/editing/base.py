@@ -1,7 +1,7 @@
 """What every editing method shares: prompts, guidance, the start latent, the result.
 
-An editor consumes the inverted trajectory of a video (from any `stem.inversion` method,
-usually through the cache of `stem.reconstruction.invert_video`) and samples an edited video
+An editor consumes the inverted trajectory of a video (from any `stem.inversion.methods` method,
+usually through the cache of `stem.runs.reconstruction.invert_video`) and samples an edited video
 with classifier-free guidance (Ho & Salimans 2022):
 
     eps = eps_uncond + g (eps_cond - eps_uncond)
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stem.ddim import Trajectory, sampling_timesteps
+from stem.core.errors import ConfigError, check_choice
+from stem.diffusion.ddim import Trajectory, sampling_timesteps
+from stem.diffusion.prompts import encode_prompt
 from stem.editing.freeu import FREEU_SITES, freeu_hooks
-from stem.errors import ConfigError, check_choice
-from stem.prompts import encode_prompt
 
 START_FROM = ("renoise", "inverted")
 DEFAULT_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"

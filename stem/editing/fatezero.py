@@ -49,19 +49,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stem.attention import (
+from stem.core.errors import ConfigError, check_choice
+from stem.diffusion.ddim import Trajectory, ddim_sample_with, sampling_timesteps
+from stem.editing.attention_store import AttentionRecorder, AttentionStore, stored_layers
+from stem.editing.base import Editor, Observers, Prompts, guided
+from stem.editing.p2p import cross_edit_kind, refine_mapper, replace_mapper, reweight_equalizer, word_tokens
+from stem.inversion.attention import (
     attention_probabilities,
     finish_attention,
     gather_frames,
     project_heads,
     self_attention_processors,
 )
-from stem.ddim import Trajectory, ddim_sample_with, sampling_timesteps
-from stem.editing.attention_store import AttentionRecorder, AttentionStore, stored_layers
-from stem.editing.base import Editor, Observers, Prompts, guided
-from stem.editing.p2p import cross_edit_kind, refine_mapper, replace_mapper, reweight_equalizer, word_tokens
-from stem.errors import ConfigError, check_choice
-from stem.fatezero_attention import fatezero_frames, layer_frame_tables, spatio_temporal_processors
+from stem.inversion.fatezero_attention import fatezero_frames, layer_frame_tables, spatio_temporal_processors
 
 CROSS_EDITS = ("auto", "refine", "replace")
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -231,7 +231,7 @@ class FateZeroEditor(Editor):
             (released) or "source". latent_blend_reference: "step_start" (released: z_inv at the timestep the
             step starts from) or "step_end" (z_inv at the timestep it arrives at).
         attention_frames, attention_mode, min_channels: FateZero's spatio-temporal self-attention
-            (`stem.fatezero_attention`) of the editing pass, and the layout of the recorded self maps.
+            (`stem.inversion.fatezero_attention`) of the editing pass, and the layout of the recorded self maps.
         store_max_tokens: record the layers whose query length is at most this (32x32, as released at 512^2).
         attention_store: "memory" (host RAM, pinned with CUDA) or "disk" (a temporary folder under
             `store_dir`, removed after the run).
@@ -356,7 +356,7 @@ class FateZeroEditor(Editor):
         recorder = observed.find(AttentionRecorder) if isinstance(observed, Observers) else observed
         if not isinstance(recorder, AttentionRecorder):
             raise ConfigError("FateZero needs the attention maps of the inversion: edit through "
-                              "stem.editing.pipeline.edit_video (or enter editor.inversion_observer(...) "
+                              "stem.runs.edit.edit_video (or enter editor.inversion_observer(...) "
                               "around the inversion and pass it as observed=)")
         unet, steps, n = model.unet, self.num_steps, trajectory.latents.shape[1]
         latent_hw = tuple(trajectory.latents.shape[-2:])

@@ -31,7 +31,7 @@ import contextlib
 
 import torch
 
-from stem.errors import ConfigError, check_choice
+from stem.core.errors import ConfigError, check_choice
 
 FREEU_SITES = ("release", "diffusers")
 THRESHOLD = 1  # half-width of the scaled low-frequency square (the release and diffusers: 1)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from stem.errors import ConfigError
+from stem.core.errors import ConfigError
 
 MATCH, MISMATCH, GAP = 1, -1, 0  # prompt-to-prompt's refinement scores
 

@@ -39,16 +39,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from stem.attention import (
+from stem.core.errors import ConfigError, check_choice, check_token_count
+from stem.diffusion.ddim import Trajectory, ddim_sample_with
+from stem.editing.base import DEFAULT_NEGATIVE, Editor, Prompts, editing_indices, guided, start_latents
+from stem.inversion.attention import (
     SelfAttnProcessor,
     chunked_attention,
     frames_to_tokens,
     self_attention_processors,
     tokens_to_frames,
 )
-from stem.ddim import Trajectory, ddim_sample_with
-from stem.editing.base import DEFAULT_NEGATIVE, Editor, Prompts, editing_indices, guided, start_latents
-from stem.errors import ConfigError, check_choice, check_token_count
 
 BRANCHES = 3  # source, uncond, cond
 # the released layer choices: up_blocks[1].attentions[1:], up_blocks[2..3].attentions[*]; up_blocks[1].resnets[1]

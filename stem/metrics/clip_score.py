@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stem.device import resolve_device
-from stem.errors import PICKLE_RISK, ConfigError, MetricError, StemError, is_safetensors
+from stem.core.errors import PICKLE_RISK, ConfigError, MetricError, StemError, is_safetensors
+from stem.diffusion.device import resolve_device
 
 DEFAULT_MODEL = "ViT-B-32-quickgelu"
 DEFAULT_PRETRAINED = "openai"

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from stem.errors import MetricError
-from stem.inversion import self_attention_tokens
+from stem.core.errors import MetricError
+from stem.inversion.methods import self_attention_tokens
 from stem.metrics.warp import in_bounds_mask, warp
 
 METRIC = "feature temporal similarity"
@@ -203,8 +203,8 @@ def similarity_per_step(model, latents: torch.Tensor, cond: torch.Tensor, method
     """Feature temporal similarity at every inversion step of `method` (paper Fig. 9's x-axis).
 
     Args:
-        model: a `stem.models.DiffusionModel`. latents: clean latents (N, 4, h, w). cond: prompt embedding.
-        method: a `stem.inversion.InversionMethod` (its `invert` runs with the hook installed).
+        model: a `stem.diffusion.models.DiffusionModel`. latents: clean latents (N, 4, h, w). cond: prompt embedding.
+        method: a `stem.inversion.methods.InversionMethod` (its `invert` runs with the hook installed).
         flow: (N-1, 2, H, W) forward flow of the video at pixel resolution.
         layer: attn1 module path; default the last decoder self-attention.
 

@@ -1,6 +1,6 @@
 """Optical flow of a source video for the warp error (spec/METRICS.md, "Temporal consistency").
 
-Convention (as `stem.video.Video.flow` and torchvision's RAFT): forward flow `F_{t->t+1}` of shape
+Convention (as `stem.data.video.Video.flow` and torchvision's RAFT): forward flow `F_{t->t+1}` of shape
 `(N-1, 2, H, W)` in pixels, channel 0 = x, 1 = y, such that `frame_{t+1}(p + F(p)) = frame_t(p)`;
 backward flow `B_{t+1->t}` the same with the frames swapped.
 
@@ -13,7 +13,7 @@ Backends:
 - `auto`: `raft` when its weights load (torchvision's hub cache, or a download), else `dis` with a
   logged warning. Offline without cached weights the load fails and `dis` is used.
 
-Flows are cached by content hash of the source frames and the settings (`stem.cache`), because every
+Flows are cached by content hash of the source frames and the settings (`stem.runs.cache`), because every
 method is scored against the same source video.
 """
 
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stem.cache import TensorCache, content_key
-from stem.device import resolve_device
-from stem.errors import MetricError
+from stem.core.errors import MetricError
+from stem.diffusion.device import resolve_device
+from stem.runs.cache import TensorCache, content_key
 
 log = logging.getLogger(__name__)
 

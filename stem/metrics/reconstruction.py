@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from stem.errors import MetricError
+from stem.core.errors import MetricError
 
 
 def _frames(video: torch.Tensor | np.ndarray, name: str) -> np.ndarray:

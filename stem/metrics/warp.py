@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stem.device import resolve_device
-from stem.errors import MetricError
+from stem.core.errors import MetricError
+from stem.diffusion.device import resolve_device
 from stem.metrics.flow import RAFT_MIN_SIZE, check_frames, estimate_flow
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def warp_error(edited, source, *, flow_backend: str = "auto", flow: torch.Tensor
         edited, source: `(N, 3, H, W)` tensors (or `(N, H, W, 3)` arrays) in [0, 1] of equal shape, N >= 2.
         flow_backend: "auto", "raft" or "dis" (see `stem.metrics.flow.estimate_flow`).
         flow, backward_flow: precomputed `(N-1, 2, H, W)` flows of the source (e.g. the exact flow of
-            `stem.synthetic.camera_pan`); skip estimation. Without `backward_flow` the mask is in-bounds only.
+            `stem.data.synthetic.camera_pan`); skip estimation. Without `backward_flow` the mask is in-bounds only.
         device: where flow and warping run ("auto": cuda when available).
         raft_iters, batch_size, model, cache_dir, progress: passed to `estimate_flow`.
 

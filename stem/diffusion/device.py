@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stem.errors import ConfigError
+from stem.core.errors import ConfigError
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
            "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}

@@ -3,7 +3,7 @@ with one line, not after minutes of loading weights or inverting.
 
 - `check_arguments`: the keys of a config group against the signature of its `_target_`
   (an unknown key names the closest known one; a value of the wrong type names the type).
-- `check_before_model`: from the model's config alone (`stem.models.architecture`): DDIM steps
+- `check_before_model`: from the model's config alone (`stem.diffusion.models.architecture`): DDIM steps
   within the scheduler's training timesteps, the method's `check` (STEM: K vs tokens) and a
   lower-bound memory estimate against the free memory (`memory_need`, `available_memory`;
   top-level `check_memory=false` skips it).
@@ -16,7 +16,7 @@ import inspect
 import types
 import typing
 
-from stem.errors import ConfigError
+from stem.core.errors import ConfigError
 
 
 def _accepts(annotation, value) -> bool:
@@ -90,11 +90,11 @@ def _target_name(target) -> str:
 
 
 def check_before_model(model: dict, method, video, editor=None, check_memory: bool = True) -> None:
-    """Settings that need the model's architecture, checked from its config (`stem.models.architecture`)
+    """Settings that need the model's architecture, checked from its config (`stem.diffusion.models.architecture`)
     before any weights load: DDIM steps within the scheduler's training timesteps, and the method's own
     `check` (STEM: K at most the tokens of an EM group) on the video's latent size. `model`: the resolved
     model group (with `_target_`); an unknown architecture skips these (they run after loading then)."""
-    from stem.models import architecture
+    from stem.diffusion.models import architecture
 
     arch = architecture(model.get("_target_", ""), model)
     if arch is None:
@@ -107,7 +107,7 @@ def check_before_model(model: dict, method, video, editor=None, check_memory: bo
     scale = arch["vae_scale"]
     method.check(arch["unet"], video.num_frames, video.height // scale, video.width // scale)
     if check_memory:
-        from stem.device import resolve_device, resolve_dtype
+        from stem.diffusion.device import resolve_device, resolve_dtype
 
         device = resolve_device(model.get("device", "auto"))
         dtype = resolve_dtype(model.get("dtype", "auto"), device)
@@ -128,7 +128,7 @@ def memory_need(arch: dict, video, dtype_bytes: int) -> tuple[int, str]:
     VAE, every other activation, and attention scores: PyTorch's fused attention (CUDA, and the CPU's
     flash kernel) does not hold them (measured on the CPU: 3 MiB peak for a 2 x 2048 x 65536 score matrix,
     1 GiB if held), so `ddim_allframe`'s N x tokens keys cost what its keys and values cost."""
-    from stem.inversion import self_attention_tokens
+    from stem.inversion.methods import self_attention_tokens
 
     config = arch["unet"]
     h, w = video.height // arch["vae_scale"], video.width // arch["vae_scale"]

@@ -1,6 +1,6 @@
 """Adaptive number of STEM bases (`num_bases="auto"`): settings, candidates, errors, records.
 
-Per self-attention layer the processor (`stem.stem_attention.STEMAttnProcessor`) runs the EM of all
+Per self-attention layer the processor (`stem.inversion.stem_attention.STEMAttnProcessor`) runs the EM of all
 its groups with K = each candidate in increasing order and keeps the first K whose error is at most
 `target`. Two criteria (`criterion`):
 
@@ -19,7 +19,7 @@ its groups with K = each candidate in increasing order and keeps the first K who
       error(K) = ||X - Z mu||_F / ||X||_F = sqrt(sum error_sq / sum energy)
 
   summed over every EM problem of the layer call (prompt branches, groups, heads in keys space), with
-  Z the responsibilities of the last E-step and mu the returned bases (`stem.em.em_bases`,
+  Z the responsibilities of the last E-step and mu the returned bases (`stem.inversion.em.em_bases`,
   measure_error=True). It does not predict the attention error (docs/STEM.md "Adaptive K").
 
 docs/STEM.md, "Adaptive K", has the details and how the default target was set.
@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 import torch
 
-from stem.errors import ConfigError, check_choice
+from stem.core.errors import ConfigError, check_choice
 
 AUTO_DEFAULTS = {"target": 0.2, "k_min": 32, "k_max": 512, "k_step": None, "when": "first_step",
                  "criterion": "attention", "queries": 64}

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from stem.errors import PromptError, check_choice
+from stem.core.errors import PromptError, check_choice
 
 log = logging.getLogger(__name__)
 

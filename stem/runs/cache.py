@@ -13,7 +13,7 @@ so it cannot be verified) is a miss with a warning naming it: the caller recompu
 replaces the entry atomically.
 
 A cache folder that cannot be written is refused up front (`check_writable`): run.py checks it before
-building the model, `stem.reconstruction.invert_video` before inverting, so no finished inversion is
+building the model, `stem.runs.reconstruction.invert_video` before inverting, so no finished inversion is
 thrown away by a failing save.
 """
 
@@ -31,8 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from stem.atomic import atomic_dir, umask
-from stem.errors import ConfigError
+from stem.core.atomic import atomic_dir, umask
+from stem.core.errors import ConfigError
 
 TENSORS, META = "tensors.safetensors", "meta.json"
 CHECKSUM = "tensors_sha256"  # key in meta.json: SHA-256 (hex) of the bytes of TENSORS
@@ -115,7 +115,7 @@ class TensorCache:
         """Write an entry atomically (temporary folder, then rename) with the tensors' checksum in meta.json
         (`CHECKSUM`, a reserved key) and return its path.
 
-        An existing entry is replaced. Concurrent writers of one key (`stem.atomic.atomic_dir`): a complete,
+        An existing entry is replaced. Concurrent writers of one key (`stem.core.atomic.atomic_dir`): a complete,
         verified entry that another writer installed while this one was writing is kept (same key, same inputs)
         and this one is discarded; a damaged one is replaced."""
         entry = self.path(key)

@@ -2,11 +2,11 @@
 
 A video of N frames is split into contiguous slices, one per process (rank). Each rank runs the
 VAE and the UNet on its own slice; the self-attention processors exchange only what their
-context needs (STEM: the EM sums, and the per-basis maxima of the literal M-step, see `stem.em`;
-DDIM 2-frame: one frame's keys/values; all-frame: every frame's keys/values, see `stem.attention`).
+context needs (STEM: the EM sums, and the per-basis maxima of the literal M-step, see `stem.inversion.em`;
+DDIM 2-frame: one frame's keys/values; all-frame: every frame's keys/values, see `stem.inversion.attention`).
 
 Slicing rule (`frame_slices`): the units are frames, or EM groups of `group` frames (the last
-group may be shorter, as in `stem.stem_attention.group_spans`) so that no group straddles two
+group may be shorter, as in `stem.inversion.stem_attention.group_spans`) so that no group straddles two
 ranks; the U units are dealt out contiguously in rank order, the first U mod W ranks getting
 one unit more (numpy's `array_split` rule): 7 frames over 3 ranks -> 3, 2, 2 frames.
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from stem.errors import ConfigError, check_choice
+from stem.core.errors import ConfigError, check_choice
 
 BACKENDS = ("auto", "nccl", "gloo")
 DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this fails (torch's default is 30 min)

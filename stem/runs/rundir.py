@@ -11,8 +11,8 @@ import math
 import subprocess
 from pathlib import Path
 
-from stem.atomic import atomic_file
-from stem.video import side_by_side, write_video
+from stem.core.atomic import atomic_file
+from stem.data.video import side_by_side, write_video
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -51,7 +51,7 @@ def write_run(run_dir: str | Path, video, frames, output: str, inverted, metrics
     """Write `<output>.mp4` (the reconstructed or edited `frames`; none when `frames` is None, an
     inversion-only run), comparison.mp4 (input | output), `<name>.mp4` for each of `videos`,
     the inverted-latents link, git.json and metrics.json (`metrics` from
-    `stem.evaluation.Evaluator.evaluate`, plus run facts and `extra`) into `run_dir`; return the
+    `stem.metrics.evaluation.Evaluator.evaluate`, plus run facts and `extra`) into `run_dir`; return the
     metrics.json content."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,17 +1,17 @@
 """Version of the inversion cache's keys, and a digest of the code that produces the cached latents.
 
-`stem.reconstruction.invert_video` keys its cache entries by their inputs (frames, weights, prompt,
+`stem.runs.reconstruction.invert_video` keys its cache entries by their inputs (frames, weights, prompt,
 settings) and by `INVERSION_CACHE_VERSION`, so bumping the version makes every older entry miss.
 The inputs do not cover the code: a change of the EM, DDIM, attention, VAE or prompt code would
 silently reuse latents computed by the old code. `INVERSION_SOURCES_DIGEST` is the SHA-256 of that
 code (`INVERSION_SOURCES`) as it was when the version was last set; tests/test_cache_version.py
 fails when the code no longer matches it. After changing any of those sources run
 
-    python -m stem.cache_version --update                 # bump the version, record the new digest
-    python -m stem.cache_version --update --keep-version  # record the digest only: for changes that
+    python -m stem.runs.cache_version --update                 # bump the version, record the new digest
+    python -m stem.runs.cache_version --update --keep-version  # record the digest only: for changes that
                                                           # cannot alter a latent (comments, docstrings)
 
-and commit this file with the change. `python -m stem.cache_version` alone checks (exit 1 on a mismatch).
+and commit this file with the change. `python -m stem.runs.cache_version` alone checks (exit 1 on a mismatch).
 """
 
 from __future__ import annotations
@@ -26,25 +26,25 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 2  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "5622c83cb88580aa21e1ab6ea31317179469e500443c6c8023aba4fd92e7f0ae"
+INVERSION_SOURCES_DIGEST = "4e8c54598b77d514745f24a36b1eb7183e3b6079c412367913088d748bb248ef"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).
 INVERSION_SOURCES = (
-    "stem.inversion",           # the methods: settings, frame grouping, the inversion loop per method
-    "stem.ddim",                # DDIM inversion steps (Eq. 2-3) and the trajectory
-    "stem.em",                  # EM bases of STEM (Eq. 5-7)
-    "stem.stem_attention",      # STEM self-attention over the bases
-    "stem.adaptive",            # the choice of K per layer with num_bases=auto
-    "stem.attention",           # attention processors and their maths
-    "stem.fatezero_attention",  # spatio-temporal attention of the FateZero-style inversion
-    "stem.prompts",             # the source prompt embedding the inversion is conditioned on
-    "stem.vae",                 # z_0 = E(x) * scaling factor
-    "stem.reconstruction:invert_video",  # what is inverted and stored
-    "stem.reconstruction:_trajectory",   # dtype and memory format of the stored trajectory
-    "stem.reconstruction:_invert_sharded",  # a frame-sharded inversion: slices, gather on rank 0
-    "stem.sharded",             # the sharded processors and inversion loop
-    "stem.distributed",         # how frames are sliced and gathered
+    "stem.inversion.methods",           # the methods: settings, frame grouping, the inversion loop per method
+    "stem.diffusion.ddim",                # DDIM inversion steps (Eq. 2-3) and the trajectory
+    "stem.inversion.em",                  # EM bases of STEM (Eq. 5-7)
+    "stem.inversion.stem_attention",      # STEM self-attention over the bases
+    "stem.inversion.adaptive",            # the choice of K per layer with num_bases=auto
+    "stem.inversion.attention",           # attention processors and their maths
+    "stem.inversion.fatezero_attention",  # spatio-temporal attention of the FateZero-style inversion
+    "stem.diffusion.prompts",             # the source prompt embedding the inversion is conditioned on
+    "stem.diffusion.vae",                 # z_0 = E(x) * scaling factor
+    "stem.runs.reconstruction:invert_video",  # what is inverted and stored
+    "stem.runs.reconstruction:_trajectory",   # dtype and memory format of the stored trajectory
+    "stem.runs.reconstruction:_invert_sharded",  # a frame-sharded inversion: slices, gather on rank 0
+    "stem.inversion.sharded",             # the sharded processors and inversion loop
+    "stem.distributed.sharding",         # how frames are sliced and gathered
     "stem.editing.fatezero:groupnorms",  # FateZero's clip-wide GroupNorm, active during its inversion
     "stem.editing.fatezero:clip_groupnorm",
 )
@@ -92,7 +92,7 @@ def update(path: str | Path = __file__, bump: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stem.cache_version", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stem.runs.cache_version", description=__doc__.split("\n\n")[0])
     parser.add_argument("--update", action="store_true", help="bump the version and record the current digest")
     parser.add_argument("--keep-version", action="store_true",
                         help="with --update: record the digest without a bump (the change cannot alter latents)")

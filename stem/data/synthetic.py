@@ -12,8 +12,8 @@ import numpy as np
 import skimage.data
 import torch
 
-from stem.errors import ConfigError
-from stem.video import Video, cap_indices, check_multiple_of_8, from_uint8
+from stem.core.errors import ConfigError
+from stem.data.video import Video, cap_indices, check_multiple_of_8, from_uint8
 
 # RGB photos shipped inside scikit-image (no download needed)
 PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")
@@ -63,7 +63,7 @@ def camera_pan(
         fps: frame rate recorded in the video.
         image: an RGB photo shipped with `skimage.data` (see `PHOTOS`), e.g. "astronaut" (512x512).
         edit_prompt: a target prompt for editing experiments (kept in `Video.edit_prompt`).
-        max_frames: at most this many of the `n_frames` frames (`stem.video.cap_indices`, as
+        max_frames: at most this many of the `n_frames` frames (`stem.data.video.cap_indices`, as
             `data.max_frames` of real clips); None or a value >= n_frames keeps all of them.
         max_frames_keep: which frames the cap keeps: "even" (spread, first and last kept) or "first"
             (the first `max_frames`, consecutive).

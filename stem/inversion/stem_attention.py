@@ -13,7 +13,7 @@ Then Q = X^n W_Q of every frame of the group attends to those K bases in one fus
 `scaled_dot_product_attention` call over (groups, heads): no loop over heads, no copies of
 the bases per frame. Cost O(N S K (R + 1)) instead of O((N S)^2) for all-frame attention.
 
-num_bases="auto" (`stem.adaptive`, docs/STEM.md "Adaptive K"): at a layer call the EM calls of all
+num_bases="auto" (`stem.inversion.adaptive`, docs/STEM.md "Adaptive K"): at a layer call the EM calls of all
 groups run with each candidate K in turn until the error over all of them is at most the target; those
 results feed the attention. The error (`auto.criterion`): of the STEM attention output on sampled queries
 against exact attention over their EM group (`AttentionProbe`, the default), or the EM's relative token
@@ -21,10 +21,10 @@ reconstruction error ("tokens"). The
 layer is the path of the view installed on it (`for_layer`); with when="first_step" its first choice is
 kept. Each EM call draws one seed from the processor's generator and every candidate starts from it.
 
-Frame-sharded (`shard`, a `stem.distributed.FrameShard`): this process holds frames
+Frame-sharded (`shard`, a `stem.distributed.sharding.FrameShard`): this process holds frames
 start .. stop - 1 of the N-frame video, and its bases are those of one process holding all N:
 - group=None (global bases): the EM runs on this slice's tokens and all-reduces its sums over
-  processes every iteration (`stem.em.EMShard`); all processes end with the same bases.
+  processes every iteration (`stem.inversion.em.EMShard`); all processes end with the same bases.
   Per layer and call that exchanges R x (K x C + K) floats per branch (keys space: per head,
   K x d + K, plus K x d for the value bases), and the initialisation's statistics.
 - group=G: EM groups are local: the slices are made of whole groups (`frame_slices`), so no
@@ -45,7 +45,9 @@ import logging
 
 import torch
 
-from stem.adaptive import (
+from stem.core.errors import ConfigError, check_choice, check_token_count
+from stem.distributed.sharding import FrameShard, frame_units
+from stem.inversion.adaptive import (
     candidates,
     error_totals,
     exact_attention,
@@ -55,10 +57,8 @@ from stem.adaptive import (
     relative_error,
     resolve_auto,
 )
-from stem.attention import SelfAttnProcessor, chunked_attention, project_heads, sharded
-from stem.distributed import FrameShard, frame_units
-from stem.em import MASS_EPS, EMShard, check_em_settings, em_bases
-from stem.errors import ConfigError, check_choice, check_token_count
+from stem.inversion.attention import SelfAttnProcessor, chunked_attention, project_heads, sharded
+from stem.inversion.em import MASS_EPS, EMShard, check_em_settings, em_bases
 
 SPACES = ("features", "keys")
 EXCESS_POLICIES = ("error", "clamp", "allow")
@@ -101,15 +101,15 @@ def _from_groups(y: torch.Tensor, g: int, size: int) -> torch.Tensor:
 
 
 class STEMAttnProcessor(SelfAttnProcessor):
-    """Self-attention over K bases estimated by EM (see the module docstring and `stem.em`).
+    """Self-attention over K bases estimated by EM (see the module docstring and `stem.inversion.em`).
 
     Args:
         num_frames: N, frames of the video in every UNet batch.
-        num_bases: K, or "auto": K chosen per layer by `auto` (`stem.adaptive`, docs/STEM.md "Adaptive K").
+        num_bases: K, or "auto": K chosen per layer by `auto` (`stem.inversion.adaptive`, docs/STEM.md "Adaptive K").
         n_iters: R. tau: E-step temperature.
         space: "features" (EM on X, as the paper writes) or "keys" (per-head EM on keys, as released).
         group: frames per EM group; None = the whole video (global bases).
-        init, normalize_bases, dead_bases, mass_eps, m_step: see `stem.em.em_bases`.
+        init, normalize_bases, dead_bases, mass_eps, m_step: see `stem.inversion.em.em_bases`.
         seed: seeds the generator for the bases' initialisation (one generator per processor,
             so a run is reproducible call for call).
         excess_bases: a layer whose EM group has fewer tokens than K: "error", "clamp" to
@@ -121,16 +121,16 @@ class STEMAttnProcessor(SelfAttnProcessor):
         query_chunk: query tokens per attention call; None = all at once.
         shard: the frames of this process in a frame-sharded job (module docstring); num_frames is
             then this process's frame count. None (or a one-process shard): the whole video is here.
-        auto: the settings of num_bases="auto" (`stem.adaptive.AUTO_DEFAULTS`; ignored for an integer K).
+        auto: the settings of num_bases="auto" (`stem.inversion.adaptive.AUTO_DEFAULTS`; ignored for an integer K).
         error_queries: with an integer K, also estimate the attention error of the bases (as auto's attention
             criterion does) on this many sampled queries at each layer's first call, recorded as the layer's error;
             the queries are drawn from a separate generator seeded with `seed`, so the bases and outputs are those
             of an unmeasured run. None: not measured.
         phase: "inversion" or "reconstruction", for the log lines of the choices.
 
-    One processor serves every attn1 layer: `stem.attention.self_attention_processors` installs its
+    One processor serves every attn1 layer: `stem.inversion.attention.self_attention_processors` installs its
     per-layer views (`for_layer`), which share the generator and the records (`records`, K per layer
-    and choice: `stem.adaptive.phase_record`).
+    and choice: `stem.inversion.adaptive.phase_record`).
     """
 
     def __init__(self, num_frames: int, num_bases: int | str = 256, n_iters: int = 3, tau: float = 0.05,
@@ -277,7 +277,7 @@ class STEMAttnProcessor(SelfAttnProcessor):
         return relative_error(totals)
 
     def adaptive_bases(self, key, calls, tokens: int, em_input, probe=None) -> list:
-        """The EM of every call with the K chosen for this layer (`stem.adaptive`): the first candidate whose
+        """The EM of every call with the K chosen for this layer (`stem.inversion.adaptive`): the first candidate whose
         relative error over all calls is at most the target, else the last; with when=first_step a layer
         chosen before keeps its K. One seed per call from the processor's generator: every candidate starts
         from a fresh generator with that seed, so the choice does not depend on the candidates tried before.
@@ -314,20 +314,22 @@ class STEMAttnProcessor(SelfAttnProcessor):
                     key if isinstance(key, str) else "(unnamed layer)", chosen["k"], chosen["error"], reached)
 
     def bases_record(self) -> dict | None:
-        """K (and error) per layer and choice of the layers this processor ran on (`stem.adaptive.phase_record`);
-        None before any call through an installed (named) layer."""
+        """K (and error) per layer and choice of the layers this processor ran on
+        (`stem.inversion.adaptive.phase_record`); None before any call through an installed (named) layer."""
         layers = {name: rec for name, rec in self.records.items() if isinstance(name, str)}
         return phase_record(layers) if layers else None
 
 
 class AttentionProbe:
-    """The attention criterion of num_bases="auto" at one layer call (`stem.adaptive`, docs/STEM.md "Adaptive K").
+    """The attention criterion of num_bases="auto" at one layer call (`stem.inversion.adaptive`,
+    docs/STEM.md "Adaptive K").
 
     At construction: `queries` distinct query tokens drawn from `generator` (auto: the processor's) among the
     N x S tokens of the whole video (the same positions for every prompt branch; all of them when fewer), and
     their exact attention over every token of their EM group, keys and values projected chunk by chunk
-    (`chunk_size` tokens; the softmax merged over chunks with `stem.adaptive.merge_pieces`). `totals(results)`:
-    the squared error of STEM attention over a candidate's bases on those queries, and the exact outputs' energy.
+    (`chunk_size` tokens; the softmax merged over chunks with `stem.inversion.adaptive.merge_pieces`).
+    `totals(results)`: the squared error of STEM attention over a candidate's bases on those queries, and the exact
+    outputs' energy.
 
     Frame-sharded: group-scoped bases hold whole groups per process, so each process measures the queries of its
     frames and the processor all-reduces the totals. Global bases: the sampled queries are assembled on every

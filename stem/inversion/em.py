@@ -83,7 +83,7 @@ from typing import Protocol
 
 import torch
 
-from stem.errors import ConfigError, check_choice, check_token_count
+from stem.core.errors import ConfigError, check_choice, check_token_count
 
 INITS = ("gaussian", "random_tokens", "kmeans++")
 DEAD_POLICIES = ("keep", "reseed")
@@ -104,7 +104,7 @@ class EMResult:
 
 
 class Comm(Protocol):
-    """The collectives distributed EM needs (`stem.distributed.Distributed` has them)."""
+    """The collectives distributed EM needs (`stem.distributed.sharding.Distributed` has them)."""
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor: ...

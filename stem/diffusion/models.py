@@ -27,8 +27,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from stem.device import resolve_device, resolve_dtype
-from stem.errors import PICKLE_RISK, StemError
+from stem.core.errors import PICKLE_RISK, StemError
+from stem.diffusion.device import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def architecture(target: str, settings: dict) -> dict | None:
     vae/config.json for `load_pretrained` (a local folder, else the Hugging Face cache). None when not
     known without loading (another target, or configs not on this machine): the checks then run after
     loading, as before."""
-    name = target.removeprefix("stem.models.")
+    name = target.removeprefix("stem.diffusion.models.")
     if name in ("build_tiny", "build_sd15_arch"):
         unet, vae = (TINY_UNET, TINY_VAE) if name == "build_tiny" else (SD15_UNET, SD15_VAE)
         configs = {"unet": _sd15_unet_config(**unet), "vae": _sd15_vae_config(**vae)}

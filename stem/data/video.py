@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageSequence
 
-from stem.atomic import atomic_dir, atomic_file
-from stem.errors import ConfigError, StemError, VideoError
+from stem.core.atomic import atomic_dir, atomic_file
+from stem.core.errors import ConfigError, StemError, VideoError
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def cap_indices(count: int, max_frames: int | None, keep: str = "even") -> np.nd
     when `max_frames` is None or >= count; else `keep="even"` spreads `max_frames` over them, first and
     last included (`evenly_spaced`), and `keep="first"` keeps the first `max_frames`, consecutive (so
     that frame-to-frame metrics such as warp error compare neighbours). `load_video` and
-    `stem.synthetic.camera_pan` pick their frames with it. Raises ConfigError for a bad `max_frames`/`keep`."""
+    `stem.data.synthetic.camera_pan` pick their frames with it. Raises ConfigError for a bad `max_frames`/`keep`."""
     if keep not in MAX_FRAMES_KEEP:
         raise ConfigError(f"max_frames_keep={keep!r}: use one of {', '.join(MAX_FRAMES_KEEP)} "
                           "(even: spread over the clip; first: the first max_frames, consecutive)")
@@ -411,7 +411,7 @@ def load_memory_need(native: tuple[int, int], target: tuple[int, int], decoded: 
 def _check_load_memory(path: Path, native: tuple[int, int], target: tuple[int, int], decoded: int,
                        kept: int) -> None:
     """ConfigError (one line) when `load_memory_need` exceeds the memory available to this process."""
-    from stem import precheck
+    from stem.runs import precheck
 
     need = load_memory_need(native, target, decoded, kept)
     free = precheck.available_memory(torch.device("cpu"))
@@ -478,7 +478,7 @@ def load_video(
             window: warp error between neighbours, and a stored flow still applies).
         check_memory: before decoding, refuse (ConfigError) a load whose lower-bound memory need
             (`load_memory_need`, from the size and frame count the file declares) exceeds the available
-            memory (`stem.precheck.available_memory`); False: decode anyway.
+            memory (`stem.runs.precheck.available_memory`); False: decode anyway.
 
     A folder holding `flow.npy` (see `save_video_with_flow`) gives `Video.flow` when the frames
     are neither subsampled nor resized.

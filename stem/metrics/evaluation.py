@@ -17,7 +17,7 @@ Sections of the returned dict (each present only when its metric is on):
   valid-pixel fraction, the flow backend and its `flow_weights` (`stem.metrics.flow.flow_weights`).
 - "feature_similarity": per inversion step (flow backend and weights as warp error's), with the PNG
   plot and PCA figure written into `run_dir`.
-The table captions read `weights` / `flow_weights` (`stem.provenance`).
+The table captions read `weights` / `flow_weights` (`stem.reporting.provenance`).
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from stem.display import display_value
-from stem.errors import ConfigError, MetricError, check_choice
+from stem.core.errors import ConfigError, MetricError, check_choice
+from stem.data.video import Video
 from stem.metrics import ClipScorer, estimate_flow, reconstruction_metrics, warp_error
 from stem.metrics.clip_score import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from stem.metrics.feature_similarity import FeatureRecorder, feature_pca
 from stem.metrics.flow import BACKENDS, RAFT_MIN_SIZE, flow_weights
-from stem.plots import image_grid, plot_curves
-from stem.video import Video
+from stem.reporting.display import display_value
+from stem.reporting.plots import image_grid, plot_curves
 
 log = logging.getLogger(__name__)
 

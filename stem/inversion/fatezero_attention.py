@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stem.attention import FrameContextAttnProcessor, SelfAttnProcessor, gather_frames
-from stem.errors import ConfigError, check_choice
+from stem.core.errors import ConfigError, check_choice
+from stem.inversion.attention import FrameContextAttnProcessor, SelfAttnProcessor, gather_frames
 
 FRAME_NAMES = ("first", "last", "mid")
 MODES = ("replace", "concat")

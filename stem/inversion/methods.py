@@ -15,14 +15,14 @@ from typing import Literal
 
 import torch
 
-from stem.adaptive import resolve_auto
-from stem.attention import FrameContextAttnProcessor, self_attention_processors
-from stem.ddim import Callback, Trajectory, ddim_invert, ddim_sample
-from stem.distributed import FrameShard
-from stem.em import MASS_EPS
-from stem.errors import ConfigError
-from stem.fatezero_attention import fatezero_frames, spatio_temporal_processors
-from stem.stem_attention import STEMAttnProcessor, excess_bases_error, group_spans
+from stem.core.errors import ConfigError
+from stem.diffusion.ddim import Callback, Trajectory, ddim_invert, ddim_sample
+from stem.distributed.sharding import FrameShard
+from stem.inversion.adaptive import resolve_auto
+from stem.inversion.attention import FrameContextAttnProcessor, self_attention_processors
+from stem.inversion.em import MASS_EPS
+from stem.inversion.fatezero_attention import fatezero_frames, spatio_temporal_processors
+from stem.inversion.stem_attention import STEMAttnProcessor, excess_bases_error, group_spans
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class InversionMethod:
 
     def check(self, unet, num_frames: int, latent_height: int, latent_width: int) -> None:
         """Raise ConfigError if the method cannot run on such a video (default: it always can). `unet`: the
-        UNet or its config dict (run.py checks before building the model, `stem.precheck`)."""
+        UNet or its config dict (run.py checks before building the model, `stem.runs.precheck`)."""
 
     def install(self, unet, num_frames: int, reconstruction: bool = False):
         """Context manager installing this method's attn1 processors (one for all layers by default)."""
@@ -114,7 +114,7 @@ def self_attention_tokens(unet, latent_height: int, latent_width: int) -> dict[s
     """(h, w) token grid of every attn1 of an SD-style UNet for latents of that size.
 
     `unet`: a UNet2DConditionModel, or its config as a dict (checks before the model is built,
-    `stem.models.architecture`). down_blocks.i works at the latent size halved i times (stride-2
+    `stem.diffusion.models.architecture`). down_blocks.i works at the latent size halved i times (stride-2
     convs round up), the mid block at the smallest size, up_blocks.j mirrors down_blocks.(L-1-j).
     """
     config = unet.config if hasattr(unet, "config") else unet
@@ -138,7 +138,7 @@ def self_attention_tokens(unet, latent_height: int, latent_width: int) -> dict[s
 
 
 class FateZeroInversion(InversionMethod):
-    """DDIM inversion with FateZero's spatio-temporal self-attention (`stem.fatezero_attention`):
+    """DDIM inversion with FateZero's spatio-temporal self-attention (`stem.inversion.fatezero_attention`):
     layers with at least `min_channels` channels attend to `frames` (default the middle frame,
     replacing the frame's own keys as released), narrower layers per frame."""
 
@@ -191,8 +191,8 @@ class STEMInversion(InversionMethod):
             a separate generator: latents unchanged), recorded per layer in `bases_report()`. Not a setting of the
             result (not in `settings()`, not in the cache key).
         auto: settings of num_bases="auto": target, k_min, k_max, k_step, when, criterion, queries
-            (`stem.adaptive.AUTO_DEFAULTS` fills the missing ones); validated whatever num_bases is, read only when
-            it is "auto".
+            (`stem.inversion.adaptive.AUTO_DEFAULTS` fills the missing ones); validated whatever num_bases is,
+            read only when it is "auto".
 
     `bases_report()` gives the K used per layer (and chosen, with its error, when auto) by the last
     inversion and reconstruction.

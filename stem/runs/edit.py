@@ -1,4 +1,4 @@
-"""Invert (cached) and edit a video: the editing counterpart of `stem.reconstruction.reconstruct_video`."""
+"""Invert (cached) and edit a video: the editing counterpart of `stem.runs.reconstruction.reconstruct_video`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from stem.cache import TensorCache
+from stem.data.video import Video
+from stem.diffusion.vae import decode_latents
 from stem.editing.base import Edit, Editor, Observers
-from stem.reconstruction import Inverted, invert_video
-from stem.vae import decode_latents
-from stem.video import Video
+from stem.runs.cache import TensorCache
+from stem.runs.reconstruction import Inverted, invert_video
 
 
 @dataclass

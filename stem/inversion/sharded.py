@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from stem.attention import FrameContextAttnProcessor, self_attention_processors
-from stem.ddim import Callback, Trajectory, ddim_invert, ddim_sample
-from stem.distributed import Distributed, FrameShard
-from stem.errors import ConfigError
-from stem.inversion import DDIMInversion, InversionMethod, STEMInversion
+from stem.core.errors import ConfigError
+from stem.diffusion.ddim import Callback, Trajectory, ddim_invert, ddim_sample
+from stem.distributed.sharding import Distributed, FrameShard
+from stem.inversion.attention import FrameContextAttnProcessor, self_attention_processors
+from stem.inversion.methods import DDIMInversion, InversionMethod, STEMInversion
 
 
 def shard_video(dist: Distributed, method: InversionMethod, num_frames: int) -> FrameShard:

@@ -1,6 +1,6 @@
 """How a sweep's numbers were made, in one caption line: model and dtype, device, clips, steps, commit.
 
-    runs = collect_runs(sweep_dir)             # stem.tables
+    runs = collect_runs(sweep_dir)             # stem.reporting.tables
     facts = sweep_provenance(runs)
     facts["caption"]   # "Model tiny (random weights: mechanics only), float32, on AMD EPYC (cpu); clips: ..."
 
@@ -20,7 +20,7 @@ error / feature similarity (`backend`, `flow_weights`). A random CLIP, OpenCV DI
 weights) or a custom RAFT module is marked "not comparable to the paper" (`random_metric_weights`),
 as random diffusion weights are marked "mechanics only".
 
-Random weights: `model=tiny` (`stem.models.build_tiny`) and `model=sd15_arch` (`build_sd15_arch`)
+Random weights: `model=tiny` (`stem.diffusion.models.build_tiny`) and `model=sd15_arch` (`build_sd15_arch`)
 are randomly initialised; their numbers show the mechanics only. The job's config names the
 builder (`model._target_`); without it, the model name `_build_random` gives ("tiny-seed0",
 "sd15_arch-seed0") tells. Anything loaded with `load_pretrained` counts as real weights ("sd15").
@@ -43,7 +43,7 @@ _FLOW = {"raft": ("Raft_Large_Weights.C_T_SKHT_V2", True), "raft-custom": ("cust
 # builder (last part of model._target_) -> the model option it belongs to
 _BUILDERS = {"build_tiny": "tiny", "build_sd15_arch": "sd15_arch", "load_pretrained": "sd15"}
 _RANDOM_KINDS = ("tiny", "sd15_arch")
-_RANDOM_NAME = re.compile(r"^(tiny|sd15_arch)-seed\d+$")  # the name stem.models._build_random gives
+_RANDOM_NAME = re.compile(r"^(tiny|sd15_arch)-seed\d+$")  # the name stem.diffusion.models._build_random gives
 
 
 def _read(path: Path, parse):
@@ -154,7 +154,7 @@ def _commit(revisions: list[dict]) -> tuple[str, bool | None]:
 
 
 def sweep_provenance(runs: list[dict]) -> dict:
-    """The facts of a sweep (`stem.tables.collect_runs` output) as a plain dict of strings, numbers
+    """The facts of a sweep (`stem.reporting.tables.collect_runs` output) as a plain dict of strings, numbers
     and booleans, with "caption" the one-line text of them (see the module docstring)."""
     ok = [r for r in runs if r.get("status") == "ok" and isinstance(r.get("metrics"), dict)]
     metrics = [r["metrics"] for r in ok]

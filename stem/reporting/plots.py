@@ -26,9 +26,17 @@ import torch
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from stem.atomic import atomic_file
-from stem.display import clamp_note, clamped, display_column, display_value, layer_order, method_name, short_layer
-from stem.errors import TableError
+from stem.core.atomic import atomic_file
+from stem.core.errors import TableError
+from stem.reporting.display import (
+    clamp_note,
+    clamped,
+    display_column,
+    display_value,
+    layer_order,
+    method_name,
+    short_layer,
+)
 
 DPI = 120
 CAPTION_FONTSIZE = 6
@@ -181,7 +189,7 @@ def image_grid(path: str | Path, rows: Mapping[str, torch.Tensor], col_labels: S
     return save_png(fig, path)
 
 
-# ---- a sweep's figure (stem.tables.sweep_plot) ---------------------------------------------------
+# ---- a sweep's figure (stem.reporting.tables.sweep_plot) ---------------------------------------------------
 def _legend(run: dict, columns: Sequence[str]) -> str:
     """Display names of a run's column values ("STEM (K=256)"; an unnamed value as "Frames N=8"); a clamped K
     that no column names is added ("Frames N=8 (STEM K=256 clamped at 1 of 16 layers, mean K 244.0)")."""
@@ -245,7 +253,7 @@ def paper_points(paper: Mapping | None, label: str | None,
 
 def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: str = "",
                  paper: Mapping | None = None) -> Figure | None:
-    """The figure of a sweep (`stem.tables.collect_runs`), None when no run finished.
+    """The figure of a sweep (`stem.reporting.tables.collect_runs`), None when no run finished.
 
     spec: {"y": dotted path into metrics.json, or a list of them (one panel each: Fig. 4's PSNR and
     SSIM), "x": dotted path of per-frame/per-step x values (e.g. video.frame_numbers), or of a number
@@ -259,7 +267,7 @@ def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: s
     columns (Tables 4 and 5), with the paper's values of `paper_label` as markers; with no other column the
     curve is named after the method its runs share ("STEM (K=256)", `_curve_name`).
     """
-    from stem.tables import _lookup, _sort_key
+    from stem.reporting.tables import _lookup, _sort_key
 
     unknown = sorted(set(spec) - PLOT_KEYS)
     if unknown:
@@ -315,13 +323,13 @@ def sweep_frames(runs: list[dict], columns: Sequence[str], spec: Mapping) -> dic
 
     spec: {"videos": names of each run's videos, e.g. [reconstruction, edited] (`<dir>/<name>.mp4`), "count":
     frames per video (default 4), "title"}. Frames: `count` evenly spaced 0-based indices of the clip
-    (`stem.video.evenly_spaced`, first and last included), the same for every row. Rows: "source" (the input
+    (`stem.data.video.evenly_spaced`, first and last included), the same for every row. Rows: "source" (the input
     frames: the left half of the first run's comparison.mp4), then one per finished run in job order (the
     sweep's declared order), labelled with the display names of its column values (`_legend`); each row holds
     `count` frames of each of `videos`, left to right. Column labels name the video and the frame's number in
     the source clip (metrics.json's `video.frame_numbers`, 1-based). Runs of another clip than the first run's
     (name, frames, size), or without one of the videos, are left out and named in "skipped"."""
-    from stem.video import evenly_spaced, from_uint8, read_frames_at
+    from stem.data.video import evenly_spaced, from_uint8, read_frames_at
 
     unknown = sorted(set(spec) - FRAMES_KEYS)
     if unknown:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from stem.atomic import atomic_file
+from stem.core.atomic import atomic_file
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -34,7 +34,7 @@ class Parser(argparse.ArgumentParser):
 
 def load_model(args):
     """The diffusion components named by --model on --device/--dtype."""
-    from stem.models import build_sd15_arch, build_tiny, load_pretrained
+    from stem.diffusion.models import build_sd15_arch, build_tiny, load_pretrained
 
     if args.model == "sd15":
         return load_pretrained(args.model_path, device=args.device, dtype=args.dtype)
@@ -44,10 +44,10 @@ def load_model(args):
 def load_frames(args) -> torch.Tensor:
     """(N, 3, H, W) frames: --video, or a synthetic camera pan (256x256 unless --width/--height)."""
     if args.video:
-        from stem.video import load_video
+        from stem.data.video import load_video
 
         return load_video(args.video, "", n_frames=args.frames, width=args.width, height=args.height).frames
-    from stem.synthetic import camera_pan
+    from stem.data.synthetic import camera_pan
 
     return camera_pan(n_frames=args.frames, width=args.width or 256, height=args.height or 256).frames
 
@@ -105,7 +105,7 @@ def time_inversion(method, model, latents: torch.Tensor, cond: torch.Tensor, pro
     """(trajectory, seconds, peak memory increase in bytes) of `method.invert` on clean `latents`.
 
     The one definition of "inversion time" (paper Table 1) that `experiment=table1_time` (through
-    `stem.reconstruction.invert_video`) and `scripts/benchmark_inversion.py` share: the DDIM inversion
+    `stem.runs.reconstruction.invert_video`) and `scripts/benchmark_inversion.py` share: the DDIM inversion
     loop only, from clean latents to z_T, under the already encoded prompt; VAE encoding is excluded
     (reported on its own as `seconds.vae_encode`). `observer` (a context manager) is entered around it.
     """

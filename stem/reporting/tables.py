@@ -19,7 +19,7 @@ paper's method names, K of STEM rows from each run, and a K that was clamped sai
 declared order), each paper value
 sits right after its metric. Markdown formats metrics with their spec (PSNR `.3f`, SSIM `.4f` by
 default, as the paper prints them) and paper values as the config writes them; CSV keeps full
-precision. `write_sweep_outputs` adds the provenance caption (`stem.provenance`) and a sidecar JSON.
+precision. `write_sweep_outputs` adds the provenance caption (`stem.reporting.provenance`) and a sidecar JSON.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import yaml
 
-from stem.atomic import atomic_file
-from stem.errors import TableError
+from stem.core.atomic import atomic_file
+from stem.core.errors import TableError
 
 FAILED = "failed"
 RUNNING = "running"
@@ -312,10 +312,10 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
         table has a paper column.
 
     The table: "header" (column keys and metric labels, the CSV's), "labels" (headers to print,
-    `stem.display.display_column`), "rows" (raw values), "row_labels" (the column cells to print,
-    `stem.display.display_value` with K from each run's metrics), "formats" (None for a column).
+    `stem.reporting.display.display_column`), "rows" (raw values), "row_labels" (the column cells to print,
+    `stem.reporting.display.display_value` with K from each run's metrics), "formats" (None for a column).
     """
-    from stem.display import clamp_note, clamped, display_column, display_value
+    from stem.reporting.display import clamp_note, clamped, display_column, display_value
 
     specs = [_metric_spec(m) for m in (default_metrics(runs) if metrics is None else metrics)]
     for label, _, fmt, _ in specs:
@@ -422,7 +422,7 @@ def row_key(cells: list, n_columns: int) -> str:
 
 def sweep_plot(runs: list[dict], columns: list[str], spec: dict, path: str | Path, caption: str = "",
                paper: dict | None = None) -> Path | None:
-    """The figure of a sweep as PNG (None when no run finished): `stem.plots.sweep_figure`.
+    """The figure of a sweep as PNG (None when no run finished): `stem.reporting.plots.sweep_figure`.
 
     spec: {"y": dotted path or a list of them (one panel each), "x": dotted path (for per-step/per-frame
     lists) or null, "title", "xlabel", "ylabel", "paper_label": the label of `paper` that y is}.
@@ -430,10 +430,10 @@ def sweep_plot(runs: list[dict], columns: list[str], spec: dict, path: str | Pat
     the display names of its column values (paper Figs. 4, 9); a number draws one curve over the
     first column's values, one per value of the other columns (Fig. 3, Tables 4 and 5), with the
     paper's values (`paper`: {row key: {metric label: value}}) as markers. `caption` is drawn in
-    small print below the axes (the sweep's provenance line, `stem.provenance`); `paper` values are
+    small print below the axes (the sweep's provenance line, `stem.reporting.provenance`); `paper` values are
     floats (`paper_numbers`).
     """
-    from stem.plots import save_png, sweep_figure  # matplotlib only when a figure is asked for
+    from stem.reporting.plots import save_png, sweep_figure  # matplotlib only when a figure is asked for
 
     fig = sweep_figure(runs, columns, spec, caption=caption, paper=paper)
     return None if fig is None else save_png(fig, path)
@@ -482,7 +482,7 @@ def _write(path: Path, text: str) -> Path:
 
 
 def write_tables(table: dict, directory: str | Path, name: str, provenance: dict | None = None) -> tuple[Path, ...]:
-    """Write `<directory>/<name>.md` and `.csv` atomically, and with `provenance` (`stem.provenance`)
+    """Write `<directory>/<name>.md` and `.csv` atomically, and with `provenance` (`stem.reporting.provenance`)
     its caption line above the markdown table and the sidecar `<name>.json`; return the paths."""
     directory = Path(directory)
     caption = f"Provenance: {provenance['caption']}\n\n" if provenance else ""
@@ -512,15 +512,15 @@ def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: lis
                         ratio_to: str | None = None, order: dict | None = None,
                         paper_rows: dict | None = None, expected: list[list[str]] | None = None,
                         frames: dict | None = None) -> dict:
-    """Build the table of `sweep_dir` (see `sweep_table`) and its provenance (`stem.provenance`),
+    """Build the table of `sweep_dir` (see `sweep_table`) and its provenance (`stem.reporting.provenance`),
     write `<name>.md` (caption line, then the table), `.csv`, the sidecar `<name>.json` and, with
     a `plot` spec, `<name>.png` into it; return {"table", "markdown" (the .md text), "files",
     "provenance" (a plain dict, "caption" its line), "runs" (`collect_runs`)}. `expected`: the override
     list of each job the sweep launches (see `collect_runs`), so that jobs that never started are rows
-    and count in the caption's "N of M jobs finished". `frames`: a frame-figure spec (`stem.plots.sweep_frames`:
-    {"videos": [reconstruction, edited], "count": 4, "title"}) writes `<name>_frames.png`, the source and
-    each run's videos side by side (paper Fig. 3)."""
-    from stem.provenance import sweep_provenance
+    and count in the caption's "N of M jobs finished". `frames`: a frame-figure spec
+    (`stem.reporting.plots.sweep_frames`: {"videos": [reconstruction, edited], "count": 4, "title"})
+    writes `<name>_frames.png`, the source and each run's videos side by side (paper Fig. 3)."""
+    from stem.reporting.provenance import sweep_provenance
 
     runs = _runs(sweep_dir, expected)
     columns = varying_keys(runs) if columns is None else list(columns)
@@ -532,7 +532,7 @@ def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: lis
                          caption=provenance["caption"], paper=paper_numbers(paper) if paper else None)
         files += [png] if png else []
     if frames:
-        from stem.plots import save_png, sweep_frames_figure  # matplotlib only when a figure is asked for
+        from stem.reporting.plots import save_png, sweep_frames_figure  # matplotlib only when a figure is asked for
 
         fig = sweep_frames_figure(runs, [c for c in columns if c not in average_over], frames,
                                   caption=provenance["caption"])

@@ -3,13 +3,13 @@
 `invert_video` is the cached entry point every editing method starts from: it returns the
 full DDIM trajectory of a video under its source prompt, reusing a cache entry keyed by a
 content hash of (frames, weights, dtype, device type, prompt, method settings) and of the
-inversion code's version (`stem.cache_version.INVERSION_CACHE_VERSION`).
+inversion code's version (`stem.runs.cache_version.INVERSION_CACHE_VERSION`).
 `reconstruct_video` adds DDIM sampling back from z_T and decodes both the reconstruction and
-the VAE round trip of the input (the VAE alone caps PSNR); `stem.evaluation` scores them.
+the VAE round trip of the input (the VAE alone caps PSNR); `stem.metrics.evaluation` scores them.
 
-Frame-sharded jobs (`dist`, a `stem.distributed.Distributed` with several processes, docs/SCALING.md):
+Frame-sharded jobs (`dist`, a `stem.distributed.sharding.Distributed` with several processes, docs/SCALING.md):
 every process encodes, inverts, samples back and decodes its own contiguous slice of the frames
-(`stem.sharded`); rank 0 alone reads and writes the cache and receives every frame's trajectory
+(`stem.inversion.sharded`); rank 0 alone reads and writes the cache and receives every frame's trajectory
 and decoded frames (the other ranks get None there). The cache entry is the one a single-process
 run writes and reuses: same key (the same inputs), same tensors up to float summation order.
 
@@ -30,17 +30,17 @@ from pathlib import Path
 
 import torch
 
-from stem import cache_version
-from stem.attention import self_attention_processors
-from stem.benchmarking import measure, time_inversion, warm_up
-from stem.cache import TensorCache, content_key
-from stem.ddim import Trajectory, ddim_sample
-from stem.distributed import Distributed
-from stem.errors import ConfigError
-from stem.prompts import encode_prompt
-from stem.sharded import invert_sharded, shard_processor, shard_video
-from stem.vae import decode_latents, encode_frames
-from stem.video import Video
+from stem.core.errors import ConfigError
+from stem.data.video import Video
+from stem.diffusion.ddim import Trajectory, ddim_sample
+from stem.diffusion.prompts import encode_prompt
+from stem.diffusion.vae import decode_latents, encode_frames
+from stem.distributed.sharding import Distributed
+from stem.inversion.attention import self_attention_processors
+from stem.inversion.sharded import invert_sharded, shard_processor, shard_video
+from stem.runs import cache_version
+from stem.runs.benchmarking import measure, time_inversion, warm_up
+from stem.runs.cache import TensorCache, content_key
 
 log = logging.getLogger(__name__)
 BASES_META = "bases"  # key of a cache entry's meta.json: the STEM inversion's bases record (not part of the key)
@@ -53,7 +53,7 @@ class Inverted:
     key: str                  # cache key
     entry: Path | None        # cache entry folder (None without a cache)
     cache_hit: bool
-    seconds: float            # the inversion loop (`stem.benchmarking.time_inversion`; VAE excluded); 0 on a cache hit
+    seconds: float            # the inversion loop (`benchmarking.time_inversion`; VAE excluded); 0 on a cache hit
     peak_mib: float | None = None  # peak memory increase while inverting (CUDA allocated / CPU RSS); None if cached
     encode_seconds: float = 0.0    # VAE encoding of the frames (0 on a cache hit)
     bases: dict | None = None      # STEM: K per layer of the inversion (`method.bases_report()["inversion"]`; on a
@@ -77,7 +77,7 @@ def invert_video(model, video: Video, method, cache: TensorCache | None = None, 
     inversion. It needs the UNet calls, so with an observer the inversion runs even on a cache
     hit; the cached latents are returned then, and nothing is written. `cache_extra`: anything else
     that changes the inversion (e.g. hooks an observer installs that alter the UNet), added to the key.
-    `warmup_steps`: untimed inversion steps run first (timing jobs, `stem.benchmarking.warm_up`).
+    `warmup_steps`: untimed inversion steps run first (timing jobs, `stem.runs.benchmarking.warm_up`).
     `dist`: a frame-sharded job (module docstring); None or one process: the single-process code.
     """
     cond = encode_prompt(model, video.prompt, prompt_overflow)  # refuses a bad prompt before any work
@@ -135,7 +135,8 @@ def _save(cache: TensorCache | None, key: str, traj: Trajectory, video: Video, m
 def _invert_sharded(model, video: Video, method, cache: TensorCache | None, cond: torch.Tensor, key: str,
                     dist: Distributed, progress: bool, observer, warmup_steps: int) -> Inverted:
     """`invert_video` of a frame-sharded job: rank 0 looks the key up and tells the others; on a miss every
-    rank encodes and inverts its slice (`stem.sharded.invert_sharded`), rank 0 receives and caches all N frames.
+    rank encodes and inverts its slice (`stem.inversion.sharded.invert_sharded`),
+    rank 0 receives and caches all N frames.
     `seconds` and `peak_mib` are this rank's."""
     if observer is not None:
         raise ConfigError(f"{type(observer).__name__} records the UNet of one process: run feature metrics "
@@ -152,7 +153,7 @@ def _invert_sharded(model, video: Video, method, cache: TensorCache | None, cond
     start = time.perf_counter()
     latents = encode_frames(model, shard.local(video.frames), progress=progress)
     encode_seconds = time.perf_counter() - start
-    if warmup_steps > 0:  # as `stem.benchmarking.warm_up`, sharded: every rank takes part
+    if warmup_steps > 0:  # as `stem.runs.benchmarking.warm_up`, sharded: every rank takes part
         short = copy.copy(method)
         short.num_steps = warmup_steps
         invert_sharded(short, model, latents, cond, shard, progress=False)
@@ -229,7 +230,7 @@ def _reconstruct_sharded(model, video: Video, method, inverted: Inverted, dist: 
                          progress: bool) -> Reconstruction:
     """`reconstruct_video` of a frame-sharded job: rank 0 sends every rank z_T and z_0 of the video (it alone
     holds the trajectory, inverted or cached); each rank samples back and decodes its slice; rank 0 receives
-    all decoded frames. The STEM bases of the sampling are global, as in the inversion (`stem.sharded`)."""
+    all decoded frames. The STEM bases of the sampling are global, as in the inversion (`stem.inversion.sharded`)."""
     shard = shard_video(dist, method, video.num_frames)
     ends = inverted.trajectory.latents[[0, -1]] if dist.rank == 0 else None
     ends = _broadcast_from_rank0(dist, ends, 5, model.device, model.dtype)  # (2, N, c, h, w): z_0, z_T

@@ -17,7 +17,7 @@ Contexts (spec/STEM.md section 2), frame indices 0-based:
 - "allframe": all N frames. Cost O((N S)^2) per layer; queries are processed in chunks of
   `query_chunk` tokens so the score matrix in memory is at most query_chunk x N*S.
 
-Frame-sharded (`shard`, a `stem.distributed.FrameShard`): the processor holds frames
+Frame-sharded (`shard`, a `stem.distributed.sharding.FrameShard`): the processor holds frames
 start .. stop - 1 of the N-frame video (frame indices above are those of the whole video) and
 fetches the keys/values its context needs from the other processes:
 - "1frame": nothing.
@@ -37,8 +37,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from stem.distributed import FrameShard
-from stem.errors import ConfigError, check_choice, check_token_count
+from stem.core.errors import ConfigError, check_choice, check_token_count
+from stem.distributed.sharding import FrameShard
 
 CONTEXTS = ("1frame", "2frame", "allframe")
 PAIRINGS = ("fatezero", "tuneavideo")
