@@ -28,7 +28,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check stem run.py callbacks.py scripts tests
+	$(PY) -m ruff check stem run.py scripts tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

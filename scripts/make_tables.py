@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         spec.update({k: v for k, v in (("name", args.name), ("columns", args.columns), ("metrics", args.metrics))
                      if v})
         if args.wandb:  # its config first: bad input fails before any file is written
-            from callbacks import log_sweep_summary, read_sweep_config  # run.py's neighbour (a top-level module)
+            from stem.app.callbacks import log_sweep_summary, read_sweep_config
 
             sweep_config = read_sweep_config(args.sweep_dir)
         out = write_sweep_outputs(args.sweep_dir, **spec, expected=expected_jobs(args.sweep_dir))

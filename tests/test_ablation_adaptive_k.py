@@ -187,7 +187,7 @@ def test_auto_run_reports_k_per_layer_and_a_cached_rerun_reports_the_same(tmp_pa
     reconstruction's record as the inversion's, the section built from the first run's method only."""
     from conftest import compose_config
 
-    from run import run_job
+    from stem.app.job import run_job
 
     cfg = compose_config(tmp_path, "inversion=stem_auto", "inversion.auto.target=0.3", *SMALL)
     layers = {p.removesuffix(".processor") for p in tiny_model.unet.attn_processors if ".attn1" in p}
@@ -223,7 +223,7 @@ def test_fixed_k_run_reports_the_k_used_per_layer_without_errors(tmp_path, caplo
     (a KeyError/TypeError), or the record key made part of the cache key (a miss)."""
     from conftest import compose_config
 
-    from run import run_job
+    from stem.app.job import run_job
 
     cfg = compose_config(tmp_path, "inversion=stem", "inversion.num_bases=32", "excess_bases=clamp", *SMALL)
     metrics = run_job(cfg, tmp_path / "run")
@@ -327,7 +327,7 @@ def test_sharded_auto_run_reports_k_per_layer_and_one_process_reuses_its_record(
     from conftest import compose_config
     from test_distributed_launch import torchrun
 
-    from run import run_job
+    from stem.app.job import run_job
 
     job = ["inversion=stem_auto", "inversion.auto.target=0.4", *SMALL, "device=cpu", "progress=false"]
     proc = torchrun(tmp_path, *job, f"hydra.run.dir={tmp_path / 'sharded'}", f"paths.cache_dir={tmp_path / 'cache'}")

@@ -57,7 +57,7 @@ def test_run_job_refuses_an_unwritable_cache_before_building_the_model(tmp_path,
     from conftest import compose_config
 
     import stem.diffusion.models
-    from run import run_job
+    from stem.app.job import run_job
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the cache folder was checked")

@@ -61,7 +61,7 @@ def test_adaptive_k_on_every_stem_preset(tmp_path, preset):
     """`inversion.num_bases=auto inversion.auto.target=0.2` works on any STEM preset (the auto block is inherited
     from stem.yaml), through run.py's checked build. Catches: the auto block missing from a preset's chain, the
     type check refusing "auto" or the auto dict."""
-    from run import _build
+    from stem.app.job import _build
 
     cfg = compose_config(tmp_path, f"inversion={preset}", "inversion.num_bases=auto", "inversion.auto.target=0.2",
                          fast=False)

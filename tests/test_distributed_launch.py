@@ -22,7 +22,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-import run
+from stem.app import job as app_job
+from stem.app import launch as app_launch
 from stem.core.errors import ConfigError
 
 # STEM as configs/inversion/stem.yaml (global bases), K=8 for the tiny UNet (its mid block has 1 token per frame)
@@ -68,7 +69,7 @@ def test_torchrun_two_ranks_equal_one_process_write_one_folder_and_a_reusable_ca
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank
     try:
-        single = run.run_job(compose_config(tmp_path / "single", *JOB), tmp_path / "single_run")
+        single = app_job.run_job(compose_config(tmp_path / "single", *JOB), tmp_path / "single_run")
     finally:
         torch.set_num_threads(threads)
     assert single["inversion_cache"]["key"] == sharded["inversion_cache"]["key"]
@@ -84,8 +85,8 @@ def test_torchrun_two_ranks_equal_one_process_write_one_folder_and_a_reusable_ca
         assert sharded[ref]["psnr_per_frame"] == pytest.approx(single[ref]["psnr_per_frame"], abs=2e-3), ref
         assert sharded[ref]["ssim_per_frame"] == pytest.approx(single[ref]["ssim_per_frame"], abs=1e-5), ref
 
-    edit = run.run_job(compose_config(tmp_path, *JOB, "editing=tokenflow", "editing.prompt=a robot", "metrics=recon",
-                                      "report_reconstruction=false"), tmp_path / "edit_run")
+    edit = app_job.run_job(compose_config(tmp_path, *JOB, "editing=tokenflow", "editing.prompt=a robot",
+                                          "metrics=recon", "report_reconstruction=false"), tmp_path / "edit_run")
     assert edit["inversion_cache"] == {**sharded["inversion_cache"], "hit": True}
 
 
@@ -105,12 +106,12 @@ def test_bad_sharded_setups_fail_on_every_rank_before_the_process_group(tmp_path
 
     Mutation seen failing: no `_check_sharded` call (editing reaches the process group; the world-size and
     straddling cases are still refused by the sharded memory check, which slices the video first)."""
-    monkeypatch.setattr(run, "from_env", _no_process_group)
+    monkeypatch.setattr(app_job, "from_env", _no_process_group)
     monkeypatch.setattr("stem.diffusion.models.build_tiny", _no_process_group)
     for rank in (0, 1):
         environ = {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
         with pytest.raises(ConfigError, match=message):
-            run.run_job(compose_config(tmp_path, "data.width=64", "data.height=64", *overrides),
+            app_job.run_job(compose_config(tmp_path, "data.width=64", "data.height=64", *overrides),
                         tmp_path / f"run{rank}", environ=environ)
 
 
@@ -134,15 +135,15 @@ def test_rank_overrides_give_ranks_above_0_a_temporary_output():
     Mutations seen failing: rank 1 keeping a typed hydra.run.dir (both ranks write one folder, rank 1's
     .hydra/ overwriting rank 0's); -m accepted."""
     argv = ["inversion=stem", "hydra.run.dir=/x"]
-    assert run.rank_overrides(argv, {}) == argv
-    assert run.rank_overrides(argv, {"RANK": "0", "WORLD_SIZE": "2"}) == argv
-    other = run.rank_overrides(argv, {"RANK": "1", "WORLD_SIZE": "2"})
+    assert app_launch.rank_overrides(argv, {}) == argv
+    assert app_launch.rank_overrides(argv, {"RANK": "0", "WORLD_SIZE": "2"}) == argv
+    other = app_launch.rank_overrides(argv, {"RANK": "1", "WORLD_SIZE": "2"})
     assert other[0] == "inversion=stem" and "hydra.run.dir=/x" not in other
     tmp = Path(next(a for a in other if a.startswith("hydra.run.dir=")).split("=", 1)[1])
     assert tmp.is_dir() and "hydra.output_subdir=null" in other and "hydra/job_logging=stdout" in other
     shutil.rmtree(tmp)  # at exit otherwise
     with pytest.raises(ConfigError, match="a sweep"):
-        run.rank_overrides(["-m", "inversion=stem,stem_official"], {"RANK": "0", "WORLD_SIZE": "2"})
+        app_launch.rank_overrides(["-m", "inversion=stem,stem_official"], {"RANK": "0", "WORLD_SIZE": "2"})
 
 
 SLURM_TASK = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
@@ -156,18 +157,18 @@ def test_launch_environ_reads_torchrun_then_submitit(monkeypatch):
 
     Mutation seen failing: the submitit branch ignoring num_tasks (a 1-task job would start a process group)."""
     torchrun_env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "5"}
-    assert run.launch_environ({}, {**torchrun_env, "SUBMITIT_EXECUTOR": "slurm"}) == torchrun_env
-    assert run.launch_environ({}, {}) == {}
+    assert app_launch.launch_environ({}, {**torchrun_env, "SUBMITIT_EXECUTOR": "slurm"}) == torchrun_env
+    assert app_launch.launch_environ({}, {}) == {}
     for key, value in SLURM_TASK.items():
         monkeypatch.setenv(key, value)
-    got = run.launch_environ({"master_port": 12345}, dict(os.environ))
+    got = app_launch.launch_environ({"master_port": 12345}, dict(os.environ))
     assert got == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": "12345"}
-    derived = run.launch_environ({"master_port": None}, dict(os.environ))["MASTER_PORT"]
+    derived = app_launch.launch_environ({"master_port": None}, dict(os.environ))["MASTER_PORT"]
     monkeypatch.setenv("SLURM_PROCID", "0")
-    assert run.launch_environ({"master_port": None}, dict(os.environ))["MASTER_PORT"] == derived  # every task
+    assert app_launch.launch_environ({"master_port": None}, dict(os.environ))["MASTER_PORT"] == derived  # every task
     assert 20000 <= int(derived) < 40000
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert run.launch_environ({}, dict(os.environ)) == {}
+    assert app_launch.launch_environ({}, dict(os.environ)) == {}
 
 
 def test_slurm_multigpu_preset_runs_one_task_per_gpu():
@@ -221,7 +222,7 @@ def test_a_two_task_submitit_job_is_one_sharded_run_that_reuses_the_cache(tmp_pa
 
     Mutations seen failing: launch_environ without the submitit branch (each task a whole single-process run,
     no `distributed` section); rank 1 sampling back from rank 0's frames on a hit (metrics differ)."""
-    single = run.run_job(compose_config(tmp_path, *JOB), tmp_path / "single_run")
+    single = app_job.run_job(compose_config(tmp_path, *JOB), tmp_path / "single_run")
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", *FAST, *JOB, "device=cpu", "hydra/launcher=local_submitit", "hydra.launcher.tasks_per_node=2",
                    f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}", env={"OMP_NUM_THREADS": "1"})

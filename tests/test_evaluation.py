@@ -22,7 +22,7 @@ RANDOM_CLIP = "metrics.clip.pretrained=null"  # no CLIP weights offline: a rando
 
 @pytest.fixture(scope="module")
 def all_metrics_run(tmp_path_factory):
-    from run import run_job
+    from stem.app.job import run_job
 
     tmp = tmp_path_factory.mktemp("all")
     metrics = run_job(compose_config(tmp, "metrics=all", RANDOM_CLIP), tmp / "run")
@@ -108,7 +108,7 @@ def test_run_metrics_equal_the_library_functions(all_metrics_run):
 
 
 def test_metrics_recon_is_the_default_and_has_no_edit_sections(tmp_path):
-    from run import run_job
+    from stem.app.job import run_job
 
     metrics = run_job(compose_config(tmp_path), tmp_path / "run")
     assert {"vs_input", "vs_vae", "vae_vs_input"} <= set(metrics)
@@ -117,7 +117,7 @@ def test_metrics_recon_is_the_default_and_has_no_edit_sections(tmp_path):
 
 
 def test_feature_similarity_on_a_cache_hit_inverts_again_and_agrees(tmp_path):
-    from run import run_job
+    from stem.app.job import run_job
 
     first = run_job(compose_config(tmp_path, "metrics=all", RANDOM_CLIP), tmp_path / "a")
     second = run_job(compose_config(tmp_path, "metrics=all", RANDOM_CLIP), tmp_path / "b")
@@ -142,7 +142,7 @@ def test_static_video_has_feature_similarity_one_at_every_step(tiny_model):
 
 
 def test_flow_of_a_real_video_is_estimated_once_and_cached(tmp_path):
-    from run import run_job
+    from stem.app.job import run_job
 
     pan = camera_pan(n_frames=4, width=64, height=64, dx=2, dy=1)
     write_video(tmp_path / "pan", pan.frames, fps=10)  # a frame folder: no ground-truth flow
@@ -160,7 +160,7 @@ def test_flow_of_a_real_video_is_estimated_once_and_cached(tmp_path):
 
 
 def test_wandb_logs_summary_per_frame_columns_and_figures(tmp_path, monkeypatch):
-    from run import run_job
+    from stem.app.job import run_job
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)

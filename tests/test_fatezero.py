@@ -221,7 +221,7 @@ def test_replace_needs_equal_word_counts_and_blend_words_must_exist(tiny_model, 
 
 
 def test_runs_write_the_edit_directory_for_fatezero_stem_fatezero_and_reconstruction(tmp_path):
-    from run import run_job
+    from stem.app.job import run_job
 
     common = ("data.n_frames=8", "metrics.clip.pretrained=null", f"editing.prompt={TARGET}")
     fz = run_job(compose_config(tmp_path, "editing=fatezero", "inversion.min_channels=64",

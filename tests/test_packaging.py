@@ -1,6 +1,6 @@
 """The project as a package: a wheel built here (from a copy of the checkout), installed non-editable into a
 folder of its own, runs `stem-run` from outside the repository with the packaged configs; the wheel holds the
-library, run.py, callbacks.py, every config and the LICENSE, and `imageio` is a test-only requirement;
+library, run.py, every config and the LICENSE, and `imageio` is a test-only requirement;
 LICENSE and CITATION.cff agree with pyproject.toml and the README's BibTeX. Each test names the bug it catches."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _call(cmd: list, cwd: Path) -> None:
 
 def test_wheel_holds_the_library_entry_point_configs_and_license(installed):
     """Catches: a subpackage of stem/ missing from pyproject's `packages`, configs/ not packaged (or a config group
-    left out: the `**` glob), run.py/callbacks.py not installed, the machine-local configs/local/default.yaml
+    left out: the `**` glob), run.py not installed, the machine-local configs/local/default.yaml
     shipped, no `stem-run` entry point, no LICENSE in the wheel, `imageio` back among the install requirements."""
     wheel, _ = installed
     with zipfile.ZipFile(wheel) as z:
@@ -61,7 +61,7 @@ def test_wheel_holds_the_library_entry_point_configs_and_license(installed):
     configs = {f"stem_configs/{p.relative_to(ROOT / 'configs').as_posix()}" for p in (ROOT / "configs").rglob("*.yaml")
                if p.parent.name != "local"}
     assert len(configs) > 50 and "stem_configs/hydra/launcher/slurm.yaml" in configs
-    missing = (library | configs | {"run.py", "callbacks.py", "stem_configs/__init__.py"}) - names
+    missing = (library | configs | {"run.py", "stem_configs/__init__.py"}) - names
     assert not missing, f"not in the wheel: {sorted(missing)}"
     assert not [n for n in names if n.startswith("stem_configs/local/")]
     assert re.search(r"^stem-run = run:main$", entry_points, re.M)
@@ -74,9 +74,9 @@ def test_wheel_holds_the_library_entry_point_configs_and_license(installed):
 
 def test_imageio_is_imported_by_tests_only():
     """`imageio` (not imageio-ffmpeg) sits in the dev extra because only tests import it. Catches: library code,
-    run.py, callbacks.py or a script starting to import imageio while the package does not require it."""
+    run.py or a script starting to import imageio while the package does not require it."""
     pattern = re.compile(r"^\s*(import imageio\b(?!_)|from imageio\b(?!_))", re.M)
-    code = [*(ROOT / "stem").rglob("*.py"), ROOT / "run.py", ROOT / "callbacks.py", *(ROOT / "scripts").glob("*.py")]
+    code = [*(ROOT / "stem").rglob("*.py"), ROOT / "run.py", *(ROOT / "scripts").glob("*.py")]
     assert not [p for p in code if pattern.search(p.read_text())]
     assert [p for p in (ROOT / "tests").glob("*.py") if pattern.search(p.read_text())]  # the reason it is in dev
 
@@ -84,20 +84,20 @@ def test_imageio_is_imported_by_tests_only():
 def test_installed_stem_run_works_outside_the_repository(installed, tmp_path):
     """The generated `stem-run` script, from a folder outside the checkout, with only the installed copy on the
     path: a one-job sweep on the tiny setting writes its run directory (metrics.json) and the sweep table (the
-    installed `callbacks.SweepTableCallback`). Catches: run.py reading a relative `configs` (Hydra then looks for a
-    package `configs`), pkg://stem_configs not found (no __init__.py), configs not packaged, `_target_`s that
-    resolve only in the checkout, the checkout's configs used instead of the installed ones."""
+    installed `stem.app.callbacks.SweepTableCallback`). Catches: run.py reading a relative `configs` (Hydra then
+    looks for a package `configs`), pkg://stem_configs not found (no __init__.py), configs not packaged, `_target_`s
+    that resolve only in the checkout, the checkout's configs used instead of the installed ones."""
     _, site = installed
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
     env.pop("WANDB_MODE", None)
     env.pop("STEM_DATA_ROOT", None)
     where = subprocess.run([sys.executable, "-c", "import importlib.util as u; print('\\n'.join(u.find_spec(m).origin "
-                            "for m in ('stem', 'run', 'callbacks', 'stem_configs')))"],
+                            "for m in ('stem', 'run', 'stem.app.callbacks', 'stem_configs')))"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert where.returncode == 0, where.stderr
     assert all(Path(p).is_relative_to(site) for p in where.stdout.split()), where.stdout
     script = site / "bin" / "stem-run"
-    sweep = tmp_path / "sweep"  # explicit: a bare `-m` needs the sweep-dir fix in callbacks.py (see #12's report)
+    sweep = tmp_path / "sweep"  # explicit: a bare `-m` needs the sweep-dir fix in stem/app/callbacks.py
     proc = subprocess.run([str(script), "-m", "debug=fast", "progress=false", "device=cpu", "data.n_frames=2",
                            "data.width=64", "data.height=64", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -51,7 +51,7 @@ def test_default_cli_run_writes_the_run_directory_and_reuses_the_cache(tmp_path)
 
 
 def test_changed_settings_miss_the_cache(tmp_path):
-    from run import run_job
+    from stem.app.job import run_job
 
     first = run_job(compose_config(tmp_path), tmp_path / "a")
     other = run_job(compose_config(tmp_path, "inversion=ddim_2frame"), tmp_path / "b")
@@ -77,7 +77,7 @@ class RecordingLogger:
 
 
 def test_logger_is_finished_and_marked_failed_when_the_job_raises(tmp_path):
-    from run import run_job
+    from stem.app.job import run_job
 
     cfg = compose_config(tmp_path, f"logger._target_={__name__}.RecordingLogger")
     RecordingLogger.finished.clear()
@@ -98,7 +98,7 @@ def wandb_summary_and_exit(run_dir):
 
 
 def test_wandb_offline_run_records_metrics_table_and_video(tmp_path, monkeypatch):
-    from run import run_job
+    from stem.app.job import run_job
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -114,7 +114,7 @@ def test_wandb_offline_run_records_metrics_table_and_video(tmp_path, monkeypatch
 
 
 def test_wandb_run_is_marked_failed_when_the_job_fails(tmp_path, monkeypatch):
-    from run import run_job
+    from stem.app.job import run_job
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -162,7 +162,7 @@ def test_bad_input_fails_with_one_clear_line_and_writes_no_cache(tmp_path, clips
 
 
 def test_library_errors_name_the_config_group(tmp_path):
-    from run import run_job
+    from stem.app.job import run_job
 
     with pytest.raises(StemError, match=r"^data: .*not found"):
         run_job(compose_config(tmp_path, "data=video", "data.path=/nonexistent/clip.mp4", "data.prompt=x"),
@@ -174,7 +174,7 @@ def test_library_errors_name_the_config_group(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("inversion", ["ddim_1frame", "ddim_2frame", "ddim_allframe"])
 def test_full_length_demo_reconstructs_each_context(tmp_path, inversion):
-    from run import run_job
+    from stem.app.job import run_job
 
     metrics = run_job(compose_config(tmp_path, f"inversion={inversion}", "progress=false", fast=False), tmp_path / "r")
     assert metrics["inversion"]["num_steps"] == 50 and metrics["video"]["frames"] == 8

@@ -78,7 +78,7 @@ class FakeWandb:
 
 def terminated(task) -> int:
     """Run `task` as run.py's main runs (under `_ends_on_sigterm`); its exit status; the handler restored."""
-    from run import _ends_on_sigterm
+    from stem.app.signals import _ends_on_sigterm
 
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -93,7 +93,7 @@ def terminated(task) -> int:
 def test_sigterm_while_wandb_starts_a_run_is_raised_once_it_exists_and_the_run_is_finished_failed(monkeypatch):
     """Catches: Terminated raised inside wandb.init (no deferral: a half-started run, never finished, since
     run_job's try/finally starts after the logger exists) and a deferred SIGTERM that leaves the run unfinished."""
-    from run import WandbLogger
+    from stem.app.loggers import WandbLogger
 
     fake = FakeWandb(during=("init",))
     monkeypatch.setitem(sys.modules, "wandb", fake)
@@ -104,7 +104,7 @@ def test_sigterm_while_wandb_starts_a_run_is_raised_once_it_exists_and_the_run_i
 def test_sigterm_while_wandb_finishes_a_run_lets_it_finish_then_ends_the_job(monkeypatch):
     """Catches: Terminated raised inside run.finish (no exit record written), and a SIGTERM during finish
     ignored altogether (the job would exit 0 although it was terminated)."""
-    from run import WandbLogger
+    from stem.app.loggers import WandbLogger
 
     fake = FakeWandb(during=("finish",))
     monkeypatch.setitem(sys.modules, "wandb", fake)
@@ -116,7 +116,7 @@ def test_a_second_sigterm_during_the_cleanup_of_the_first_is_ignored(monkeypatch
     """Catches: each SIGTERM raising anew (no `raised` check in the handler), so that one SLURM or submitit's
     controller sends again while the job unwinds interrupts run_job's `finally` before the failed run's
     finish, leaving it without exit record."""
-    from run import WandbLogger
+    from stem.app.loggers import WandbLogger
 
     fake = FakeWandb(during=("finish",))
     monkeypatch.setitem(sys.modules, "wandb", fake)

@@ -137,10 +137,10 @@ def test_bad_metric_spec_is_a_clear_error(sweep, metric, words):
 
 
 def test_callback_puts_the_declared_sweep_first(sweep):
-    from callbacks import SweepTableCallback
+    from stem.app.callbacks import SweepTableCallback
 
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}, "sweeper": {"params": {
-        "inversion.num_bases": "64,128,256"}}}, "logger": {"_target_": "run.NullLogger"}})
+        "inversion.num_bases": "64,128,256"}}}, "logger": {"_target_": "stem.app.loggers.NullLogger"}})
     SweepTableCallback(name="t").on_multirun_end(config)
     assert (sweep / "t.md").read_text().splitlines()[2] == "| K | Inversion | PSNR | SSIM | PSNR vs VAE | SSIM vs VAE |"
 
@@ -375,13 +375,13 @@ def test_table4_puts_the_papers_n128_beside_our_longest_n(tmp_path):
 def test_make_tables_rebuilds_caption_layout_and_sidecar_from_the_job_folders(tmp_path):
     """The callback (at the end of a sweep) and the script (from the folders alone) write the same
     files. Mutation caught: make_tables not reading the declared order (or paper_rows) from multirun.yaml."""
-    from callbacks import SweepTableCallback
+    from stem.app.callbacks import SweepTableCallback
 
     spec, params = experiment_spec("table4_length")
     jobs = [([f"data.n_frames={n}"], job_metrics(frames=n), "tiny", None) for n in (120, 8, 64)]
     root = make_sweep(tmp_path, jobs, params=params, spec={k: v for k, v in spec.items() if k != "plot"})
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}, "sweeper": {"params": params}},
-                               "logger": {"_target_": "run.NullLogger"}})
+                               "logger": {"_target_": "stem.app.loggers.NullLogger"}})
     SweepTableCallback(**{k: v for k, v in spec.items() if k != "plot"}).on_multirun_end(config)
     written = {s: (root / f"table4_length{s}").read_text() for s in (".md", ".csv", ".json")}
     assert "| 120 (paper: 128) |" in written[".md"] and written[".md"].index("| 8 |") < written[".md"].index("| 64 |")

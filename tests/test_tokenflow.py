@@ -246,7 +246,7 @@ def test_unknown_layers_and_mismatched_steps_are_refused(tiny_model, trajectory,
 
 
 def test_run_writes_the_edit_run_directory(tmp_path):
-    from run import run_job
+    from stem.app.job import run_job
 
     cfg = compose_config(tmp_path, "editing=tokenflow", "editing.prompt=a portrait photo of a robot",
                          "data.n_frames=8", "editing.batch_size=3", "metrics.clip.pretrained=null")
@@ -266,7 +266,7 @@ def test_run_writes_the_edit_run_directory(tmp_path):
 
 
 def test_stem_tokenflow_and_tokenflow_reconstruction_mode(tmp_path):
-    from run import run_job
+    from stem.app.job import run_job
 
     stem = run_job(compose_config(tmp_path, "editing=tokenflow", "editing.prompt=a robot", "inversion=stem",
                                   "inversion.num_bases=16", "metrics.clip.pretrained=null"), tmp_path / "stem")

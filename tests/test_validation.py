@@ -23,7 +23,7 @@ def refused(tmp_path, monkeypatch):
         monkeypatch.setattr(stem.diffusion.models, name, _no_model)
 
     def run(*overrides: str) -> str:
-        from run import run_job
+        from stem.app.job import run_job
 
         with pytest.raises(StemError) as info:
             run_job(compose_config(tmp_path, *overrides), tmp_path / "run")
@@ -197,7 +197,7 @@ def test_unresolvable_interpolation_in_prompt_explains_the_escape(refused):
 
 def test_escaped_interpolation_reaches_the_prompt_literally(tmp_path):
     """The documented fix works: `\\${x}` on the command line is the prompt text `${x}`."""
-    from run import _build
+    from stem.app.job import _build
 
     cfg = compose_config(tmp_path, "data.prompt=a \\${x} cat", "data.n_frames=1", "data.width=64", "data.height=64")
     assert _build("data", cfg.data).prompt == "a ${x} cat"
@@ -238,7 +238,7 @@ def test_video_too_large_for_memory_is_refused_with_the_estimate(refused, monkey
 def test_check_memory_false_runs_anyway(tmp_path, monkeypatch):
     """The override: the same run goes on to build the model. Mutation caught: the knob not read."""
     import stem.runs.precheck
-    from run import run_job
+    from stem.app.job import run_job
 
     monkeypatch.setattr(stem.runs.precheck, "available_memory", lambda device: 2**20)
     monkeypatch.setattr(stem.diffusion.models, "build_tiny", _no_model)
@@ -270,7 +270,7 @@ def test_run_name_from_overrides_keeps_an_interpolation_as_typed(tmp_path):
     reading them resolved `${x}` and raised (a traceback on the command line). Mutation caught: resolved read."""
     from hydra.core.hydra_config import HydraConfig
 
-    from run import job_tracking
+    from stem.app.job import job_tracking
 
     cfg = compose_config(tmp_path, "data.prompt=a ${x} cat")
     assert job_tracking(cfg, HydraConfig.get())["name"].endswith("data.prompt=a ${x} cat")

@@ -83,8 +83,8 @@ def fake_sweep(root, logger=None):
     """A sweep folder as `python run.py -m inversion=ddim_1frame,stem` leaves it when the second job failed
     (no metrics.json): Hydra then never calls the callback. No model is run."""
     folder = root / "sweep"
-    logger = logger or {"_target_": "run.WandbLogger", "project": "stem", "entity": None, "mode": "offline",
-                        "group": None, "tags": ["rebuilt"]}
+    logger = logger or {"_target_": "stem.app.loggers.WandbLogger", "project": "stem", "entity": None,
+                        "mode": "offline", "group": None, "tags": ["rebuilt"]}
     multirun = {"task_name": "reconstruct", "seed": 0, "logger": logger,
                 "paths": {"root_dir": "${hydra:runtime.cwd}", "log_dir": "${paths.root_dir}/outputs"},
                 "hydra": {"runtime": {"cwd": "/home/me/stem"}, "sweep": {"dir": "${now:%H-%M-%S}"},
@@ -145,7 +145,7 @@ def test_explicit_logger_group_and_name_win_and_the_method_is_tagged_before_the_
     """Catches: the sweep's group/name overriding logger.group/logger.name given on the command line,
     tags added only after the whole job was built (a job whose video is missing would have none).
     No model is built: the data fails first."""
-    from run import run_job
+    from stem.app.job import run_job
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -161,7 +161,7 @@ def test_single_run_is_named_after_its_overrides_without_paths_and_logger(tmp_pa
     """Catches: paths.*/logger overrides in names, a single run put in a sweep group, no name without overrides."""
     from hydra.core.hydra_config import HydraConfig
 
-    from run import job_tracking
+    from stem.app.job import job_tracking
 
     cfg = compose_config(tmp_path, "logger=wandb", "inversion=stem")
     assert job_tracking(cfg, HydraConfig.get()) == {"name": "debug=fast,progress=false,device=cpu,inversion=stem"}

@@ -1,4 +1,4 @@
-"""Checks that run before any model work (run.py's `run_job`): bad settings fail in a second
+"""Checks that run before any model work (`stem.app.job.run_job`): bad settings fail in a second
 with one line, not after minutes of loading weights or inverting.
 
 - `check_arguments`: the keys of a config group against the signature of its `_target_`
