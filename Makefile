@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) run.py
 
+# The import layers (pyproject.toml [tool.importlinter], docs/ARCHITECTURE.md) first, then the suite.
 # pytest exits 5 when it collects no test: reported and kept as a failure, never a silent pass.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
@@ -29,6 +31,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check stem run.py scripts tests
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

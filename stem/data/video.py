@@ -27,6 +27,7 @@ from PIL import Image, ImageSequence
 
 from stem.core.atomic import atomic_dir, atomic_file
 from stem.core.errors import ConfigError, StemError, VideoError
+from stem.diffusion.device import available_memory
 
 logger = logging.getLogger(__name__)
 
@@ -411,10 +412,8 @@ def load_memory_need(native: tuple[int, int], target: tuple[int, int], decoded: 
 def _check_load_memory(path: Path, native: tuple[int, int], target: tuple[int, int], decoded: int,
                        kept: int) -> None:
     """ConfigError (one line) when `load_memory_need` exceeds the memory available to this process."""
-    from stem.runs import precheck
-
     need = load_memory_need(native, target, decoded, kept)
-    free = precheck.available_memory(torch.device("cpu"))
+    free = available_memory(torch.device("cpu"))
     if free is not None and need > free:
         size = f"{native[0]}x{native[1]}" + (f" resized to {target[0]}x{target[1]}" if target != native else "")
         raise ConfigError(f"{path}: {kept} frames of {size} need at least {need / 2**30:.2f} GiB of memory to "
@@ -478,7 +477,7 @@ def load_video(
             window: warp error between neighbours, and a stored flow still applies).
         check_memory: before decoding, refuse (ConfigError) a load whose lower-bound memory need
             (`load_memory_need`, from the size and frame count the file declares) exceeds the available
-            memory (`stem.runs.precheck.available_memory`); False: decode anyway.
+            memory (`stem.diffusion.device.available_memory`); False: decode anyway.
 
     A folder holding `flow.npy` (see `save_video_with_flow`) gives `Video.flow` when the frames
     are neither subsampled nor resized.

@@ -202,3 +202,22 @@ def bases_line(phase: str, record: dict, how: str | None = None) -> str:
         lo, hi = min(ks), max(ks)
         cells.append(f"{short_layer(path)} {lo}" if lo == hi else f"{short_layer(path)} {lo}-{hi}")
     return f"K per layer ({phase}{', ' + how if how else ''}): {', '.join(cells)}; mean {record['mean_k']:.1f}"
+
+
+def lookup(metrics: dict, path: str):
+    """The value at a dotted `path` of a metrics.json dict (None when absent; "inf"/"-inf"/"nan" as floats)."""
+    node = metrics
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if node in ("inf", "-inf", "nan"):  # metrics.json keeps strict JSON by writing these as strings
+        return float(node)
+    return node
+
+
+def sort_key(value):
+    """An order of cell values: numbers by value first, then the rest by their text (None as "")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, "" if value is None else str(value))

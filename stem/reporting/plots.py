@@ -267,7 +267,8 @@ def sweep_figure(runs: list[dict], columns: list[str], spec: Mapping, caption: s
     columns (Tables 4 and 5), with the paper's values of `paper_label` as markers; with no other column the
     curve is named after the method its runs share ("STEM (K=256)", `_curve_name`).
     """
-    from stem.reporting.tables import _lookup, _sort_key
+    from stem.reporting.display import lookup as _lookup
+    from stem.reporting.display import sort_key as _sort_key
 
     unknown = sorted(set(spec) - PLOT_KEYS)
     if unknown:

@@ -36,6 +36,8 @@ import yaml
 
 from stem.core.atomic import atomic_file
 from stem.core.errors import TableError
+from stem.reporting.display import lookup as _lookup
+from stem.reporting.display import sort_key as _sort_key
 
 FAILED = "failed"
 RUNNING = "running"
@@ -186,23 +188,6 @@ def _value(metrics: dict, path: str, scale: float):
     if scale != 1.0 and isinstance(value, (int, float)) and not isinstance(value, bool):
         return value * scale
     return value
-
-
-def _lookup(metrics: dict, path: str):
-    node = metrics
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    if node in ("inf", "-inf", "nan"):  # metrics.json keeps strict JSON by writing these as strings
-        return float(node)
-    return node
-
-
-def _sort_key(value):
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, value, "")
-    return (1, 0, "" if value is None else str(value))
 
 
 def default_metrics(runs: list[dict]) -> list[tuple]:

@@ -17,6 +17,7 @@ import types
 import typing
 
 from stem.core.errors import ConfigError
+from stem.diffusion.device import available_memory
 
 
 def _accepts(annotation, value) -> bool:
@@ -142,25 +143,3 @@ def memory_need(arch: dict, video, dtype_bytes: int) -> tuple[int, str]:
     n = video.num_frames
     return 4 * n * tokens * channels * dtype_bytes, f"4 x {n} frames x {tokens} tokens x {channels} channels x " \
                                                     f"{dtype_bytes} bytes at the largest self-attention layer"
-
-
-def available_memory(device) -> int | None:
-    """Bytes free for this run: CUDA's free memory on the device; on the CPU the cgroup's memory.max when one
-    is set (a container or a SLURM job), else the kernel's MemAvailable. None when unknown."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        if limit.isdigit():
-            return int(limit)
-    except OSError:
-        pass
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
