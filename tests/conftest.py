@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models on CPU, the sample clips when present, run.py helpers."""
+"""Shared fixtures of every test folder: tiny random models on CPU, the sample clips when present, run.py helpers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_VIDEOS = ROOT.parent / "shared" / "videos"
+
+# The tests mirror stem/'s packages (tests/inversion/ tests stem/inversion/, ...). Test modules share helpers by
+# module name (`from test_em import clustered_tokens`) across those folders: every folder is on the path.
+for _folder in sorted(p for p in Path(__file__).resolve().parent.iterdir() if (p.is_dir() and p.name.isidentifier())):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 torch.set_flush_denormal(True)  # random weights produce denormals: 2-3x slower without this
 

@@ -78,7 +78,7 @@ def test_imageio_is_imported_by_tests_only():
     pattern = re.compile(r"^\s*(import imageio\b(?!_)|from imageio\b(?!_))", re.M)
     code = [*(ROOT / "stem").rglob("*.py"), ROOT / "run.py", *(ROOT / "scripts").glob("*.py")]
     assert not [p for p in code if pattern.search(p.read_text())]
-    assert [p for p in (ROOT / "tests").glob("*.py") if pattern.search(p.read_text())]  # the reason it is in dev
+    assert [p for p in (ROOT / "tests").rglob("*.py") if pattern.search(p.read_text())]  # the reason it is in dev
 
 
 def test_installed_stem_run_works_outside_the_repository(installed, tmp_path):

@@ -4,7 +4,7 @@
 settings) and by `INVERSION_CACHE_VERSION`, so bumping the version makes every older entry miss.
 The inputs do not cover the code: a change of the EM, DDIM, attention, VAE or prompt code would
 silently reuse latents computed by the old code. `INVERSION_SOURCES_DIGEST` is the SHA-256 of that
-code (`INVERSION_SOURCES`) as it was when the version was last set; tests/test_cache_version.py
+code (`INVERSION_SOURCES`) as it was when the version was last set; tests/runs/test_cache_version.py
 fails when the code no longer matches it. After changing any of those sources run
 
     python -m stem.runs.cache_version --update                 # bump the version, record the new digest

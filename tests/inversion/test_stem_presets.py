@@ -11,7 +11,7 @@ from stem.inversion.adaptive import AUTO_DEFAULTS
 from stem.inversion.methods import STEMInversion
 from stem.inversion.stem_attention import STEMAttnProcessor
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def load(name: str) -> dict:

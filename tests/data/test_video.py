@@ -14,7 +14,7 @@ import stem.data.video
 from stem.core.errors import ConfigError, VideoError
 from stem.data.video import load_video, side_by_side, to_uint8, write_video
 
-SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
+SHARED_VIDEOS = Path(__file__).resolve().parents[2].parent / "shared" / "videos"
 
 
 def clip(n=6, width=64, height=48):

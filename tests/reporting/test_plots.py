@@ -47,7 +47,7 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, call, match):
 
 
 # ---- issue 12: the paper's points, captions, plain tick labels, display names, frame numbers ----------
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiment"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "configs" / "experiment"
 
 
 def _sweep_spec(name: str) -> dict:

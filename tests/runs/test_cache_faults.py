@@ -10,7 +10,7 @@ import stem.runs.cache
 from stem.core.errors import ConfigError
 from stem.runs.cache import TensorCache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _unwritable(tmp_path: Path, kind: str) -> Path:
@@ -43,7 +43,7 @@ def test_check_writable_refuses_an_unwritable_folder_in_one_line_naming_it_and_t
     assert "\n" not in msg and str(folder / "inversion") in msg
     assert "use_cache=false" in msg and "paths.cache_dir" in msg
     # a writable place: the cache is returned, and neither the probe nor the (new) folder is left behind, so a
-    # run refused after the check writes no cache folder (tests/test_run.py: bad input writes no cache)
+    # run refused after the check writes no cache folder (tests/app/test_run.py: bad input writes no cache)
     before = sorted(tmp_path.iterdir())
     assert TensorCache(tmp_path / "ok" / "inversion").check_writable().root == tmp_path / "ok" / "inversion"
     assert sorted(tmp_path.iterdir()) == before

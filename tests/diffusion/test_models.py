@@ -15,7 +15,7 @@ from stem.core.errors import StemError
 from stem.diffusion.models import DDIM_SETTINGS, build_sd15_arch, build_tiny, load_pretrained, save_pretrained
 from stem.diffusion.vae import encode_frames
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a woman is running on the beach"
 
 

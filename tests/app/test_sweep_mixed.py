@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from stem.core.errors import ConfigError
 from stem.inversion.methods import STEMInversion
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted(p.stem for p in (ROOT / "configs" / "inversion").glob("*.yaml"))
 TABLE6 = yaml.safe_load((ROOT / "configs" / "experiment" / "table6_inversion.yaml").read_text())
 # the command; 64x64 latents are 8x8, so the tiny UNet's deepest self-attention sees 1 token per frame

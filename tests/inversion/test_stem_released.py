@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from stem.inversion.em import em_bases, init_bases
 from stem.inversion.methods import STEMInversion
 
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "inversion"
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "inversion"
 N, S, C, HEADS, K = 16, 4, 16, 2, 16  # 16 frames of 4 tokens, groups of 8 frames: 32 keys per EM, 16 bases
 D = C // HEADS
 

@@ -9,7 +9,7 @@ import torch
 from stem.core.errors import ConfigError, PromptError
 from stem.diffusion.prompts import encode_prompt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LONG = ("a woman in a red dress is running along a sandy beach at sunset, waves breaking, seagulls "
         "flying overhead, golden light, cinematic, highly detailed")
 

@@ -15,7 +15,7 @@ import stem.runs.cache
 from stem.core.atomic import atomic_dir, atomic_file
 from stem.runs.cache import META, TENSORS, TensorCache, content_key
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _parts(**changes) -> dict:

@@ -26,7 +26,7 @@ from stem.inversion.stem_attention import STEMAttnProcessor
 N_FRAMES, STEPS = 7, 3
 
 # STEM specs. "stem" and "stem_official" are configs/inversion/stem.yaml and stem_official.yaml
-# (tests/test_stem_presets.py pins those values) with K=8 for the tiny UNet (the mid block has 1 token per
+# (tests/inversion/test_stem_presets.py pins those values) with K=8 for the tiny UNet (the mid block has 1 token per
 # frame, so clamp binds there: 7 tokens over the whole video, whatever a rank holds) and, for the released
 # preset, EM groups of 2 frames instead of 8 (one group of 8 cannot be split over ranks on 7 frames).
 STEM_SPECS = {
@@ -456,7 +456,7 @@ def test_one_process_is_bitwise_the_unsharded_code(tiny_model, one_thread):
 
 def literal_em_job(chunk_size):
     """Three single EM iterations (m_step="literal", raw bases, tau 0.05) on this rank's frames of the clustered
-    tokens of tests/test_em.py (8 "frames" of 64 tokens), each from the previous iteration's bases."""
+    tokens of tests/inversion/test_em.py (8 "frames" of 64 tokens), each from the previous iteration's bases."""
     def job(d: Distributed):
         from test_em import clustered_tokens
         x, v, mu = clustered_tokens()
@@ -476,7 +476,7 @@ def literal_em_job(chunk_size):
 def test_sharded_literal_m_step_is_eq_10_over_all_tokens(tmp_path, world, chunk_size):
     """Global bases over 2 and 3 gloo ranks (tokens split 256+256 and 192+192+128), m_step="literal": at each
     iteration every rank's key and value bases equal the float64 Eq. 8-11 step over ALL tokens from the bases
-    it started from (tolerance of tests/test_em.py), and the ranks agree with one another.
+    it started from (tolerance of tests/inversion/test_em.py), and the ranks agree with one another.
 
     Mutations seen failing: no all-reduce MAX of the per-basis maxima (each rank's weights relative to its own
     max); the rescaling to the global max applied to num but not to the masses."""

@@ -1,5 +1,5 @@
 """Provenance of a sweep's tables (stem.reporting.provenance, stem.diffusion.device.device_name) on hand-written sweep
-folders: no model runs. `make_sweep` is shared with tests/test_tables.py."""
+folders: no model runs. `make_sweep` is shared with tests/reporting/test_tables.py."""
 
 import json
 from pathlib import Path

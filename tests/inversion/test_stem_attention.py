@@ -160,7 +160,7 @@ def test_stem_literal_preset_attends_to_eq_10_bases_where_eps_gives_zero_bases()
     """STEMInversion with configs/inversion/stem_literal.yaml (one EM iteration instead of R=3, so that the
     float64 reference is one step from the same initial bases) on 8 frames of 64 clustered tokens of 64
     channels, K=64: the bases the processor attends to are the float64 Eq. 8-11 step (raw-basis softmax,
-    plain weighted mean; tolerance of tests/test_em.py), and its output is softmax(Q K_b^T / sqrt(d)) V_b of
+    plain weighted mean; tolerance of tests/inversion/test_em.py), and its output is softmax(Q K_b^T / sqrt(d)) V_b of
     those bases. With the preset's M-step replaced by sum Z X / (sum Z + 1e-6), zero bases appear and the output
     moves by more than 10% of its norm.
 

@@ -166,7 +166,7 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
 def test_local_checkpoint_path_loads(scorer, tmp_path):
     from safetensors.torch import save_file
 
-    path = tmp_path / "clip.safetensors"  # a pickled .pt is refused (tests/test_validation.py)
+    path = tmp_path / "clip.safetensors"  # a pickled .pt is refused (tests/runs/test_validation.py)
     save_file({k: v.contiguous() for k, v in scorer.model.state_dict().items()}, path)
     _assert_same_weights(ClipScorer(pretrained=str(path), device="cpu").model, scorer.model)
 

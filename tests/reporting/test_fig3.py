@@ -13,7 +13,7 @@ from stem.reporting.display import display_value
 from stem.reporting.plots import sweep_figure, sweep_frames_figure
 from stem.reporting.tables import collect_runs, sweep_table, write_sweep_outputs
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiment"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "configs" / "experiment"
 
 
 def spec(name: str) -> dict:
