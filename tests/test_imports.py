@@ -20,3 +20,15 @@ def test_importing_every_stem_module_loads_no_hydra_omegaconf_or_wandb():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_public_api_resolves_and_import_stem_stays_cheap():
+    """Every name of `stem.__all__` is importable from `stem` (the README's snippet uses them), and `import stem`
+    alone imports no torch (each name is imported on first use)."""
+    code = ("import sys, stem\n"
+            "print('torch' in sys.modules)\n"
+            "missing = [n for n in stem.__all__ if getattr(stem, n, None) is None]\n"
+            "print(missing, stem.STEMInversion.__module__, stem.load_video.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["False", "[] stem.inversion.methods stem.data.video"]

@@ -239,7 +239,7 @@ class Evaluator:
             for call in sorted(recorder.kept):
                 step = f"step {call + 1}" + (f" (t={timesteps[call]})" if x else "")
                 rows[step] = feature_pca(recorder.kept[call])
-            numbers = video.frame_numbers  # 1-based in the source video, as in Fig. 4 and metrics.json
+            numbers = video.frame_numbers  # numbered from 1 in the source video, as in Fig. 4 and metrics.json
             image_grid(run_dir / PCA_FIGURE, rows, [f"frame {numbers[f]}" for f in recorder.keep_frames],
                        title=f"{method} on {video.name}: PCA of {recorder.layer} features (3 components as RGB)")
             section.update(plot=SIMILARITY_PLOT, pca=PCA_FIGURE)

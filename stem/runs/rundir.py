@@ -70,7 +70,7 @@ def write_run(run_dir: str | Path, video, frames, output: str, inverted, metrics
         **metrics,
         "video": {"name": video.name, "source": video.source, "prompt": video.prompt,
                   "frames": video.num_frames, "width": video.width, "height": video.height, "fps": video.fps,
-                  "frame_numbers": video.frame_numbers},  # 1-based in the source video, as the paper numbers
+                  "frame_numbers": video.frame_numbers},  # numbered from 1 in the source video, as the paper numbers
         "inversion_cache": {"key": inverted.key, "path": str(inverted.entry) if inverted.entry else None,
                             "hit": inverted.cache_hit},
         **(extra or {}),
