@@ -30,32 +30,31 @@ def test_the_layers_and_acyclic_contracts_are_kept():
     assert "2 kept, 0 broken" in out.stdout
 
 
-def _copy(tmp_path: Path) -> Path:
+def _lint_with(tmp_path: Path, module: str, addition: str) -> str:
+    """lint-imports on a copy of stem/ where `module` (a path under stem/) ends with `addition`: its output,
+    after checking that it failed."""
     root = tmp_path / "repo"
     shutil.copytree(ROOT / "stem", root / "stem", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", root)
-    return root
+    path = root / "stem" / module
+    path.write_text(path.read_text() + addition)
+    out = _lint(root)
+    assert out.returncode == 1, out.stdout[-3000:]
+    return out.stdout
 
 
 def test_an_upward_import_breaks_the_layers(tmp_path):
     """The E-step's module importing the run cache (inversion -> runs): refused with the offending line."""
-    root = _copy(tmp_path)
-    em = root / "stem" / "inversion" / "em.py"
-    em.write_text(em.read_text() + "\nfrom stem.runs.cache import content_key  # noqa: E402,F401\n")
-    out = _lint(root)
-    assert out.returncode == 1
-    assert "stem.inversion is not allowed to import stem.runs" in out.stdout
-    assert "stem.inversion.em -> stem.runs.cache" in out.stdout
+    out = _lint_with(tmp_path, "inversion/em.py", "\nfrom stem.runs.cache import content_key  # noqa: E402,F401\n")
+    assert "stem.inversion is not allowed to import stem.runs" in out
+    assert "stem.inversion.em -> stem.runs.cache" in out
 
 
 def test_two_modules_importing_each_other_break_the_acyclic_contract(tmp_path):
-    """tables uses plots; plots (or display) importing tables back is a cycle, even inside a function."""
-    root = _copy(tmp_path)
-    display = root / "stem" / "reporting" / "display.py"
-    display.write_text(display.read_text() + "\n\ndef _back():\n    from stem.reporting.tables import to_csv  # noqa\n")
-    out = _lint(root)
-    assert out.returncode == 1
-    assert "No cycles are allowed in stem.reporting" in out.stdout
+    """tables uses plots and display; display importing tables back is a cycle, even inside a function."""
+    back = "\n\ndef _back():\n    from stem.reporting.tables import to_csv\n"
+    out = _lint_with(tmp_path, "reporting/display.py", back)
+    assert "No cycles are allowed in stem.reporting" in out
 
 
 def _packages_in_doc() -> set[str]:
