@@ -6,8 +6,8 @@ names start with "." so listings and globs skip them. Permissions follow the uma
 plain `open(path, "w")` would give (mkstemp alone would leave them private).
 
 A writer killed with SIGKILL cannot clean up: its temporary folder (`.tmp`) and an old folder it
-had moved aside (`.old`) stay. Their names carry the writer's pid and host
-(`.<name>.<pid>@<host>.<random>.tmp`), so `remove_dead_leftovers` can tell them from a live writer's:
+had moved aside (`.old`) stay. Their names carry the writer's pid and host (with its pid namespace:
+`.<name>.<pid>@<host>.<random>.tmp`), so `remove_dead_leftovers` can tell them from a live writer's:
 it removes those whose writer is no longer running on this host, and leaves other hosts' (whose
 processes it cannot see) and live writers' alone.
 """
@@ -36,7 +36,12 @@ def umask() -> int:
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+    """This host's name, with the pid namespace where /proc shows it (containers that share a host name do not see
+    each other's processes)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+    with contextlib.suppress(OSError):
+        name += f"_pidns{os.stat('/proc/self/ns/pid').st_ino}"
+    return name
 
 
 def hidden_name(name: str, suffix: str) -> str:
