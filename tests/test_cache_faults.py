@@ -210,7 +210,8 @@ def test_two_processes_writing_one_key_both_succeed_and_leave_only_the_entry(tmp
 
 # --- issue 23 item 3: the first complete entry wins ----------------------------------------------------------------
 
-# A writer: waits for the file `go` (all writers are released together), then saves key "k" holding its own number.
+# A writer: says it is ready (file `<go>.ready-<number>`), waits for the file `go` (all writers are released
+# together), then saves key "k" holding its own number.
 RACER = r"""
 import sys, time
 from pathlib import Path
@@ -218,6 +219,7 @@ import torch
 from stem.cache import TensorCache
 
 root, me, go = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+Path(f"{go}.ready-{me}").touch()
 while not go.exists():
     time.sleep(0.002)
 TensorCache(root).save("k", {"x": torch.full((256, 64), float(me))}, {"writer": me})
@@ -282,8 +284,10 @@ def test_the_first_complete_entry_is_kept_and_a_reader_never_misses_it(tmp_path,
         _finish(_python(RACER, root, 1, tmp_path / "go-1"))
     reader = _python(READER, root, stop)
     _wait_for(Path(f"{stop}.ready"), reader)
-    racers = [_python(RACER, root, me, tmp_path / "go") for me in range(1 + (order == "sequential"), writers + 1)]
-    time.sleep(2)  # let them import torch and wait at the gate: a fairer race (the asserts do not depend on it)
+    numbers = range(1 + (order == "sequential"), writers + 1)
+    racers = [_python(RACER, root, me, tmp_path / "go") for me in numbers]
+    for me, racer in zip(numbers, racers):  # all at the gate (torch imported): they race for the install
+        _wait_for(tmp_path / f"go.ready-{me}", racer)
     (tmp_path / "go").touch()
     for racer in racers:
         _finish(racer)
