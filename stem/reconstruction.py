@@ -33,7 +33,7 @@ import torch
 from stem import cache_version
 from stem.attention import self_attention_processors
 from stem.benchmarking import measure, time_inversion, warm_up
-from stem.cache import TensorCache, content_key
+from stem.cache import WRITE_ERRORS, TensorCache, content_key
 from stem.ddim import Trajectory, ddim_sample
 from stem.distributed import Distributed
 from stem.errors import ConfigError
@@ -126,9 +126,9 @@ def _save(cache: TensorCache | None, key: str, traj: Trajectory, video: Video, m
         entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
         log.info("inverted latents cached in %s", entry)
         return entry
-    except OSError as e:  # e.g. a full disk: the inversion is done, keep it for this run
-        log.warning("could not write the inversion cache entry %s (%s); continuing without caching it",
-                    cache.path(key), e)
+    except WRITE_ERRORS as e:  # e.g. a full disk (safetensors: SafetensorError): the inversion is done, keep it
+        log.warning("could not write the inversion cache entry %s (%s: %s); continuing without caching it",
+                    cache.path(key), type(e).__name__, e)
         return None
 
 
