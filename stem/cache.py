@@ -173,6 +173,17 @@ class TensorCache:
             (tmp / META).write_text(json.dumps({**full, CHECKSUM: _meta_checksum(full)}, indent=2, sort_keys=True))
         return entry
 
+    def save_or_warn(self, key: str, tensors: dict[str, torch.Tensor], meta: dict, what: str) -> Path | None:
+        """`save`, or None with a warning naming the entry when the write fails (one of `WRITE_ERRORS`, e.g. a
+        full disk): for results already computed, which the run keeps and goes on with. `what` names the entry
+        in the warning ("inversion", "flow")."""
+        try:
+            return self.save(key, tensors, meta)
+        except WRITE_ERRORS as e:
+            log.warning("could not write the %s cache entry %s (%s: %s); continuing without caching it",
+                        what, self.path(key), type(e).__name__, e)
+            return None
+
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m stem.cache clean FOLDER...`: remove killed writers' leftovers (`stem.atomic`) in each FOLDER

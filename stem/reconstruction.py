@@ -33,7 +33,7 @@ import torch
 from stem import cache_version
 from stem.attention import self_attention_processors
 from stem.benchmarking import measure, time_inversion, warm_up
-from stem.cache import WRITE_ERRORS, TensorCache, content_key
+from stem.cache import TensorCache, content_key
 from stem.ddim import Trajectory, ddim_sample
 from stem.distributed import Distributed
 from stem.errors import ConfigError
@@ -122,14 +122,10 @@ def _save(cache: TensorCache | None, key: str, traj: Trajectory, video: Video, m
     record = _report(method).get("inversion")
     if record is not None:
         meta[BASES_META] = record
-    try:
-        entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
+    entry = cache.save_or_warn(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta, "inversion")
+    if entry is not None:  # else a failed write (a full disk): the inversion is done, the run keeps it
         log.info("inverted latents cached in %s", entry)
-        return entry
-    except WRITE_ERRORS as e:  # e.g. a full disk (safetensors: SafetensorError): the inversion is done, keep it
-        log.warning("could not write the inversion cache entry %s (%s: %s); continuing without caching it",
-                    cache.path(key), type(e).__name__, e)
-        return None
+    return entry
 
 
 def _invert_sharded(model, video: Video, method, cache: TensorCache | None, cond: torch.Tensor, key: str,

@@ -87,3 +87,30 @@ def test_a_run_whose_cache_disk_is_full_warns_naming_the_entry_and_finishes(full
     assert record["inversion_cache"]["path"] is None  # the entry named in the warning was not written
     assert not (metrics[0].parent / "inverted_latents").exists()  # no link to an entry that was not written
     assert Path(f"{folder}.left").read_text() == "inversion\n"  # no entry, no temporary folder
+
+
+# The flow cache of the warp error on a full disk: the flow is computed, the write fails. Bug caught (seen before
+# the fix): `estimate_flow` called `cache.save` bare, so a full disk ended the metrics step with a SafetensorError
+# traceback after the flow was computed, instead of a warning naming the entry and the flow returned.
+FLOW_ONTO_FULL_DISK = r"""
+import logging, sys
+import torch
+from stem.metrics.flow import dis_flow, estimate_flow
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+frames = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # flows: 2 x 4 x 2 x 64 x 64 fp32
+fwd, bwd, label = estimate_flow(frames, "dis", cache_dir=sys.argv[1] + "/flow", progress=False)
+ref_fwd, ref_bwd = dis_flow(frames, progress=False)
+print("RESULT", label, torch.equal(fwd, ref_fwd), torch.equal(bwd, ref_bwd))
+"""
+
+
+def test_a_flow_cache_on_a_full_disk_warns_naming_the_entry_and_returns_the_flow(full_tmpfs, tmp_path):
+    folder = tmp_path / "cache"
+    out = full_tmpfs(folder, sys.executable, "-c", FLOW_ONTO_FULL_DISK, str(folder))
+    assert out.returncode == 0, out.stderr
+    assert "RESULT dis True True" in out.stdout
+    warning = [line for line in out.stderr.splitlines() if "could not write the flow cache entry" in line]
+    assert len(warning) == 1 and f"{folder}/flow/" in warning[0], out.stderr
+    assert "No space left on device" in warning[0]
+    assert Path(f"{folder}.left").read_text() == "flow\n"  # no entry, no temporary folder
