@@ -89,7 +89,8 @@ def unwritable(folder: Path, size: int = PROBE_BYTES) -> str | None:
     """Why files of `size` bytes cannot be written in `folder` (or in its nearest existing folder when it does not
     exist yet), e.g. "Read-only file system: /mnt/x"; None when they can. The probe is removed."""
     existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:  # a file on the way: not a folder, not writable
+    # the nearest existing entry: a file, a symlink loop or a dangling link on the way is not a folder (refused)
+    while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
     probe = None
     try:

@@ -88,6 +88,15 @@ def test_a_log_dir_that_is_a_file_is_one_error_line_naming_the_folder_and_the_fi
     assert log_file.read_text() == "not a folder\n"
 
 
+def test_a_log_dir_that_is_a_symlink_loop_is_one_error_line(tmp_path):
+    """paths.log_dir=<a symlink to itself>: Hydra's ELOOP traceback. Catches: a probe that looks for the nearest
+    existing folder with Path.exists() (False for a loop: the probe then passes in the loop's parent folder)."""
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    proc = run_cli(*QUICK, f"paths.log_dir={loop}", f"paths.cache_dir={tmp_path / 'c'}")
+    assert_one_error_line(proc, f"cannot write the output folder {loop}/", f"symbolic links: {loop})")
+
+
 def test_a_sweep_folder_under_a_file_is_one_error_line(tmp_path):
     """The same for a sweep (-m): Hydra's launcher creates the sweep folder before any job. Catches: the
     check made for single runs only (on_run_start, not on_multirun_start)."""
