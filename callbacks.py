@@ -53,7 +53,7 @@ class SweepDirCallback(Callback):
             HydraConfig.instance().set_config(config)
 
 
-PROBE_BYTES = 64 * 1024  # written and removed by `OutputDirCheck`: room for Hydra's .hydra/ files (about 10 KiB)
+PROBE_BYTES = 32 * 1024  # written and removed by `OutputDirCheck`: room for .hydra/ (6 KiB), run.log, status.json
 
 
 class OutputDirCheck(Callback):
