@@ -26,12 +26,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import hydra
@@ -61,7 +62,7 @@ from stem.precheck import check_arguments, check_before_model
 from stem.reconstruction import bases_section, invert_video, reconstruct_video
 from stem.rundir import write_run
 from stem.sharded import shard_video
-from stem.tables import mark_job
+from stem.tables import mark_job, pid_alive
 
 log = logging.getLogger("run")
 # Before any torch op of a job: the flush-to-zero mode is per thread, and torch's CPU worker threads take it from the
@@ -186,9 +187,34 @@ def _redeliver_dropped(previous_hook):
     return hook
 
 
+def report_failure(e: BaseException) -> None:
+    """The failure's line, written and flushed before any cleanup (a torchrun rank is sent SIGTERM as soon as
+    another rank ends: what comes later may never be written), once per exception, a SIGTERM meanwhile deferred:
+    bad input (StemError), SIGTERM and Ctrl-C as one line `error: ...` on stderr and in the log (run.log); any
+    other error as its type and message in the log, its traceback following on stderr (Hydra). SystemExit (a
+    submitit requeue) is not a failure to report."""
+    if isinstance(e, SystemExit) or getattr(e, "_stem_reported", False):
+        return
+    with _sigterm_deferred():
+        with suppress(AttributeError):  # an exception class with __slots__: reported again at most
+            e._stem_reported = True
+        if isinstance(e, Terminated):
+            line = f"{e}: the job is marked failed"
+        elif isinstance(e, KeyboardInterrupt):
+            line = "interrupted (SIGINT): the job is marked failed"
+        elif isinstance(e, StemError):
+            line = str(e)
+        else:
+            log.error("the job failed: %s: %s", type(e).__name__, str(e).replace("\n", " "))
+            return
+        log.error("%s", line)
+        print(f"error: {line}", file=sys.stderr, flush=True)
+
+
 def _ends_on_sigterm(task):
     """`task` (Hydra's task function, main) with SIGTERM raised as `Terminated` in it; the process then exits
-    with status 143 (128 + SIGTERM), the previous handler restored.
+    with status 143 (128 + SIGTERM), the previous handler restored. Ctrl-C (KeyboardInterrupt) unwinds the same
+    way and exits with status 130 (128 + SIGINT); both end with one line `error: ...` (`report_failure`).
 
     SLURM sends SIGTERM at the time limit and on scancel, then SIGKILL after KillWait (30 s by default):
     unwinding and finishing an offline W&B run take a second or two. Under submitit (hydra/launcher=slurm or
@@ -206,9 +232,11 @@ def _ends_on_sigterm(task):
         try:
             return task(cfg)
         except Terminated as e:
-            log.error("%s: the job is marked failed", e)
-            print(f"error: {e}: the job is marked failed", file=sys.stderr)
+            report_failure(e)
             sys.exit(128 + signal.SIGTERM)
+        except KeyboardInterrupt as e:  # Ctrl-C: the same unwinding, one line instead of Python's traceback
+            report_failure(e)
+            sys.exit(128 + signal.SIGINT)
         finally:
             signal.signal(signal.SIGTERM, previous)
             sys.unraisablehook = previous_hook
@@ -304,6 +332,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None,
     every rank builds the same objects and runs its slice, rank 0 alone writes `run_dir`, the cache and the
     logger, and the other ranks return None."""
     run_dir = Path(run_dir)
+    _check_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     _check_interpolations(cfg)
     _check_missing(cfg)
@@ -390,6 +419,9 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None,
                                        if k.count("/") == 1 and k.split("/")[1] in HEADLINE), run_dir)
         failed = False
         return metrics
+    except BaseException as e:
+        report_failure(e)  # first: under torchrun this rank may be killed while the logger and the group close
+        raise
     finally:
         logger.finish(failed)
         dist.close()
@@ -439,6 +471,17 @@ def _per_rank(dist: Distributed, inverted, num_frames: int, method) -> dict:
             "frame_slices": [list(s) for s in shard_video(dist, method, num_frames).slices],
             "inversion_seconds_per_rank": list(seconds),
             "inversion_peak_mib_per_rank": [None if p != p else p for p in peaks]}
+
+
+SEED_MAX = 2**64 - 1  # torch.manual_seed's largest seed; it maps a negative seed s to 2**64 + s (the same weights)
+
+
+def _check_seed(seed) -> None:
+    """`seed` is an integer from 0 to 2**64 - 1 (one-line ConfigError otherwise): torch.manual_seed raises a
+    multi-line ValueError on nan, inf or larger integers, and takes a negative seed as an alias of a large one."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed={seed} must be an integer from 0 to {SEED_MAX} (2**64 - 1, torch's range; a "
+                          "negative seed is torch's alias of a large one): e.g. seed=0")
 
 
 def _check_missing(cfg: DictConfig) -> None:
@@ -515,12 +558,9 @@ def _main(cfg: DictConfig) -> None:
         run_job(cfg, hydra_cfg.runtime.output_dir, job_tracking(cfg, hydra_cfg), environ)
         mark("done")
     except BaseException as e:
-        mark("failed")  # an error, Ctrl-C, SystemExit
-        if not isinstance(e, StemError):
-            raise
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        report_failure(e)  # before anything else (run_job reported it already when it failed inside)
+        mark("failed")  # an error, SIGTERM, Ctrl-C, SystemExit; a status that cannot be written is a warning
+        if not isinstance(e, StemError) or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # in a sweep: Hydra marks this job failed, runs the others, then exits non-zero
         sys.exit(2)
 
@@ -539,12 +579,27 @@ def rank_overrides(argv: list[str], environ=None) -> list[str]:
                           "hydra/launcher=slurm_multigpu (each job then runs on several GPUs)")
     if rank == 0:
         return argv
-    tmp = tempfile.mkdtemp(prefix=f"stem-rank{rank}-")
+    host = socket.gethostname()
+    _remove_dead_rank_folders(host)
+    tmp = tempfile.mkdtemp(prefix=f"stem-rank{rank}-{os.getpid()}-{host}-")
     atexit.register(shutil.rmtree, tmp, True)
     own = [a for a in argv if re.split(r"[=@]", a.lstrip("+~"))[0]
            not in ("hydra.run.dir", "hydra.output_subdir", "hydra/job_logging", "hydra.job_logging.root.level")]
     return [*own, f"hydra.run.dir={tmp}", "hydra.output_subdir=null", "hydra/job_logging=stdout",
             "hydra.job_logging.root.level=WARNING"]
+
+
+RANK_FOLDER = re.compile(r"stem-rank\d+-(?P<pid>\d+)-(?P<host>.+)-[^-]+")  # rank_overrides' mkdtemp name
+
+
+def _remove_dead_rank_folders(host: str) -> None:
+    """Remove the temporary folders of `rank_overrides` that ranks killed before their atexit (kill -9, OOM) left
+    in the temporary folder: those of this host whose process is gone. A live rank's folder is kept; so is one of
+    another host (its process cannot be checked from here)."""
+    for folder in Path(tempfile.gettempdir()).glob("stem-rank*"):
+        match = RANK_FOLDER.fullmatch(folder.name)
+        if match and match["host"] == host and not pid_alive(int(match["pid"])):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:
