@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -50,6 +49,7 @@ from omegaconf.errors import (
 )
 
 from callbacks import sweep_group
+from stem.atomic import hidden_name, remove_dead_leftovers
 from stem.cache import TensorCache
 from stem.device import device_name, setup_cpu
 from stem.display import bases_label, bases_line, display_value
@@ -62,7 +62,7 @@ from stem.precheck import check_arguments, check_before_model
 from stem.reconstruction import bases_section, invert_video, reconstruct_video
 from stem.rundir import write_run
 from stem.sharded import shard_video
-from stem.tables import mark_job, pid_alive
+from stem.tables import mark_job
 
 log = logging.getLogger("run")
 # Before any torch op of a job: the flush-to-zero mode is per thread, and torch's CPU worker threads take it from the
@@ -579,27 +579,16 @@ def rank_overrides(argv: list[str], environ=None) -> list[str]:
                           "hydra/launcher=slurm_multigpu (each job then runs on several GPUs)")
     if rank == 0:
         return argv
-    host = socket.gethostname()
-    _remove_dead_rank_folders(host)
-    tmp = tempfile.mkdtemp(prefix=f"stem-rank{rank}-{os.getpid()}-{host}-")
+    # named after this process and host (`stem.atomic.hidden_name`): the folders that ranks killed before their
+    # atexit (kill -9, OOM) left are those of this host whose process is gone, removed here; live ranks' are kept
+    remove_dead_leftovers(tempfile.gettempdir())
+    tmp = Path(tempfile.gettempdir()) / hidden_name(f"stem-rank{rank}", "tmp")
+    tmp.mkdir(mode=0o700)
     atexit.register(shutil.rmtree, tmp, True)
     own = [a for a in argv if re.split(r"[=@]", a.lstrip("+~"))[0]
            not in ("hydra.run.dir", "hydra.output_subdir", "hydra/job_logging", "hydra.job_logging.root.level")]
     return [*own, f"hydra.run.dir={tmp}", "hydra.output_subdir=null", "hydra/job_logging=stdout",
             "hydra.job_logging.root.level=WARNING"]
-
-
-RANK_FOLDER = re.compile(r"stem-rank\d+-(?P<pid>\d+)-(?P<host>.+)-[^-]+")  # rank_overrides' mkdtemp name
-
-
-def _remove_dead_rank_folders(host: str) -> None:
-    """Remove the temporary folders of `rank_overrides` that ranks killed before their atexit (kill -9, OOM) left
-    in the temporary folder: those of this host whose process is gone. A live rank's folder is kept; so is one of
-    another host (its process cannot be checked from here)."""
-    for folder in Path(tempfile.gettempdir()).glob("stem-rank*"):
-        match = RANK_FOLDER.fullmatch(folder.name)
-        if match and match["host"] == host and not pid_alive(int(match["pid"])):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:

@@ -128,7 +128,7 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _running_here(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process `pid` exists on this host (one of another user counts)."""
     try:
         os.kill(pid, 0)
@@ -151,7 +151,7 @@ def remove_dead_leftovers(folder: str | Path) -> list[Path]:
         return removed
     for name in names:
         match = LEFTOVER.match(name)
-        if match is None or match["host"] != host or _running_here(int(match["pid"])):
+        if match is None or match["host"] != host or pid_alive(int(match["pid"])):
             continue
         leftover = Path(folder) / name
         _remove(leftover)

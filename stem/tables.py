@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from stem.atomic import atomic_file
+from stem.atomic import atomic_file, pid_alive
 from stem.errors import TableError
 
 FAILED = "failed"
@@ -161,17 +161,6 @@ def _unfinished_state(folder: Path) -> tuple[str, str]:
         return FAILED, f"no metrics.json; its process {pid} is gone (killed)"
     return RUNNING, f"no metrics.json yet; process {pid} on {host} is running" + (
         "" if host == socket.gethostname() else " (another host: not checked)")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` of this host exists (another user's included)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
 
 
 def varying_keys(runs: list[dict]) -> list[str]:

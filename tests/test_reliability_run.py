@@ -244,7 +244,7 @@ def torchrun_killing(tmp_path: Path, rank: int) -> tuple[subprocess.CompletedPro
 def test_torchrun_rank_1_killed_leaves_the_cause_in_run_log_and_a_reclaimable_folder(tmp_path):
     """Rank 1 killed by SIGKILL: rank 0's collective fails (gloo: connection reset or closed), then torchrun sends
     it SIGTERM. Before, run.log had no line of that failure (only non-StemErrors' tracebacks, printed by Hydra on
-    stderr after the cleanup), and the dead rank's temporary Hydra folder `stem-rank1-*` stayed in TMPDIR forever.
+    stderr after the cleanup), and the dead rank's temporary Hydra folder (`stem-rank1-*`) stayed in TMPDIR forever.
     Catches: the failure logged after the logger's finish or the process group's close (or not at all); a
     temporary folder without its pid (a later rank cannot tell it from a live one) and no cleanup of dead ones."""
     proc, run_dir, killed = torchrun_killing(tmp_path, rank=1)
@@ -252,14 +252,14 @@ def test_torchrun_rank_1_killed_leaves_the_cause_in_run_log_and_a_reclaimable_fo
     log = (run_dir / "run.log").read_text()
     assert "[run][ERROR] - the job failed: " in log and "Error: " in log.split("the job failed: ", 1)[1], log[-2000:]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
-    left = [p.name for p in (tmp_path / "tmp").glob("stem-rank*")]
-    assert [name.startswith(f"stem-rank1-{killed}-{socket.gethostname()}-") for name in left] == [True], left
+    left = [p.name for p in (tmp_path / "tmp").glob(".stem-rank*")]
+    assert [name.startswith(f".stem-rank1.{killed}@{socket.gethostname()}") for name in left] == [True], left
     # a later rank > 0 on this host removes it
     code = "import run; run.rank_overrides([], {'RANK': '1', 'WORLD_SIZE': '2'})"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp")}
     later = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert later.returncode == 0, later.stderr
-    assert not list((tmp_path / "tmp").glob("stem-rank*")), "the dead rank's folder is still there"
+    assert not list((tmp_path / "tmp").glob(".stem-rank*")), "the dead rank's folder is still there"
 
 
 def test_torchrun_rank_0_killed_is_a_failed_row_and_the_survivor_prints_the_cause(tmp_path):
@@ -279,9 +279,9 @@ def test_torchrun_rank_0_killed_is_a_failed_row_and_the_survivor_prints_the_caus
 
 
 def test_a_killed_ranks_temporary_folder_is_removed_by_the_next_rank_and_a_live_ones_kept(tmp_path, monkeypatch):
-    """rank_overrides in a process killed with SIGKILL (its atexit never runs) leaves `stem-rank1-<pid>-<host>-*`;
+    """rank_overrides in a process killed with SIGKILL (its atexit never runs) leaves `.stem-rank1.<pid>@<host>.*.tmp`;
     the next call on this host removes it and keeps the folder of a process still alive. Catches: cleanup of
-    every stem-rank* folder (a live rank of another job loses its Hydra output) and no cleanup at all."""
+    every .stem-rank* folder (a live rank of another job loses its Hydra output) and no cleanup at all."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
     code = ("import os, sys, time, run; run.rank_overrides([], {'RANK': '1', 'WORLD_SIZE': '2'}); "
             "print('ready', flush=True); time.sleep(120)")
@@ -292,15 +292,15 @@ def test_a_killed_ranks_temporary_folder_is_removed_by_the_next_rank_and_a_live_
         dying.kill()
         dying.wait()
         host = socket.gethostname()
-        assert len(list(tmp_path.glob(f"stem-rank1-{dying.pid}-{host}-*"))) == 1
-        other_host = tmp_path / "stem-rank1-1-another-host-abcd1234"  # pid 1 is alive here; another host is not checked
+        assert len(list(tmp_path.glob(f".stem-rank1.{dying.pid}@{host}*.tmp"))) == 1
+        other_host = tmp_path / ".stem-rank1.12345678@another-host.abcd1234.tmp"  # no such pid here; another host's
         other_host.mkdir()
         monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this process's temporary folder
         own = Path(next(a for a in run.rank_overrides([], {"RANK": "1", "WORLD_SIZE": "2"})
                         if a.startswith("hydra.run.dir=")).split("=", 1)[1])
-        names = sorted(p.name for p in tmp_path.glob("stem-rank*"))
-        assert not list(tmp_path.glob(f"stem-rank1-{dying.pid}-*")), names
-        assert len(list(tmp_path.glob(f"stem-rank1-{living.pid}-{host}-*"))) == 1, names
+        names = sorted(p.name for p in tmp_path.glob(".stem-rank*"))
+        assert not list(tmp_path.glob(f".stem-rank1.{dying.pid}@*")), names
+        assert len(list(tmp_path.glob(f".stem-rank1.{living.pid}@{host}*.tmp"))) == 1, names
         assert other_host.is_dir() and own.is_dir()
         shutil.rmtree(own)
     finally:
