@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from hydra.core.utils import setup_globals
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from stem.atomic import unwritable
 from stem.errors import TableError
 from stem.tables import collect_runs, sweep_order, varying_keys, write_sweep_outputs
 
@@ -79,32 +78,10 @@ class OutputDirCheck(Callback):
             _refuse(f"task_name={name!r} names the run folder (<paths.log_dir>/<task_name>/...) and must be one folder "
                     "name, without '/' or '..': e.g. task_name=my_run; choose the parent folder with paths.log_dir")
         folder = Path(OmegaConf.select(config, key))
-        problem = unwritable(folder)
+        problem = unwritable(folder, PROBE_BYTES)
         if problem:
             _refuse(f"cannot write the output folder {folder} ({problem}): set paths.log_dir=<a writable folder "
                     f"with free space> (or {key}=...)")
-
-
-def unwritable(folder: Path, size: int = PROBE_BYTES) -> str | None:
-    """Why files of `size` bytes cannot be written in `folder` (or in its nearest existing folder when it does not
-    exist yet), e.g. "Read-only file system: /mnt/x"; None when they can. The probe is removed."""
-    existing = folder.absolute()
-    # the nearest existing entry: a file, a symlink loop or a dangling link on the way is not a folder (refused)
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    probe = None
-    try:
-        probe = Path(tempfile.mkdtemp(dir=existing, prefix=".write-check."))
-        with open(probe / "probe", "wb") as f:
-            f.write(bytes(size))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        return f"{e.strerror or e}: {existing}"
-    finally:
-        if probe is not None:
-            shutil.rmtree(probe, ignore_errors=True)
-    return None
 
 
 def _refuse(message: str) -> None:

@@ -157,3 +157,29 @@ def remove_dead_leftovers(folder: str | Path) -> list[Path]:
         _remove(leftover)
         removed.append(leftover)
     return removed
+
+
+def unwritable(folder: str | Path, size: int = 0) -> str | None:
+    """Why `folder` (or its nearest existing parent when it does not exist yet) cannot take a new folder holding
+    `size` bytes, e.g. "Read-only file system: /mnt/x"; None when it can. A file, a symbolic link loop or a
+    dangling link on the way is refused (the probe goes through it). The probe, a hidden folder named after this
+    process (`hidden_name`), is removed: nothing is left behind, so a check creates no folder."""
+    existing = Path(folder).absolute()
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    probe = existing / hidden_name("write-check", "tmp")
+    try:
+        os.mkdir(probe)
+    except OSError as e:
+        return f"{e.strerror or e}: {existing}"
+    try:
+        if size:
+            with open(probe / "probe", "wb") as f:
+                f.write(bytes(size))
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        return f"{e.strerror or e}: {existing}"
+    finally:
+        _remove(probe)
+    return None

@@ -42,7 +42,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from stem.atomic import atomic_dir, hidden_name, remove_dead_leftovers, umask
+from stem.atomic import atomic_dir, remove_dead_leftovers, umask, unwritable
 from stem.errors import ConfigError
 
 TENSORS, META = "tensors.safetensors", "meta.json"
@@ -98,16 +98,10 @@ class TensorCache:
         cache of finished entries is therefore refused too; use a writable copy of it. A symbolic link on the way
         that leads nowhere (a loop, a missing target) is probed through, so it is refused too.
         """
-        try:
-            existing = self.root
-            while not os.path.lexists(existing):  # a file on the way makes the probe fail: not writable either
-                existing = existing.parent
-            probe = existing / hidden_name("write-check", "tmp")
-            os.mkdir(probe)
-            os.rmdir(probe)
-        except OSError as e:
-            raise ConfigError(f"cache folder {self.root} is not writable ({e.strerror or e}): set paths.cache_dir "
-                              f"to a writable folder, or use_cache=false to run without the cache") from None
+        problem = unwritable(self.root)
+        if problem:
+            raise ConfigError(f"cache folder {self.root} is not writable ({problem}): set paths.cache_dir "
+                              f"to a writable folder, or use_cache=false to run without the cache")
         return self
 
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
