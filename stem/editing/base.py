@@ -29,7 +29,7 @@ import torch
 
 from stem.ddim import Trajectory, sampling_timesteps
 from stem.editing.freeu import FREEU_SITES, freeu_hooks
-from stem.errors import ConfigError, check_choice
+from stem.errors import ConfigError, check_choice, check_number
 from stem.prompts import encode_prompt
 
 START_FROM = ("renoise", "inverted")
@@ -113,17 +113,24 @@ def start_latents(scheduler, trajectory: Trajectory, num_steps: int, start_from:
     return scheduler.add_noise(z0.float(), eps, first).to(z0.dtype)
 
 
+def check_fraction(name: str, value) -> None:
+    """ConfigError unless `editing.<name>` is a fraction of the steps in [0, 1]."""
+    check_number(f"editing.{name}", value, low=0, high=1, fix="a fraction of the steps")
+
+
 FREEU_KEYS = ("b1", "b2", "s1", "s2")
 
 
 def check_freeu(freeu) -> dict | None:
-    """None (off) or {b1, b2, s1, s2} as floats; ConfigError naming the problem otherwise."""
+    """None (off) or {b1, b2, s1, s2} as floats, each finite and >= 0 (scales of the decoder's backbone features and
+    skip connections); ConfigError naming the problem otherwise."""
     if freeu is None:
         return None
     if not hasattr(freeu, "keys") or set(freeu.keys()) != set(FREEU_KEYS):
         raise ConfigError(f"editing.freeu={freeu!r} must be null (off) or give exactly b1, b2, s1, s2, "
                           "e.g. {b1: 1.2, b2: 1.4, s1: 0.9, s2: 0.2} (the STEM release)")
-    return {k: float(freeu[k]) for k in FREEU_KEYS}
+    return {k: float(check_number(f"editing.freeu.{k}", freeu[k], low=0, fix="a feature scale, e.g. {b1: 1.2, "
+                                  "b2: 1.4, s1: 0.9, s2: 0.2} (the STEM release)")) for k in FREEU_KEYS}
 
 
 @contextlib.contextmanager
@@ -172,8 +179,9 @@ class Editor:
     def __init__(self, prompt: str | None = None, negative_prompt: str = DEFAULT_NEGATIVE,
                  guidance_scale: float = 7.5, num_steps: int = 50, seed: int = 0, freeu: dict | None = None,
                  freeu_sites: str = "release"):
-        if num_steps < 1:
-            raise ConfigError(f"editing.num_steps={num_steps} must be at least 1")
+        check_number("editing.num_steps", num_steps, low=1, integer=True, fix="DDIM steps (paper: 50)")
+        check_number("editing.guidance_scale", guidance_scale, fix="the classifier-free guidance scale (paper: 7.5; "
+                     "1 = no guidance)")
         if prompt is not None and not str(prompt).strip():
             raise ConfigError("editing.prompt is empty; give the target prompt, e.g. editing.prompt='a fox', "
                               "or null to edit towards the source prompt (reconstruction)")
