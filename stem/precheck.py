@@ -5,9 +5,9 @@ with one line, not after minutes of loading weights or inverting.
   (an unknown key names the closest known one; a value of the wrong type names the type).
 - `check_run_settings`: the job's own numbers (warmup_steps, distributed.timeout_s and master_port) in range.
 - `check_before_model`: from the model's config alone (`stem.models.architecture`): DDIM steps
-  within the scheduler's training timesteps, the method's `check` (STEM: K vs tokens) and a
-  lower-bound memory estimate against the free memory (`memory_need`, `available_memory`;
-  top-level `check_memory=false` skips it).
+  within the scheduler's training timesteps, editing timesteps among the inversion's, the method's
+  `check` (STEM: K vs tokens) and a lower-bound memory estimate against the free memory (`memory_need`,
+  `available_memory`; top-level `check_memory=false` skips it).
 """
 
 from __future__ import annotations
@@ -109,9 +109,10 @@ def check_run_settings(warmup_steps: int = 0, timeout_s: float = 600, master_por
 
 def check_before_model(model: dict, method, video, editor=None, check_memory: bool = True) -> None:
     """Settings that need the model's architecture, checked from its config (`stem.models.architecture`)
-    before any weights load: DDIM steps within the scheduler's training timesteps, and the method's own
-    `check` (STEM: K at most the tokens of an EM group) on the video's latent size. `model`: the resolved
-    model group (with `_target_`); an unknown architecture skips these (they run after loading then)."""
+    before any weights load: DDIM steps within the scheduler's training timesteps, the editor's timesteps among
+    the inversion's (`stem.editing.base.check_steps`), and the method's own `check` (STEM: K at most the tokens
+    of an EM group) on the video's latent size. `model`: the resolved model group (with `_target_`); an unknown
+    architecture skips these (they run after loading then)."""
     from stem.models import architecture
 
     arch = architecture(model.get("_target_", ""), model)
@@ -122,6 +123,11 @@ def check_before_model(model: dict, method, video, editor=None, check_memory: bo
         if steps is not None and steps > limit:
             raise ConfigError(f"{group}.num_steps={steps} exceeds the scheduler's {limit} training timesteps: "
                               f"use at most {limit} (the paper: 50)")
+    if getattr(editor, "num_steps", None) is not None:  # every editing timestep must be an inversion timestep
+        from stem.editing.base import check_steps
+        from stem.models import ddim_scheduler
+
+        check_steps(ddim_scheduler(), method.num_steps, editor.num_steps)
     scale = arch["vae_scale"]
     method.check(arch["unet"], video.num_frames, video.height // scale, video.width // scale)
     if check_memory:

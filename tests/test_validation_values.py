@@ -84,6 +84,9 @@ CASES = [
     # a channel count below 0: accepted (every layer spatio-temporal, as 0 says)
     ((*FATEZERO, "editing.min_channels=-1"), "editing.min_channels=-1 must be an integer of at least 0"),
     (("inversion=fatezero", "inversion.min_channels=-1"), "min_channels=-1 must be an integer of at least 0"),
+    # editing timesteps that the inversion did not save (4 editing steps on debug=fast's 5-step inversion): the
+    # ConfigError came after the whole inversion, from the editor
+    ((*TOKENFLOW, "editing.num_steps=4"), "editing.num_steps=4 needs timesteps"),
     # PCA steps are 0-based indices: NaN and inf raised a ValueError / OverflowError traceback, 1.5 was read as 1
     (("metrics=features", "metrics.features.pca_steps=[nan]"), "metrics.features.pca_steps=nan must be an integer"),
     (("metrics=features", "metrics.features.pca_steps=[inf]"), "metrics.features.pca_steps=inf must be an integer"),
@@ -102,7 +105,8 @@ def test_meaningless_value_is_refused_before_the_model(refused, overrides, expec
 # Values at the edges of the ranges stay accepted. Mutation caught: a bound made strict where the value means
 # something (guidance 0 = the unconditional prediction, fraction 0 = no fusion, min_channels 0 = every layer,
 # inf budget = none but the host RAM's, reweight 0 = the word removed, latent blend end > 1 = through the last step,
-# blend threshold 0 = wherever the word attends, 1 = an empty mask: tests/test_fatezero_fusion.py keeps nothing so).
+# blend threshold 0 = wherever the word attends, 1 = an empty mask: tests/test_fatezero_fusion.py keeps nothing so;
+# 50 editing steps on a 500-step inversion: TokenFlow's release, its timesteps a subset).
 @pytest.mark.parametrize("overrides", [
     (*TOKENFLOW, "editing.guidance_scale=0"), (*TOKENFLOW, "editing.guidance_scale=-1"),
     (*TOKENFLOW, "editing.pnp_attn_t=0", "editing.pnp_f_t=1"),
@@ -112,7 +116,9 @@ def test_meaningless_value_is_refused_before_the_model(refused, overrides, expec
     (*FATEZERO, *BLEND, "editing.blend_threshold=1"),
     (*STEM, "inversion.tau=1e3", "inversion.mass_eps=1"),
     ("metrics=features", "metrics.features.pca_steps=[0,-1]"),
-], ids=["guidance0", "guidance-1", "pnp-edges", "freeu0", "fatezero-edges", "threshold1", "stem-large", "pca"])
+    (*TOKENFLOW, "inversion.num_steps=500", "editing.num_steps=50"),
+], ids=["guidance0", "guidance-1", "pnp-edges", "freeu0", "fatezero-edges", "threshold1", "stem-large", "pca",
+        "steps-50-of-500"])
 def test_meaningful_edge_values_reach_the_model(tmp_path, monkeypatch, overrides):
     from run import run_job
 

@@ -77,7 +77,11 @@ def editing_indices(scheduler, trajectory: Trajectory, num_steps: int) -> list[i
     timestep, e.g. 3 editing steps (667, 334, 1) on a 4-step inversion (1, 251, 501, 751).
     """
     wanted = [int(t) for t in sampling_timesteps(scheduler, num_steps)]
-    saved = set(trajectory.timesteps.tolist())
+    _check_saved(wanted, set(trajectory.timesteps.tolist()), num_steps)
+    return [trajectory.index(t) for t in wanted]
+
+
+def _check_saved(wanted: list[int], saved: set[int], num_steps: int) -> None:
     missing = [t for t in wanted if t not in saved]
     if missing:
         have = len(saved)
@@ -85,12 +89,18 @@ def editing_indices(scheduler, trajectory: Trajectory, num_steps: int) -> list[i
                           f"{have} steps (timesteps {sorted(saved)[:3]}...) did not save; set editing.num_steps="
                           f"inversion.num_steps={have}, or a count whose timesteps are a subset of the inversion's "
                           f"(e.g. 50 of 500)")
-    return [trajectory.index(t) for t in wanted]
 
 
 def check_timesteps(scheduler, trajectory: Trajectory, num_steps: int) -> None:
     """ConfigError unless every editing timestep is an inversion timestep (z_t^inv needed at every step)."""
     editing_indices(scheduler, trajectory, num_steps)
+
+
+def check_steps(scheduler, inversion_steps: int, num_steps: int) -> None:
+    """`check_timesteps` from the step counts alone, before any inversion: ConfigError unless every timestep of
+    `num_steps` editing steps is one of the `inversion_steps` inversion steps' (same scheduler settings)."""
+    saved = {int(t) for t in sampling_timesteps(scheduler, inversion_steps)}
+    _check_saved([int(t) for t in sampling_timesteps(scheduler, num_steps)], saved, num_steps)
 
 
 def start_latents(scheduler, trajectory: Trajectory, num_steps: int, start_from: str = "renoise") -> torch.Tensor:
