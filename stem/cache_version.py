@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 2  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "5622c83cb88580aa21e1ab6ea31317179469e500443c6c8023aba4fd92e7f0ae"
+INVERSION_SOURCES_DIGEST = "915f705b323fc670bf5147ec3eec55705622db07160c3eb087f5db00f794a874"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).

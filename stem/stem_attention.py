@@ -58,7 +58,7 @@ from stem.adaptive import (
 from stem.attention import SelfAttnProcessor, chunked_attention, project_heads, sharded
 from stem.distributed import FrameShard, frame_units
 from stem.em import MASS_EPS, EMShard, check_em_settings, em_bases
-from stem.errors import ConfigError, check_choice, check_token_count
+from stem.errors import ConfigError, check_choice, check_number, check_token_count
 
 SPACES = ("features", "keys")
 EXCESS_POLICIES = ("error", "clamp", "allow")
@@ -146,8 +146,8 @@ class STEMAttnProcessor(SelfAttnProcessor):
         check_em_settings(num_bases if self.auto is None else self.auto["k_min"], n_iters, tau, init, dead_bases,
                           chunk_size, mass_eps, m_step)
         check_choice("space", space, SPACES)
-        if group is not None and group < 1:
-            raise ConfigError(f"group={group} must be at least 1 frame, or null for the whole video")
+        if group is not None:
+            check_number("group", group, low=1, integer=True, fix="frames per EM group, or null for the whole video")
         check_choice("excess_bases", excess_bases, EXCESS_POLICIES)
         if excess_bases == "allow" and init != "gaussian":
             raise ConfigError(f"excess_bases=allow needs init=gaussian (init={init} picks K distinct tokens, "
