@@ -58,7 +58,7 @@ from stem.editing.pipeline import edit_video
 from stem.errors import ConfigError, StemError
 from stem.evaluation import inversion_reconstruction_sections, per_frame_columns, summary_scalars
 from stem.plots import BASES_PLOT, plot_bases
-from stem.precheck import check_arguments, check_before_model
+from stem.precheck import check_arguments, check_before_model, check_run_settings
 from stem.reconstruction import bases_section, invert_video, reconstruct_video
 from stem.rundir import write_run
 from stem.sharded import shard_video
@@ -332,10 +332,11 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None,
     every rank builds the same objects and runs its slice, rank 0 alone writes `run_dir`, the cache and the
     logger, and the other ranks return None."""
     run_dir = Path(run_dir)
-    _check_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     _check_interpolations(cfg)
     _check_missing(cfg)
+    check_run_settings(cfg.seed, cfg.warmup_steps, cfg.distributed.timeout_s, cfg.distributed.master_port,
+                       OmegaConf.to_container(cfg.model, resolve=True))
+    torch.manual_seed(cfg.seed)
     environ = environ or {}
     planned = Distributed(rank=int(environ.get("RANK", "0")), world_size=int(environ.get("WORLD_SIZE", "1")))
     lead = planned.rank == 0
@@ -471,17 +472,6 @@ def _per_rank(dist: Distributed, inverted, num_frames: int, method) -> dict:
             "frame_slices": [list(s) for s in shard_video(dist, method, num_frames).slices],
             "inversion_seconds_per_rank": list(seconds),
             "inversion_peak_mib_per_rank": [None if p != p else p for p in peaks]}
-
-
-SEED_MAX = 2**64 - 1  # torch.manual_seed's largest seed; it maps a negative seed s to 2**64 + s (the same weights)
-
-
-def _check_seed(seed) -> None:
-    """`seed` is an integer from 0 to 2**64 - 1 (one-line ConfigError otherwise): torch.manual_seed raises a
-    multi-line ValueError on nan, inf or larger integers, and takes a negative seed as an alias of a large one."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-        raise ConfigError(f"seed={seed} must be an integer from 0 to {SEED_MAX} (2**64 - 1, torch's range; a "
-                          "negative seed is torch's alias of a large one): e.g. seed=0")
 
 
 def _check_missing(cfg: DictConfig) -> None:

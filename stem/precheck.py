@@ -90,13 +90,20 @@ def _target_name(target) -> str:
     return f"{target.__module__}.{target.__qualname__}"
 
 
-def check_run_settings(warmup_steps: int = 0, timeout_s: float = 600, master_port: int | None = None,
+SEED_MAX = 2**64 - 1  # torch.manual_seed's largest seed; it maps a negative seed s to 2**64 + s (the same weights)
+
+
+def check_run_settings(seed: int = 0, warmup_steps: int = 0, timeout_s: float = 600, master_port: int | None = None,
                        model: dict | None = None) -> None:
-    """ConfigError (one line) for a top-level setting out of range: `warmup_steps` an integer >= 0, and at most the
+    """ConfigError (one line) for a top-level setting out of range: `seed` an integer in torch's range [0, 2**64 - 1]
+    (torch.manual_seed raises a multi-line error on nan, inf or larger integers, and takes a negative seed as an
+    alias of a large one); `warmup_steps` an integer >= 0, and at most the
     scheduler's training timesteps when `model` (the resolved model group) names a known architecture;
     `distributed.timeout_s` a finite number of seconds > 0; `distributed.master_port` null or a TCP port."""
     from stem.models import architecture
 
+    check_number("seed", seed, low=0, high=SEED_MAX, integer=True,
+                 fix="torch's range (a negative seed is torch's alias of a large one), e.g. seed=0")
     arch = architecture(model.get("_target_", ""), model) if model is not None else None
     check_number("warmup_steps", warmup_steps, low=0, high=arch["num_train_timesteps"] if arch else None,
                  integer=True, fix="untimed inversion steps before the timed one (0 = none)")

@@ -130,3 +130,36 @@ def cfg_ddim_reference(model, latents: torch.Tensor, steps: int, negative: str, 
             eps_c = model.unet(x, t, encoder_hidden_states=tgt).sample
             x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
     return x
+
+
+def _no_model(**_):
+    raise AssertionError("the model was built before the bad setting was refused")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Every model builder replaced by one that fails the test: "refused before the model" is pinned, not just
+    "refused"."""
+    import stem.models
+
+    for name in ("build_tiny", "build_sd15_arch", "load_pretrained"):
+        monkeypatch.setattr(stem.models, name, _no_model)
+
+
+@pytest.fixture
+def refused(tmp_path, no_model):
+    """refused(*overrides, fast=True) -> the one-line message `run.run_job` raises for `python run.py <overrides>`
+    (with the suite's debug=fast unless fast=False), without building a model or writing a cache entry."""
+    from stem.errors import StemError
+
+    def run(*overrides: str, fast: bool = True) -> str:
+        from run import run_job
+
+        with pytest.raises(StemError) as info:
+            run_job(compose_config(tmp_path, *overrides, fast=fast), tmp_path / "run")
+        message = str(info.value)
+        assert "\n" not in message and "Traceback" not in message
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+        return message
+
+    return run

@@ -13,8 +13,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import test_validation
-from conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -23,7 +21,6 @@ README_HEADING = "### Reliability: what is guaranteed"
 GUARANTEE_HEADING = "## What is guaranteed"
 TABLE_HEADING = "## The bad-input table"
 COLUMNS = ["case", "example", "outcome", "test", "replayed"]
-refused = test_validation.refused  # the fixture: run_job with every model builder failing
 TEST_ID = re.compile(r"`(tests/[\w/]+\.py)::(\w+)(?:\[[^\]`]*\])?`")
 
 # Each bullet of the summary (its bold lead-in) -> the tests that check what it states. A new bullet needs an entry.
@@ -218,15 +215,14 @@ def replay(row: dict) -> tuple[list[str], list[str]]:
 
 
 @pytest.mark.parametrize("row", replayed(), ids=lambda row: row["case"])
-def test_replayed_rows_are_refused_before_the_model(refused, row, monkeypatch):
+def test_replayed_rows_are_refused_before_the_model(refused, row):
     """The row's command, run in-process as run.py's job runs it (the config Hydra composes from the overrides as
     typed, without the suite's debug=fast; the cache in a temporary folder, device=cpu), is refused before any model
     builder runs, with a one-line message holding the quoted fragments in order, and no cache entry (`refused`,
-    tests/test_validation.py). Catches: a check moved after the model, a message reworded without the table, a
+    tests/conftest.py). Catches: a check moved after the model, a message reworded without the table, a
     table quoting a message the code never prints, a command that does not fail at all."""
     overrides, fragments = replay(row)
-    monkeypatch.setattr(test_validation, "compose_config", functools.partial(compose_config, fast=False))
-    message = refused(*overrides)
+    message = refused(*overrides, fast=False)
     position = 0
     for fragment in fragments:
         found = message.find(fragment, position)

@@ -22,6 +22,7 @@ from conftest import FAST, ROOT, run_cli
 
 import run
 from stem.errors import ConfigError
+from stem.precheck import check_run_settings
 from stem.tables import collect_runs
 
 # the tiny model, 4 frames of 64x64, inversion only: a few seconds
@@ -51,7 +52,7 @@ def test_a_seed_torch_refuses_or_aliases_is_one_error_line(tmp_path, seed):
     seed=-1 ran, torch taking it as 2**64 - 1 (the same weights and cache entry as that seed). Catches: the
     seed check missing or placed after torch.manual_seed, and negative seeds accepted."""
     proc = run_cli(*QUICK, f"seed={seed}", f"paths.log_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'c'}")
-    assert_one_error_line(proc, f"seed={seed} must be an integer from 0 to 18446744073709551615", "seed=0")
+    assert_one_error_line(proc, f"seed={seed} must be an integer in [0, 18446744073709551615]", "seed=0")
     assert not (tmp_path / "c").exists()
 
 
@@ -59,10 +60,10 @@ def test_seed_range_is_torchs_without_its_negative_aliases():
     """Catches: a bound off by one (2**64 - 1 is torch's largest seed and must pass) and bools or floats taken
     as integers (`seed=true`, `seed=1.0`)."""
     for good in (0, 1, 2**64 - 1):
-        run._check_seed(good)
+        check_run_settings(seed=good)
     for bad in (-1, -(2**63), 2**64, 1.5, 1.0, float("nan"), float("inf"), True, None, "3"):
-        with pytest.raises(ConfigError, match="must be an integer from 0 to 18446744073709551615"):
-            run._check_seed(bad)
+        with pytest.raises(ConfigError, match=re.escape("must be an integer in [0, 18446744073709551615]")):
+            check_run_settings(seed=bad)
 
 
 # --- task_name and the output folder ----------------------------------------------------------------------------

@@ -8,31 +8,7 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config, run_cli
 
-import stem.models
 from stem.errors import StemError
-
-
-def _no_model(**_):
-    raise AssertionError("the model was built before the bad setting was refused")
-
-
-@pytest.fixture
-def refused(tmp_path, monkeypatch):
-    """refused(*overrides) -> the one-line message run_job raises, without building a model or a cache entry."""
-    for name in ("build_tiny", "build_sd15_arch", "load_pretrained"):
-        monkeypatch.setattr(stem.models, name, _no_model)
-
-    def run(*overrides: str) -> str:
-        from run import run_job
-
-        with pytest.raises(StemError) as info:
-            run_job(compose_config(tmp_path, *overrides), tmp_path / "run")
-        message = str(info.value)
-        assert "\n" not in message and "Traceback" not in message
-        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
-        return message
-
-    return run
 
 
 # ---- item 9, bullet 1: a value of the wrong type ----------------------------------------------------------------
@@ -234,13 +210,12 @@ def test_video_too_large_for_memory_is_refused_with_the_estimate(refused, monkey
     assert "check_memory=false" in message
 
 
-def test_check_memory_false_runs_anyway(tmp_path, monkeypatch):
+def test_check_memory_false_runs_anyway(tmp_path, monkeypatch, no_model):
     """The override: the same run goes on to build the model. Mutation caught: the knob not read."""
     import stem.precheck
     from run import run_job
 
     monkeypatch.setattr(stem.precheck, "available_memory", lambda device: 2**20)
-    monkeypatch.setattr(stem.models, "build_tiny", _no_model)
     with pytest.raises(Exception, match="the model was built"):
         run_job(compose_config(tmp_path, "inversion=ddim_allframe", "check_memory=false"), tmp_path / "run")
 

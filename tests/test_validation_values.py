@@ -14,33 +14,7 @@ import math
 import pytest
 from conftest import compose_config, run_cli
 
-import stem.models
-from stem.errors import ConfigError, StemError, check_number
-
-
-def _no_model(**_):
-    raise AssertionError("the model was built before the bad setting was refused")
-
-
-@pytest.fixture
-def refused(tmp_path, monkeypatch):
-    """refused(*overrides) -> the one-line message run_job raises, without building a model or a cache entry
-    (as tests/test_validation.py's fixture)."""
-    for name in ("build_tiny", "build_sd15_arch", "load_pretrained"):
-        monkeypatch.setattr(stem.models, name, _no_model)
-
-    def run(*overrides: str) -> str:
-        from run import run_job
-
-        with pytest.raises(StemError) as info:
-            run_job(compose_config(tmp_path, *overrides), tmp_path / "run")
-        message = str(info.value)
-        assert "\n" not in message and "Traceback" not in message
-        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
-        return message
-
-    return run
-
+from stem.errors import ConfigError, check_number
 
 STEM = ("inversion=stem", "excess_bases=clamp")
 TOKENFLOW = ("editing=tokenflow", "editing.prompt=a portrait photo of a robot", "metrics=recon")
@@ -119,11 +93,9 @@ def test_meaningless_value_is_refused_before_the_model(refused, overrides, expec
     (*TOKENFLOW, "inversion.num_steps=500", "editing.num_steps=50"),
 ], ids=["guidance0", "guidance-1", "pnp-edges", "freeu0", "fatezero-edges", "threshold1", "stem-large", "pca",
         "steps-50-of-500"])
-def test_meaningful_edge_values_reach_the_model(tmp_path, monkeypatch, overrides):
+def test_meaningful_edge_values_reach_the_model(tmp_path, no_model, overrides):
     from run import run_job
 
-    for name in ("build_tiny", "build_sd15_arch", "load_pretrained"):
-        monkeypatch.setattr(stem.models, name, _no_model)
     with pytest.raises(Exception, match="the model was built"):
         run_job(compose_config(tmp_path, *overrides), tmp_path / "run")
 
@@ -164,9 +136,8 @@ def test_good_run_settings_pass():
     check_run_settings(warmup_steps=10**6)  # an unknown architecture: no upper bound known before the model
 
 
-# run.py must call stem.precheck.check_run_settings before building the model; until it does, warmup_steps=-1 reaches
-# the model builder (strict: once run.py calls it this XPASSes, and the marker must go).
-@pytest.mark.xfail(strict=True, reason="run.py does not call stem.precheck.check_run_settings yet")
+# Bug caught: run.py not calling stem.precheck.check_run_settings before building the model (warmup_steps=-1 reached
+# the model builder and ran as if 0).
 def test_negative_warmup_steps_is_refused_before_the_model(refused):
     assert "warmup_steps=-1 must be an integer" in refused("warmup_steps=-1", "reconstruct=false")
 
