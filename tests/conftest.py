@@ -163,3 +163,19 @@ def refused(tmp_path, no_model):
         return message
 
     return run
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def assert_one_error_line(proc, *fragments: str) -> str:
+    """The project's bad-input contract on a finished `run_cli`/`run_script` process: exit status 2, exactly one
+    `error: ...` line on stderr holding every fragment, no traceback; returns the line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]

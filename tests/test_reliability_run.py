@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, run_cli
+from conftest import FAST, ROOT, assert_one_error_line, error_lines, run_cli
 
 import run
 from stem.errors import ConfigError
@@ -27,21 +27,6 @@ from stem.tables import collect_runs
 
 # the tiny model, 4 frames of 64x64, inversion only: a few seconds
 QUICK = [*FAST, "device=cpu", "data.width=64", "data.height=64", "reconstruct=false", "metrics.reconstruction=false"]
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error: ")]
-
-
-def assert_one_error_line(proc, *fragments: str) -> str:
-    """Exit status 2, exactly one `error: ...` line holding every fragment, no traceback; the line."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
-    errors = error_lines(proc.stderr)
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 # --- seeds ---------------------------------------------------------------------------------------------------
