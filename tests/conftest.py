@@ -136,3 +136,53 @@ def cfg_ddim_reference(model, latents: torch.Tensor, steps: int, negative: str, 
             eps_c = model.unet(x, t, encoder_hidden_states=tgt).sample
             x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
     return x
+
+
+def _no_model(**_):
+    raise AssertionError("the model was built before the bad setting was refused")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Every model builder replaced by one that fails the test: "refused before the model" is pinned, not just
+    "refused"."""
+    import stem.diffusion.models
+
+    for name in ("build_tiny", "build_sd15_arch", "load_pretrained"):
+        monkeypatch.setattr(stem.diffusion.models, name, _no_model)
+
+
+@pytest.fixture
+def refused(tmp_path, no_model):
+    """refused(*overrides, fast=True) -> the one-line message `stem.app.job.run_job` raises for
+    `python run.py <overrides>` (with the suite's debug=fast unless fast=False), without building a model or writing
+    a cache entry."""
+    from stem.core.errors import StemError
+
+    def run(*overrides: str, fast: bool = True) -> str:
+        from stem.app.job import run_job
+
+        with pytest.raises(StemError) as info:
+            run_job(compose_config(tmp_path, *overrides, fast=fast), tmp_path / "run")
+        message = str(info.value)
+        assert "\n" not in message and "Traceback" not in message
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+        return message
+
+    return run
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def assert_one_error_line(proc, *fragments: str) -> str:
+    """The project's bad-input contract on a finished `run_cli`/`run_script` process: exit status 2, exactly one
+    `error: ...` line on stderr holding every fragment, no traceback; returns the line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]

@@ -13,8 +13,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import test_validation
-from conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -23,7 +21,6 @@ README_HEADING = "### Reliability: what is guaranteed"
 GUARANTEE_HEADING = "## What is guaranteed"
 TABLE_HEADING = "## The bad-input table"
 COLUMNS = ["case", "example", "outcome", "test", "replayed"]
-refused = test_validation.refused  # the fixture: run_job with every model builder failing
 TEST_ID = re.compile(r"`(tests/[\w/]+\.py)::(\w+)(?:\[[^\]`]*\])?`")
 
 # Each bullet of the summary (its bold lead-in) -> the tests that check what it states. A new bullet needs an entry.
@@ -39,15 +36,26 @@ GUARANTEES = {
         "tests/data/test_video.py::test_failed_folder_write_keeps_the_old_frames",
         "tests/runs/test_cache.py::test_written_files_follow_the_umask",
         "tests/runs/test_cache_faults.py::test_two_processes_writing_one_key_both_succeed_and_leave_only_the_entry",
+        "tests/runs/test_cache_faults.py::test_the_first_complete_entry_is_kept_and_a_reader_never_misses_it",
+        "tests/runs/test_cache.py::test_save_keeps_an_existing_complete_entry_and_replaces_a_damaged_one",
+        "tests/runs/test_cache_faults.py::test_a_save_removes_the_leftovers_of_killed_writers_and_keeps_live_ones",
+        "tests/runs/test_cache_faults.py::test_clean_command_removes_dead_leftovers_in_the_cache_folder_and_its_subfolders",
+        "tests/runs/test_cache_faults.py::test_check_writable_refuses_an_unwritable_folder_in_one_line_naming_it_and_the_fix",
         "tests/runs/test_cache_faults.py::test_run_job_refuses_an_unwritable_cache_before_building_the_model",
         "tests/runs/test_cache_faults.py::test_a_failed_save_after_the_inversion_warns_with_the_entry_and_keeps_the_result",
+        "tests/runs/test_cache_disk.py::test_a_run_whose_cache_disk_is_full_warns_naming_the_entry_and_finishes",
+        "tests/runs/test_cache_disk.py::test_saving_onto_a_full_disk_raises_the_librarys_error_and_leaves_nothing",
+        "tests/runs/test_cache_disk.py::test_a_flow_cache_on_a_full_disk_warns_naming_the_entry_and_returns_the_flow",
         "tests/distributed/test_distributed.py::test_a_rank_that_dies_leaves_no_cache_entry",
     ],
-    "Verified checksums.": [
-        "tests/runs/test_cache.py::test_meta_holds_the_sha256_of_the_tensors_file",
+    "Verified entries.": [
+        "tests/runs/test_cache.py::test_meta_records_the_key_tensors_and_checksums",
         "tests/runs/test_cache.py::test_a_damaged_entry_is_a_miss_with_a_warning_naming_it_and_the_next_save_replaces_it",
         "tests/runs/test_cache.py::test_overwritten_tensor_values_in_a_valid_file_are_a_miss_with_a_warning",
-        "tests/runs/test_cache.py::test_an_entry_written_before_checksums_is_a_miss_with_a_warning",
+        "tests/runs/test_cache.py::test_an_entry_of_an_older_format_is_a_miss_with_a_warning_and_is_replaced",
+        "tests/runs/test_cache.py::test_another_keys_entry_copied_into_a_keys_folder_is_a_miss_with_a_warning_and_is_replaced",
+        "tests/runs/test_cache.py::test_an_edited_meta_json_is_a_miss_with_a_warning",
+        "tests/runs/test_cache.py::test_tensors_that_differ_from_their_record_are_a_miss_with_a_warning",
         "tests/runs/test_cache.py::test_reconstruction_on_a_cache_hit_is_bit_identical_to_the_miss",
         "tests/data/test_video.py::test_failing_ffmpeg_is_an_error_and_leaves_nothing",
         "tests/data/test_video.py::test_video_with_missing_frames_is_refused",
@@ -66,11 +74,18 @@ GUARANTEES = {
         "tests/app/test_signals.py::test_a_second_sigterm_during_the_cleanup_of_the_first_is_ignored",
         "tests/app/test_signals.py::test_sigterm_ends_a_submitit_job_whose_own_handler_ignores_it",
         "tests/app/test_signals.py::test_a_sigterm_handled_inside_a_finaliser_still_ends_the_job",
+        "tests/app/test_signals.py::test_sigint_during_the_inversion_is_one_error_line_exit_130_and_the_job_marked_failed",
+        "tests/app/test_reliability_run.py::test_a_disk_that_fills_during_the_job_still_ends_with_the_error_line_and_exit_status",
         "tests/app/test_run.py::test_wandb_run_is_marked_failed_when_the_job_fails",
         "tests/reporting/test_tables.py::test_run_py_marks_a_job_that_ended_with_an_error",
         "tests/reporting/test_tables.py::test_a_running_job_is_running_not_failed",
         "tests/reporting/test_tables.py::test_a_truncated_metrics_json_is_one_unreadable_row",
         "tests/reporting/test_tables.py::test_jobs_that_never_started_are_missing_rows_and_count_as_jobs",
+    ],
+    "torchrun failures.": [
+        "tests/app/test_reliability_run.py::test_torchrun_rank_1_killed_leaves_the_cause_in_run_log_and_a_reclaimable_folder",
+        "tests/app/test_reliability_run.py::test_torchrun_rank_0_killed_is_a_failed_row_and_the_survivor_prints_the_cause",
+        "tests/app/test_reliability_run.py::test_a_killed_ranks_temporary_folder_is_removed_by_the_next_rank_and_a_live_ones_kept",
     ],
     "Separate run folders.": [
         "tests/runs/test_run_dir.py::test_runs_started_in_the_same_second_get_different_folders",
@@ -84,6 +99,20 @@ GUARANTEES = {
         "tests/runs/test_validation.py::test_more_bases_than_tokens_is_refused_before_the_model",
         "tests/runs/test_validation.py::test_video_too_large_for_memory_is_refused_with_the_estimate",
         "tests/runs/test_validation.py::test_check_memory_false_runs_anyway",
+        "tests/data/test_reliability_data.py::test_run_refuses_a_huge_size_with_one_line",
+        "tests/data/test_reliability_data.py::test_size_beyond_any_memory_is_refused_before_decoding",
+        "tests/data/test_reliability_data.py::test_size_between_the_available_and_the_total_memory_is_refused",
+        "tests/data/test_reliability_data.py::test_check_memory_false_decodes_anyway",
+        "tests/data/test_reliability_data.py::test_data_check_memory_follows_the_top_level_switch",
+        "tests/data/test_reliability_data.py::test_truncated_mp4_read_to_the_end_warns_with_the_counts",
+        "tests/data/test_reliability_data.py::test_truncated_mp4_asked_for_all_its_declared_frames_is_refused",
+        "tests/app/test_reliability_run.py::test_a_seed_torch_refuses_or_aliases_is_one_error_line",
+        "tests/app/test_reliability_run.py::test_seed_range_is_torchs_without_its_negative_aliases",
+        "tests/app/test_reliability_run.py::test_a_task_name_that_is_not_one_folder_name_is_refused_before_any_folder_exists",
+        "tests/app/test_reliability_run.py::test_a_log_dir_that_is_a_file_is_one_error_line_naming_the_folder_and_the_fix",
+        "tests/app/test_reliability_run.py::test_a_log_dir_that_is_a_symlink_loop_is_one_error_line",
+        "tests/app/test_reliability_run.py::test_a_sweep_folder_under_a_file_is_one_error_line",
+        "tests/app/test_reliability_run.py::test_an_unwritable_log_dir_is_one_error_line",
         "tests/runs/test_validation.py::test_pickled_clip_checkpoint_is_refused_before_unpickling",
         "tests/runs/test_validation.py::test_bin_only_pretrained_folder_says_how_to_convert",
         "tests/runs/test_validation.py::test_unresolvable_interpolation_in_prompt_explains_the_escape",
@@ -186,15 +215,14 @@ def replay(row: dict) -> tuple[list[str], list[str]]:
 
 
 @pytest.mark.parametrize("row", replayed(), ids=lambda row: row["case"])
-def test_replayed_rows_are_refused_before_the_model(refused, row, monkeypatch):
+def test_replayed_rows_are_refused_before_the_model(refused, row):
     """The row's command, run in-process as run.py's job runs it (the config Hydra composes from the overrides as
     typed, without the suite's debug=fast; the cache in a temporary folder, device=cpu), is refused before any model
     builder runs, with a one-line message holding the quoted fragments in order, and no cache entry (`refused`,
-    tests/runs/test_validation.py). Catches: a check moved after the model, a message reworded without the table, a
+    tests/conftest.py). Catches: a check moved after the model, a message reworded without the table, a
     table quoting a message the code never prints, a command that does not fail at all."""
     overrides, fragments = replay(row)
-    monkeypatch.setattr(test_validation, "compose_config", functools.partial(compose_config, fast=False))
-    message = refused(*overrides)
+    message = refused(*overrides, fast=False)
     position = 0
     for fragment in fragments:
         found = message.find(fragment, position)

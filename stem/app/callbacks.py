@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from hydra.core.utils import setup_globals
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from stem.core.atomic import unwritable
 from stem.core.errors import TableError
 from stem.reporting.tables import collect_runs, sweep_order, varying_keys, write_sweep_outputs
 
@@ -48,6 +50,43 @@ class SweepDirCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if HydraConfig.instance().cfg is None:
             HydraConfig.instance().set_config(config)
+
+
+PROBE_BYTES = 32 * 1024  # written and removed by `OutputDirCheck`: room for .hydra/ (6 KiB), run.log, status.json
+
+
+class OutputDirCheck(Callback):
+    """Refuses with one line `error: ...` and exit status 2, before Hydra creates the run folder (`hydra.run.dir`)
+    or the sweep folder (`hydra.sweep.dir`): a `task_name` that is not one folder name (`../../x` would put the
+    folder outside `paths.log_dir`), and a folder that cannot be written (under a regular file, a read-only or full
+    file system: a probe of `PROBE_BYTES` is written and removed in its nearest existing folder, nothing is left).
+    Hydra would otherwise fail with a traceback while it creates the folder or writes `.hydra/`."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> None:
+        if HydraConfig.instance().cfg is None:  # ${hydra:runtime.cwd} in paths.log_dir
+            HydraConfig.instance().set_config(config)
+        name = OmegaConf.select(config, "task_name", default=None)
+        if name is not None and (str(name) in ("", ".", "..") or any(sep and sep in str(name)
+                                                                     for sep in (os.sep, os.altsep))):
+            _refuse(f"task_name={name!r} names the run folder (<paths.log_dir>/<task_name>/...) and must be one folder "
+                    "name, without '/' or '..': e.g. task_name=my_run; choose the parent folder with paths.log_dir")
+        folder = Path(OmegaConf.select(config, key))
+        problem = unwritable(folder, PROBE_BYTES)
+        if problem:
+            _refuse(f"cannot write the output folder {folder} ({problem}): set paths.log_dir=<a writable folder "
+                    f"with free space> (or {key}=...)")
+
+
+def _refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 class SweepTableCallback(Callback):

@@ -29,6 +29,7 @@ from omegaconf.errors import (
 
 from stem.app.callbacks import sweep_group
 from stem.app.loggers import NullLogger
+from stem.app.signals import report_failure
 from stem.core.errors import ConfigError, StemError
 from stem.diffusion.device import device_name, setup_cpu
 from stem.distributed.sharding import Distributed, from_env
@@ -38,7 +39,7 @@ from stem.reporting.display import bases_label, bases_line, display_value
 from stem.reporting.plots import BASES_PLOT, plot_bases
 from stem.runs.cache import TensorCache
 from stem.runs.edit import edit_video
-from stem.runs.precheck import check_arguments, check_before_model
+from stem.runs.precheck import check_arguments, check_before_model, check_run_settings
 from stem.runs.reconstruction import bases_section, invert_video, reconstruct_video
 from stem.runs.rundir import write_run
 
@@ -140,9 +141,11 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None,
     every rank builds the same objects and runs its slice, rank 0 alone writes `run_dir`, the cache and the
     logger, and the other ranks return None."""
     run_dir = Path(run_dir)
-    torch.manual_seed(cfg.seed)
     _check_interpolations(cfg)
     _check_missing(cfg)
+    check_run_settings(cfg.seed, cfg.warmup_steps, cfg.distributed.timeout_s, cfg.distributed.master_port,
+                       OmegaConf.to_container(cfg.model, resolve=True))
+    torch.manual_seed(cfg.seed)
     environ = environ or {}
     planned = Distributed(rank=int(environ.get("RANK", "0")), world_size=int(environ.get("WORLD_SIZE", "1")))
     lead = planned.rank == 0
@@ -226,6 +229,9 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None,
                                        if k.count("/") == 1 and k.split("/")[1] in HEADLINE), run_dir)
         failed = False
         return metrics
+    except BaseException as e:
+        report_failure(e)  # first: under torchrun this rank may be killed while the logger and the group close
+        raise
     finally:
         logger.finish(failed)
         dist.close()

@@ -12,13 +12,15 @@ import shutil
 import sys
 import tempfile
 import zlib
+from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stem.app.job import job_tracking, run_job
-from stem.app.signals import _ends_on_sigterm
+from stem.app.signals import _ends_on_sigterm, report_failure
+from stem.core.atomic import hidden_name, remove_dead_leftovers
 from stem.core.errors import ConfigError, StemError
 from stem.distributed.sharding import submitit_environ
 from stem.reporting.tables import mark_job
@@ -73,14 +75,12 @@ def task(cfg: DictConfig) -> None:
         run_job(cfg, hydra_cfg.runtime.output_dir, job_tracking(cfg, hydra_cfg), environ)
         mark("done")
     except BaseException as e:
-        mark("failed")  # an error, Ctrl-C, SystemExit
-        if not isinstance(e, StemError):
-            raise
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        report_failure(e)  # before anything else (run_job reported it already when it failed inside)
+        mark("failed")  # an error, SIGTERM, Ctrl-C, SystemExit; a status that cannot be written is a warning
+        if not isinstance(e, StemError) or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # in a sweep: Hydra marks this job failed, runs the others, then exits non-zero
         sys.exit(2)
+
 
 def rank_overrides(argv: list[str], environ=None) -> list[str]:
     """The command line of one process of a torchrun job (WORLD_SIZE > 1): rank 0 runs it as typed; the other
@@ -96,13 +96,16 @@ def rank_overrides(argv: list[str], environ=None) -> list[str]:
                           "hydra/launcher=slurm_multigpu (each job then runs on several GPUs)")
     if rank == 0:
         return argv
-    tmp = tempfile.mkdtemp(prefix=f"stem-rank{rank}-")
+    # named after this process and host (`stem.core.atomic.hidden_name`): the folders that ranks killed before their
+    # atexit (kill -9, OOM) left are those of this host whose process is gone, removed here; live ranks' are kept
+    remove_dead_leftovers(tempfile.gettempdir())
+    tmp = Path(tempfile.gettempdir()) / hidden_name(f"stem-rank{rank}", "tmp")
+    tmp.mkdir(mode=0o700)
     atexit.register(shutil.rmtree, tmp, True)
     own = [a for a in argv if re.split(r"[=@]", a.lstrip("+~"))[0]
            not in ("hydra.run.dir", "hydra.output_subdir", "hydra/job_logging", "hydra.job_logging.root.level")]
     return [*own, f"hydra.run.dir={tmp}", "hydra.output_subdir=null", "hydra/job_logging=stdout",
             "hydra.job_logging.root.level=WARNING"]
-
 
 
 def set_rank_argv() -> None:

@@ -1,5 +1,6 @@
 """SIGTERM (SLURM's time limit, scancel, kill) raised as `Terminated` in the job, so that it unwinds: the logger
-is finished as failed, the job marked failed in status.json, and the process exits with status 143."""
+is finished as failed, the job marked failed in status.json, and the process exits with status 143 (Ctrl-C: 130).
+`report_failure` writes the failure's one line first."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import os
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+
+from stem.core.errors import StemError
 
 log = logging.getLogger("run")
 
@@ -66,9 +69,34 @@ def _redeliver_dropped(previous_hook):
     return hook
 
 
+def report_failure(e: BaseException) -> None:
+    """The failure's line, written and flushed before any cleanup (a torchrun rank is sent SIGTERM as soon as
+    another rank ends: what comes later may never be written), once per exception, a SIGTERM meanwhile deferred:
+    bad input (StemError), SIGTERM and Ctrl-C as one line `error: ...` on stderr and in the log (run.log); any
+    other error as its type and message in the log, its traceback following on stderr (Hydra). SystemExit (a
+    submitit requeue) is not a failure to report."""
+    if isinstance(e, SystemExit) or getattr(e, "_stem_reported", False):
+        return
+    with _sigterm_deferred():
+        with suppress(AttributeError):  # an exception class with __slots__: reported again at most
+            e._stem_reported = True
+        if isinstance(e, Terminated):
+            line = f"{e}: the job is marked failed"
+        elif isinstance(e, KeyboardInterrupt):
+            line = "interrupted (SIGINT): the job is marked failed"
+        elif isinstance(e, StemError):
+            line = str(e)
+        else:
+            log.error("the job failed: %s: %s", type(e).__name__, str(e).replace("\n", " "))
+            return
+        log.error("%s", line)
+        print(f"error: {line}", file=sys.stderr, flush=True)
+
+
 def _ends_on_sigterm(task):
     """`task` (Hydra's task function, main) with SIGTERM raised as `Terminated` in it; the process then exits
-    with status 143 (128 + SIGTERM), the previous handler restored.
+    with status 143 (128 + SIGTERM), the previous handler restored. Ctrl-C (KeyboardInterrupt) unwinds the same
+    way and exits with status 130 (128 + SIGINT); both end with one line `error: ...` (`report_failure`).
 
     SLURM sends SIGTERM at the time limit and on scancel, then SIGKILL after KillWait (30 s by default):
     unwinding and finishing an offline W&B run take a second or two. Under submitit (hydra/launcher=slurm or
@@ -86,9 +114,11 @@ def _ends_on_sigterm(task):
         try:
             return task(cfg)
         except Terminated as e:
-            log.error("%s: the job is marked failed", e)
-            print(f"error: {e}: the job is marked failed", file=sys.stderr)
+            report_failure(e)
             sys.exit(128 + signal.SIGTERM)
+        except KeyboardInterrupt as e:  # Ctrl-C: the same unwinding, one line instead of Python's traceback
+            report_failure(e)
+            sys.exit(128 + signal.SIGINT)
         finally:
             signal.signal(signal.SIGTERM, previous)
             sys.unraisablehook = previous_hook

@@ -1,5 +1,8 @@
 """User-facing errors: one line that names the problem and the fix."""
 
+import math
+import numbers
+
 
 class StemError(Exception):
     """Bad input or settings. `run.py` prints the message on one line and exits non-zero."""
@@ -27,10 +30,39 @@ def check_choice(name: str, value, choices) -> None:
         raise ConfigError(f"{name}='{value}' is not one of {', '.join(choices)}")
 
 
+def check_number(name: str, value, *, low=None, high=None, low_open: bool = False, high_open: bool = False,
+                 integer: bool = False, inf: bool = False, fix: str = ""):
+    """`value` if it is a number within the bounds, else ConfigError `name=value must be <range>: fix` (one line).
+
+    A number: an int or float, never a bool, never NaN; an integer when `integer`. Bounds: `low <= value <= high`
+    (`low_open` / `high_open`: strict), either may be None. Infinite values are refused unless `inf` (then +inf
+    passes where `high` is None: "no limit")."""
+    bounded = low is not None and high is not None
+    kind = "an integer" if integer else "a number" if inf or bounded else "a finite number"
+    if bounded:
+        what = (f"{kind} strictly between {low} and {high}" if low_open and high_open else
+                f"{kind} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+    elif low is not None:
+        what = f"{kind} > {low}" if low_open else f"{kind} of at least {low}"
+    elif high is not None:
+        what = f"{kind} < {high}" if high_open else f"{kind} of at most {high}"
+    else:
+        what = kind
+    number = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    ok = number and not math.isnan(value) and (inf or math.isfinite(value)) and value != -math.inf
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ConfigError(f"{name}={value!r} must be {what}" + (f": {fix}" if fix else ""))
+    return value
+
+
 def check_token_count(name: str, value: int | None) -> None:
     """ConfigError unless `value` is a positive token count or None (no limit)."""
-    if value is not None and value < 1:
-        raise ConfigError(f"{name}={value} must be a positive token count or null")
+    if value is not None:
+        check_number(name, value, low=1, integer=True, fix="a token count, or null for no limit")
 
 
 class MetricError(StemError, ValueError):

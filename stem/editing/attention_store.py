@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from stem.core.errors import ConfigError, check_choice
+from stem.core.errors import ConfigError, check_choice, check_number
 from stem.inversion.attention import attention_probabilities, gather_frames, project_heads
 from stem.inversion.methods import self_attention_tokens
 
@@ -65,6 +65,12 @@ def available_host_bytes() -> int | None:
         return None
 
 
+def check_store_budget(budget_gib) -> None:
+    """ConfigError unless the store's budget is a number of GiB > 0 (inf: none but the host RAM available)."""
+    check_number("editing.store_budget_gib", budget_gib, low=0, low_open=True, inf=True,
+                 fix="the largest attention store in GiB (default 48; inf = only the host RAM's limit)")
+
+
 class AttentionStore:
     """Attention probabilities per (timestep, "<block>.attn1|attn2"), in host memory or on disk.
 
@@ -77,6 +83,7 @@ class AttentionStore:
     def __init__(self, where: str = "memory", folder: str | Path | None = None, budget_gib: float = 48.0,
                  pin: bool | None = None):
         check_choice("editing.attention_store", where, WHERE)
+        check_store_budget(budget_gib)
         self.where, self.budget_gib = where, budget_gib
         self.pin = torch.cuda.is_available() if pin is None else bool(pin)
         self._maps: dict[int, dict[str, torch.Tensor]] = {}

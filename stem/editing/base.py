@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stem.core.errors import ConfigError, check_choice
+from stem.core.errors import ConfigError, check_choice, check_number
 from stem.diffusion.ddim import Trajectory, sampling_timesteps
 from stem.diffusion.prompts import encode_prompt
 from stem.editing.freeu import FREEU_SITES, freeu_hooks
@@ -77,7 +77,11 @@ def editing_indices(scheduler, trajectory: Trajectory, num_steps: int) -> list[i
     timestep, e.g. 3 editing steps (667, 334, 1) on a 4-step inversion (1, 251, 501, 751).
     """
     wanted = [int(t) for t in sampling_timesteps(scheduler, num_steps)]
-    saved = set(trajectory.timesteps.tolist())
+    _check_saved(wanted, set(trajectory.timesteps.tolist()), num_steps)
+    return [trajectory.index(t) for t in wanted]
+
+
+def _check_saved(wanted: list[int], saved: set[int], num_steps: int) -> None:
     missing = [t for t in wanted if t not in saved]
     if missing:
         have = len(saved)
@@ -85,12 +89,18 @@ def editing_indices(scheduler, trajectory: Trajectory, num_steps: int) -> list[i
                           f"{have} steps (timesteps {sorted(saved)[:3]}...) did not save; set editing.num_steps="
                           f"inversion.num_steps={have}, or a count whose timesteps are a subset of the inversion's "
                           f"(e.g. 50 of 500)")
-    return [trajectory.index(t) for t in wanted]
 
 
 def check_timesteps(scheduler, trajectory: Trajectory, num_steps: int) -> None:
     """ConfigError unless every editing timestep is an inversion timestep (z_t^inv needed at every step)."""
     editing_indices(scheduler, trajectory, num_steps)
+
+
+def check_steps(scheduler, inversion_steps: int, num_steps: int) -> None:
+    """`check_timesteps` from the step counts alone, before any inversion: ConfigError unless every timestep of
+    `num_steps` editing steps is one of the `inversion_steps` inversion steps' (same scheduler settings)."""
+    saved = {int(t) for t in sampling_timesteps(scheduler, inversion_steps)}
+    _check_saved([int(t) for t in sampling_timesteps(scheduler, num_steps)], saved, num_steps)
 
 
 def start_latents(scheduler, trajectory: Trajectory, num_steps: int, start_from: str = "renoise") -> torch.Tensor:
@@ -113,17 +123,24 @@ def start_latents(scheduler, trajectory: Trajectory, num_steps: int, start_from:
     return scheduler.add_noise(z0.float(), eps, first).to(z0.dtype)
 
 
+def check_fraction(name: str, value) -> None:
+    """ConfigError unless `editing.<name>` is a fraction of the steps in [0, 1]."""
+    check_number(f"editing.{name}", value, low=0, high=1, fix="a fraction of the steps")
+
+
 FREEU_KEYS = ("b1", "b2", "s1", "s2")
 
 
 def check_freeu(freeu) -> dict | None:
-    """None (off) or {b1, b2, s1, s2} as floats; ConfigError naming the problem otherwise."""
+    """None (off) or {b1, b2, s1, s2} as floats, each finite and >= 0 (scales of the decoder's backbone features and
+    skip connections); ConfigError naming the problem otherwise."""
     if freeu is None:
         return None
     if not hasattr(freeu, "keys") or set(freeu.keys()) != set(FREEU_KEYS):
         raise ConfigError(f"editing.freeu={freeu!r} must be null (off) or give exactly b1, b2, s1, s2, "
                           "e.g. {b1: 1.2, b2: 1.4, s1: 0.9, s2: 0.2} (the STEM release)")
-    return {k: float(freeu[k]) for k in FREEU_KEYS}
+    return {k: float(check_number(f"editing.freeu.{k}", freeu[k], low=0, fix="a feature scale, e.g. {b1: 1.2, "
+                                  "b2: 1.4, s1: 0.9, s2: 0.2} (the STEM release)")) for k in FREEU_KEYS}
 
 
 @contextlib.contextmanager
@@ -172,8 +189,9 @@ class Editor:
     def __init__(self, prompt: str | None = None, negative_prompt: str = DEFAULT_NEGATIVE,
                  guidance_scale: float = 7.5, num_steps: int = 50, seed: int = 0, freeu: dict | None = None,
                  freeu_sites: str = "release"):
-        if num_steps < 1:
-            raise ConfigError(f"editing.num_steps={num_steps} must be at least 1")
+        check_number("editing.num_steps", num_steps, low=1, integer=True, fix="DDIM steps (paper: 50)")
+        check_number("editing.guidance_scale", guidance_scale, fix="the classifier-free guidance scale (paper: 7.5; "
+                     "1 = no guidance)")
         if prompt is not None and not str(prompt).strip():
             raise ConfigError("editing.prompt is empty; give the target prompt, e.g. editing.prompt='a fox', "
                               "or null to edit towards the source prompt (reconstruction)")

@@ -49,10 +49,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stem.core.errors import ConfigError, check_choice
+from stem.core.errors import ConfigError, check_choice, check_number
 from stem.diffusion.ddim import Trajectory, ddim_sample_with, sampling_timesteps
-from stem.editing.attention_store import AttentionRecorder, AttentionStore, stored_layers
-from stem.editing.base import Editor, Observers, Prompts, guided
+from stem.editing.attention_store import AttentionRecorder, AttentionStore, check_store_budget, stored_layers
+from stem.editing.base import Editor, Observers, Prompts, check_fraction, guided
 from stem.editing.p2p import cross_edit_kind, refine_mapper, replace_mapper, reweight_equalizer, word_tokens
 from stem.inversion.attention import (
     attention_probabilities,
@@ -260,14 +260,24 @@ class FateZeroEditor(Editor):
         check_choice("editing.latent_blend_mask", latent_blend_mask, BLEND_MASKS)
         check_choice("editing.latent_blend_reference", latent_blend_reference, BLEND_REFERENCES)
         for name, value in (("cross_replace_steps", cross_replace_steps), ("self_replace_steps", self_replace_steps)):
-            if not 0 <= value <= 1:
-                raise ConfigError(f"editing.{name}={value} must be a fraction of the steps in [0, 1]")
-        window = [float(v) for v in latent_blend_steps]
-        if len(window) != 2 or not 0 <= window[0] <= window[1]:
-            raise ConfigError(f"editing.latent_blend_steps={list(latent_blend_steps)} must be [start, end] "
-                              "fractions with 0 <= start <= end (released: [0.2, 0.8])")
-        if store_max_tokens < 1:
-            raise ConfigError(f"editing.store_max_tokens={store_max_tokens} must be at least 1")
+            check_fraction(name, value)
+        window = list(latent_blend_steps)
+        if len(window) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                       for v in window) or not 0 <= window[0] <= window[1]:
+            raise ConfigError(f"editing.latent_blend_steps={window} must be [start, end] finite numbers with "
+                              "0 <= start <= end: fractions of the steps (released: [0.2, 0.8])")
+        window = [float(v) for v in window]
+        check_number("editing.store_max_tokens", store_max_tokens, low=1, integer=True,
+                     fix="layers with at most this many query tokens are recorded (released: 1024)")
+        check_number("editing.blend_threshold", blend_threshold, low=0, high=1,
+                     fix="the blend mask is where the cross-attention, divided by its maximum, exceeds it "
+                         "(released: 0.3)")
+        check_number("editing.min_channels", min_channels, low=0, integer=True,
+                     fix="layers with fewer channels attend per frame (SD: 640; 0 = every layer)")
+        check_store_budget(store_budget_gib)
+        for word, scale in dict(reweight or {}).items():
+            check_number(f"editing.reweight.{word}", scale, low=0, fix="a scale of the word's cross-attention "
+                         "(released teaser: {watercolor: 10}; 0 removes the word)")
         self.source_blend_words, self.target_blend_words = split_blend_words(blend_words)
         if latent_blend and not self.source_blend_words:
             raise ConfigError("editing.latent_blend needs editing.blend_words (the words whose region is edited)")

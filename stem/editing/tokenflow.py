@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from stem.core.errors import ConfigError, check_choice, check_token_count
+from stem.core.errors import ConfigError, check_choice, check_number, check_token_count
 from stem.diffusion.ddim import Trajectory, ddim_sample_with
-from stem.editing.base import DEFAULT_NEGATIVE, Editor, Prompts, editing_indices, guided, start_latents
+from stem.editing.base import DEFAULT_NEGATIVE, Editor, Prompts, check_fraction, editing_indices, guided, start_latents
 from stem.inversion.attention import (
     SelfAttnProcessor,
     chunked_attention,
@@ -193,11 +193,9 @@ class TokenFlowEditor(Editor):
                  freeu: dict | None = None,
                  freeu_sites: str = "release"):
         super().__init__(prompt, negative_prompt, guidance_scale, num_steps, seed, freeu, freeu_sites)
-        if batch_size < 1:
-            raise ConfigError(f"editing.batch_size={batch_size} must be at least 1")
+        check_number("editing.batch_size", batch_size, low=1, integer=True, fix="frames per chunk (released: 8)")
         for name, value in (("pnp_attn_t", pnp_attn_t), ("pnp_f_t", pnp_f_t)):
-            if not 0 <= value <= 1:
-                raise ConfigError(f"editing.{name}={value} must be a fraction of the steps in [0, 1]")
+            check_fraction(name, value)
         check_choice("editing.start_from", start_from, ("renoise", "inverted"))
         check_token_count("editing.query_chunk", query_chunk)
         self.batch_size, self.pnp_attn_t, self.pnp_f_t = batch_size, pnp_attn_t, pnp_f_t

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 import torch
 
-from stem.core.errors import ConfigError, check_choice
+from stem.core.errors import ConfigError, check_choice, check_number
 
 AUTO_DEFAULTS = {"target": 0.2, "k_min": 32, "k_max": 512, "k_step": None, "when": "first_step",
                  "criterion": "attention", "queries": 64}
@@ -42,8 +42,7 @@ CRITERIA = ("attention", "tokens")
 
 
 def _int(name: str, value, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"auto.{name}={value!r} must be an integer of at least {least}")
+    check_number(f"auto.{name}", value, low=least, integer=True)
 
 
 def resolve_auto(auto: Mapping | None) -> dict:
@@ -56,12 +55,10 @@ def resolve_auto(auto: Mapping | None) -> dict:
         raise ConfigError(f"auto.{unknown[0]} is not a setting of auto (num_bases=auto): {hint}"
                           f"known: {', '.join(AUTO_DEFAULTS)}")
     out = {**AUTO_DEFAULTS, **given}
-    target = out["target"]
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
-        raise ConfigError(f"auto.target={target!r} must be a number strictly between 0 and 1: the relative "
-                          "error (of the attention output, or of the tokens with criterion=tokens) the bases may "
-                          f"leave (default {AUTO_DEFAULTS['target']})")
-    out["target"] = float(target)
+    out["target"] = float(check_number(
+        "auto.target", out["target"], low=0, high=1, low_open=True, high_open=True,
+        fix="the relative error (of the attention output, or of the tokens with criterion=tokens) the bases may "
+            f"leave (default {AUTO_DEFAULTS['target']})"))
     _int("k_min", out["k_min"], 1)
     _int("k_max", out["k_max"], 1)
     if out["k_max"] < out["k_min"]:

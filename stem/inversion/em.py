@@ -83,7 +83,7 @@ from typing import Protocol
 
 import torch
 
-from stem.core.errors import ConfigError, check_choice, check_token_count
+from stem.core.errors import check_choice, check_number, check_token_count
 
 INITS = ("gaussian", "random_tokens", "kmeans++")
 DEAD_POLICIES = ("keep", "reseed")
@@ -155,14 +155,11 @@ def check_em_settings(num_bases: int, n_iters: int, tau: float, init: str, dead_
                       chunk_size: int | None, mass_eps: float = MASS_EPS, m_step: str = "eps") -> None:
     """Raise ConfigError for settings EM cannot run with (before any model work)."""
     check_choice("m_step", m_step, M_STEPS)
-    if not mass_eps > 0:
-        raise ConfigError(f"mass_eps={mass_eps} must be > 0 (paper preset: 1e-6, released code: 1e-4)")
-    if num_bases < 1:
-        raise ConfigError(f"num_bases={num_bases} must be at least 1 (paper: 256)")
-    if n_iters < 1:
-        raise ConfigError(f"n_iters={n_iters} must be at least 1 (paper: 3, released code: 5)")
-    if not tau > 0:
-        raise ConfigError(f"tau={tau} must be > 0 (paper: 0.05, released code: 0.01)")
+    check_number("mass_eps", mass_eps, low=0, low_open=True, fix="the M-step's sum Z + mass_eps (paper preset 1e-6, "
+                 "released code 1e-4)")
+    check_number("num_bases", num_bases, low=1, integer=True, fix="K bases (paper: 256)")
+    check_number("n_iters", n_iters, low=1, integer=True, fix="R EM iterations (paper: 3, released code: 5)")
+    check_number("tau", tau, low=0, low_open=True, fix="the E-step temperature (paper: 0.05, released code: 0.01)")
     check_choice("init", init, INITS)
     check_choice("dead_bases", dead_bases, DEAD_POLICIES)
     check_token_count("chunk_size", chunk_size)

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from stem.core.errors import ConfigError
+from stem.core.errors import ConfigError, check_number
 from stem.diffusion.ddim import Callback, Trajectory, ddim_invert, ddim_sample
 from stem.distributed.sharding import FrameShard
 from stem.inversion.adaptive import resolve_auto
@@ -31,8 +31,7 @@ class InversionMethod:
     """DDIM inversion/reconstruction with the processor `processor(num_frames)` on every attn1."""
 
     def __init__(self, num_steps: int = 50):
-        if num_steps < 1:
-            raise ConfigError(f"num_steps={num_steps} must be at least 1")
+        check_number("num_steps", num_steps, low=1, integer=True, fix="DDIM steps (paper: 50)")
         self.num_steps = num_steps
 
     def settings(self) -> dict:
@@ -145,6 +144,8 @@ class FateZeroInversion(InversionMethod):
     def __init__(self, frames=("mid",), mode: str = "replace", min_channels: int = 640, num_steps: int = 50):
         super().__init__(num_steps)
         fatezero_frames(2, frames, mode)  # validates the knobs now
+        check_number("min_channels", min_channels, low=0, integer=True,
+                     fix="layers with fewer channels attend per frame (SD: 640; 0 = every layer)")
         self.frames, self.mode, self.min_channels = list(frames), mode, min_channels
 
     @property

@@ -45,7 +45,7 @@ import logging
 
 import torch
 
-from stem.core.errors import ConfigError, check_choice, check_token_count
+from stem.core.errors import ConfigError, check_choice, check_number, check_token_count
 from stem.distributed.sharding import FrameShard, frame_units
 from stem.inversion.adaptive import (
     candidates,
@@ -146,8 +146,8 @@ class STEMAttnProcessor(SelfAttnProcessor):
         check_em_settings(num_bases if self.auto is None else self.auto["k_min"], n_iters, tau, init, dead_bases,
                           chunk_size, mass_eps, m_step)
         check_choice("space", space, SPACES)
-        if group is not None and group < 1:
-            raise ConfigError(f"group={group} must be at least 1 frame, or null for the whole video")
+        if group is not None:
+            check_number("group", group, low=1, integer=True, fix="frames per EM group, or null for the whole video")
         check_choice("excess_bases", excess_bases, EXCESS_POLICIES)
         if excess_bases == "allow" and init != "gaussian":
             raise ConfigError(f"excess_bases=allow needs init=gaussian (init={init} picks K distinct tokens, "

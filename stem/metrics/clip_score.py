@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stem.core.errors import PICKLE_RISK, ConfigError, MetricError, StemError, is_safetensors
+from stem.core.errors import PICKLE_RISK, ConfigError, MetricError, StemError, check_number, is_safetensors
 from stem.diffusion.device import resolve_device
 
 DEFAULT_MODEL = "ViT-B-32-quickgelu"
@@ -243,8 +243,7 @@ class ClipScorer:
     def __init__(self, model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED,
                  device: str = "auto", batch_size: int = 32, seed: int = 0, cache_dir: str | None = None,
                  progress: bool = False):
-        if batch_size < 1:
-            raise ConfigError(f"{METRIC}: batch_size={batch_size} must be >= 1")
+        check_number(f"{METRIC}: batch_size", batch_size, low=1, integer=True, fix="frames per image-encoder call")
         self.model_name, self.pretrained, self.batch_size, self.progress = model, pretrained, batch_size, progress
         self.device = resolve_device(device)
         self.model, self.preprocess, self.tokenizer = load_clip(model, pretrained, self.device, seed, cache_dir)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from stem.core.errors import ConfigError, MetricError, check_choice
+from stem.core.errors import ConfigError, MetricError, check_choice, check_number
 from stem.data.video import Video
 from stem.metrics import ClipScorer, estimate_flow, reconstruction_metrics, warp_error
 from stem.metrics.clip_score import DEFAULT_MODEL, DEFAULT_PRETRAINED
@@ -107,8 +107,10 @@ class Evaluator:
         for name, value in (("flow.raft_iters", self.flow.raft_iters), ("flow.batch_size", self.flow.batch_size)) + (
                 (("clip.batch_size", self.clip.batch_size),) if self.clip else ()) + (
                 (("features.pca_frames", self.features.pca_frames),) if self.features else ()):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"metrics.{name}={value} must be a positive integer")
+            check_number(f"metrics.{name}", value, low=1, integer=True)
+        for step in self.features.pca_steps if self.features else ():
+            check_number("metrics.features.pca_steps", step, integer=True,
+                         fix="inversion steps, 0-based (negatives count from the end: -1 = the last)")
         self.device, self.flow_cache_dir, self.progress = device, flow_cache_dir, progress
         self._scorer: ClipScorer | None = None
         self._flows: dict[str, tuple] = {}

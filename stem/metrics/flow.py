@@ -232,6 +232,6 @@ def estimate_flow(frames, backend: str = "auto", *, device: str | torch.device =
         fwd, bwd = dis_flow(frames, progress=progress)
         label = "dis"
     if cache is not None:
-        cache.save(key(backend), {"forward": fwd, "backward": bwd},
-                   {"backend": label, "frames_shape": list(frames.shape), **settings[backend]})
+        cache.save_or_warn(key(backend), {"forward": fwd, "backward": bwd},
+                           {"backend": label, "frames_shape": list(frames.shape), **settings[backend]}, "flow")
     return fwd, bwd, label

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from stem.core.atomic import atomic_file
+from stem.core.atomic import atomic_file, pid_alive
 from stem.core.errors import TableError
 from stem.reporting.display import lookup as _lookup
 from stem.reporting.display import sort_key as _sort_key
@@ -135,10 +135,18 @@ def _read_job(folder: Path) -> dict:
 def mark_job(run_dir: str | Path, state: str) -> None:
     """Write `<run_dir>/status.json` atomically: {"state": "running" | "failed" | "done", "pid", "host"}.
     run.py marks each job "running" at its start and "failed" or "done" at its end, so a table can
-    tell a job still running from one that ended with an error (or was killed: see `_unfinished_state`)."""
+    tell a job still running from one that ended with an error (or was killed: see `_unfinished_state`).
+
+    A status that cannot be written (a full disk) is a warning, not an error: it must not replace the failure being
+    reported, and the file keeps its previous state ("running" is then reported failed once the process is gone)."""
     record = {"state": state, "pid": os.getpid(), "host": socket.gethostname()}
-    with atomic_file(Path(run_dir) / JOB_STATUS) as tmp:
-        tmp.write_text(json.dumps(record) + "\n")
+    path = Path(run_dir) / JOB_STATUS
+    try:
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(record) + "\n")
+    except OSError as e:
+        log.warning("cannot mark the job %s in %s (%s): a table reports a job left 'running' as failed once its "
+                    "process is gone", state, path, e.strerror or e)
 
 
 def _unfinished_state(folder: Path) -> tuple[str, str]:
@@ -151,20 +159,10 @@ def _unfinished_state(folder: Path) -> tuple[str, str]:
     if state != RUNNING:
         return FAILED, f"no metrics.json; {JOB_STATUS} says {state!r}"
     pid, host = record.get("pid"), record.get("host")
-    if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+    if host == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
         return FAILED, f"no metrics.json; its process {pid} is gone (killed)"
     return RUNNING, f"no metrics.json yet; process {pid} on {host} is running" + (
         "" if host == socket.gethostname() else " (another host: not checked)")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
 
 
 def varying_keys(runs: list[dict]) -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 INVERSION_CACHE_VERSION = 2  # bump when the inverted latents may change (module docstring)
 # sources_digest() when INVERSION_CACHE_VERSION was last set (rewritten by --update):
-INVERSION_SOURCES_DIGEST = "4e8c54598b77d514745f24a36b1eb7183e3b6079c412367913088d748bb248ef"
+INVERSION_SOURCES_DIGEST = "eb9be905ce742f074b2833c0df312d09a1b86fcfce995906dd661be714cfac73"
 
 # What the cached trajectory depends on besides the key's inputs: "module" is the whole file,
 # "module:name" one function (its module holds unrelated code).

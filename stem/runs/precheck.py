@@ -3,10 +3,11 @@ with one line, not after minutes of loading weights or inverting.
 
 - `check_arguments`: the keys of a config group against the signature of its `_target_`
   (an unknown key names the closest known one; a value of the wrong type names the type).
+- `check_run_settings`: the job's own numbers (warmup_steps, distributed.timeout_s and master_port) in range.
 - `check_before_model`: from the model's config alone (`stem.diffusion.models.architecture`): DDIM steps
-  within the scheduler's training timesteps, the method's `check` (STEM: K vs tokens) and a
-  lower-bound memory estimate against the free memory (`memory_need`, `available_memory`;
-  top-level `check_memory=false` skips it).
+  within the scheduler's training timesteps, editing timesteps among the inversion's, the method's
+  `check` (STEM: K vs tokens) and a lower-bound memory estimate against the free memory (`memory_need`,
+  `available_memory`; top-level `check_memory=false` skips it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import inspect
 import types
 import typing
 
-from stem.core.errors import ConfigError
+from stem.core.errors import ConfigError, check_number
 from stem.diffusion.device import available_memory
 
 
@@ -90,11 +91,36 @@ def _target_name(target) -> str:
     return f"{target.__module__}.{target.__qualname__}"
 
 
+SEED_MAX = 2**64 - 1  # torch.manual_seed's largest seed; it maps a negative seed s to 2**64 + s (the same weights)
+
+
+def check_run_settings(seed: int = 0, warmup_steps: int = 0, timeout_s: float = 600, master_port: int | None = None,
+                       model: dict | None = None) -> None:
+    """ConfigError (one line) for a top-level setting out of range: `seed` an integer in torch's range [0, 2**64 - 1]
+    (torch.manual_seed raises a multi-line error on nan, inf or larger integers, and takes a negative seed as an
+    alias of a large one); `warmup_steps` an integer >= 0, and at most the
+    scheduler's training timesteps when `model` (the resolved model group) names a known architecture;
+    `distributed.timeout_s` a finite number of seconds > 0; `distributed.master_port` null or a TCP port."""
+    from stem.diffusion.models import architecture
+
+    check_number("seed", seed, low=0, high=SEED_MAX, integer=True,
+                 fix="torch's range (a negative seed is torch's alias of a large one), e.g. seed=0")
+    arch = architecture(model.get("_target_", ""), model) if model is not None else None
+    check_number("warmup_steps", warmup_steps, low=0, high=arch["num_train_timesteps"] if arch else None,
+                 integer=True, fix="untimed inversion steps before the timed one (0 = none)")
+    check_number("distributed.timeout_s", timeout_s, low=0, low_open=True,
+                 fix="seconds a collective may wait before the job fails (default 600)")
+    if master_port is not None:
+        check_number("distributed.master_port", master_port, low=1, high=65535, integer=True,
+                     fix="a free TCP port on the job's first node, or null to derive one from the job id")
+
+
 def check_before_model(model: dict, method, video, editor=None, check_memory: bool = True) -> None:
     """Settings that need the model's architecture, checked from its config (`stem.diffusion.models.architecture`)
-    before any weights load: DDIM steps within the scheduler's training timesteps, and the method's own
-    `check` (STEM: K at most the tokens of an EM group) on the video's latent size. `model`: the resolved
-    model group (with `_target_`); an unknown architecture skips these (they run after loading then)."""
+    before any weights load: DDIM steps within the scheduler's training timesteps, the editor's timesteps among
+    the inversion's (`stem.editing.base.check_steps`), and the method's own `check` (STEM: K at most the tokens
+    of an EM group) on the video's latent size. `model`: the resolved model group (with `_target_`); an unknown
+    architecture skips these (they run after loading then)."""
     from stem.diffusion.models import architecture
 
     arch = architecture(model.get("_target_", ""), model)
@@ -105,6 +131,11 @@ def check_before_model(model: dict, method, video, editor=None, check_memory: bo
         if steps is not None and steps > limit:
             raise ConfigError(f"{group}.num_steps={steps} exceeds the scheduler's {limit} training timesteps: "
                               f"use at most {limit} (the paper: 50)")
+    if getattr(editor, "num_steps", None) is not None:  # every editing timestep must be an inversion timestep
+        from stem.diffusion.models import ddim_scheduler
+        from stem.editing.base import check_steps
+
+        check_steps(ddim_scheduler(), method.num_steps, editor.num_steps)
     scale = arch["vae_scale"]
     method.check(arch["unet"], video.num_frames, video.height // scale, video.width // scale)
     if check_memory:

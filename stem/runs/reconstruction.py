@@ -122,14 +122,10 @@ def _save(cache: TensorCache | None, key: str, traj: Trajectory, video: Video, m
     record = _report(method).get("inversion")
     if record is not None:
         meta[BASES_META] = record
-    try:
-        entry = cache.save(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta)
+    entry = cache.save_or_warn(key, {"latents": traj.latents, "timesteps": traj.timesteps}, meta, "inversion")
+    if entry is not None:  # else a failed write (a full disk): the inversion is done, the run keeps it
         log.info("inverted latents cached in %s", entry)
-        return entry
-    except OSError as e:  # e.g. a full disk: the inversion is done, keep it for this run
-        log.warning("could not write the inversion cache entry %s (%s); continuing without caching it",
-                    cache.path(key), e)
-        return None
+    return entry
 
 
 def _invert_sharded(model, video: Video, method, cache: TensorCache | None, cond: torch.Tensor, key: str,

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import FAST, ROOT, read_wandb_records
 
@@ -28,27 +29,36 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
         time.sleep(0.05)
 
 
-def test_sigterm_during_the_inversion_finishes_the_wandb_run_as_failed_and_marks_the_job_failed(tmp_path):
-    """Catches: no SIGTERM handler (Python's default kills the process at once: no W&B exit record, status.json
-    left "running"), a handler that exits without unwinding (os._exit: run_job's `finally` never finishes the
-    logger), one that raises an Exception the job swallows or reports as success, and an exit status of 0."""
+def signal_during_the_inversion(tmp_path, sig: signal.Signals) -> tuple[int, str, Path]:
+    """`python run.py` (a real process) sent `sig` once its inversion loop runs: (exit status, stderr, run folder).
+    SIGINT is left at its default in the child, as a terminal sends it (a test run in a background job would
+    otherwise start the child with SIGINT ignored)."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", "WANDB_SILENT": "true"}
     env.pop("WANDB_MODE", None)
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *LONG, f"hydra.run.dir={run_dir}",
                              f"paths.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = run_dir / "run.log"   # Hydra's job log: "inverting ..." once W&B is up, the model built, the frames encoded
     wait_for(lambda: log.is_file() and "inverting 2 frames" in log.read_text(), 60, "the inversion to start", proc)
     time.sleep(0.5)   # into the inversion loop
-    assert proc.poll() is None, "the job ended before SIGTERM: give it more steps"
-    proc.send_signal(signal.SIGTERM)
+    assert proc.poll() is None, f"the job ended before {sig.name}: give it more steps"
+    proc.send_signal(sig)
     try:
         _, stderr = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError("run.py still running 30 s after SIGTERM") from None
-    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr[-3000:])
+        raise AssertionError(f"run.py still running 30 s after {sig.name}") from None
+    return proc.returncode, stderr, run_dir
+
+
+def test_sigterm_during_the_inversion_finishes_the_wandb_run_as_failed_and_marks_the_job_failed(tmp_path):
+    """Catches: no SIGTERM handler (Python's default kills the process at once: no W&B exit record, status.json
+    left "running"), a handler that exits without unwinding (os._exit: run_job's `finally` never finishes the
+    logger), one that raises an Exception the job swallows or reports as success, and an exit status of 0."""
+    returncode, stderr, run_dir = signal_during_the_inversion(tmp_path, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, (returncode, stderr[-3000:])
     assert not (run_dir / "metrics.json").exists()
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
     exits = [r.exit.exit_code for r in read_wandb_records(run_dir, timeout=10) if r.WhichOneof("record_type") == "exit"]
@@ -169,3 +179,22 @@ def test_a_sigterm_handled_inside_a_finaliser_still_ends_the_job():
 
     assert terminated(job) == 143
     assert len(ran_on) < 300, "the job ran to its end after the SIGTERM"
+
+
+def test_sigint_during_the_inversion_is_one_error_line_exit_130_and_the_job_marked_failed(tmp_path):
+    """Ctrl-C (SIGINT, a real signal to a real `python run.py`) during the inversion: one line `error: interrupted
+    (SIGINT): the job is marked failed` on stderr, no traceback, exit status 130 (128 + SIGINT), status.json
+    "failed" and the W&B run finished as failed (issue 23, item 7).
+
+    Catches: KeyboardInterrupt left to Python (its traceback on stderr, status -2/130 with no error line), the
+    interrupt caught and reported as success (exit 0), and a handler that skips run_job's unwinding (no W&B exit
+    record, status.json left "running")."""
+    returncode, stderr, run_dir = signal_during_the_inversion(tmp_path, signal.SIGINT)
+    assert returncode == 130, (returncode, stderr[-3000:])
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: interrupted (SIGINT): the job is marked failed"], stderr[-3000:]
+    assert not (run_dir / "metrics.json").exists()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+    exits = [r.exit.exit_code for r in read_wandb_records(run_dir, timeout=10) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]

@@ -61,7 +61,7 @@ def test_torchrun_two_ranks_equal_one_process_write_one_folder_and_a_reusable_ca
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
     folders = run_folders(log_dir)
     assert len(folders) == 1, f"run folders: {folders}"
-    assert not list((tmp_path / "tmp").glob("stem-rank*")), "rank 1's temporary Hydra folder is left behind"
+    assert not list((tmp_path / "tmp").glob(".stem-rank*")), "rank 1's temporary Hydra folder is left behind"
     sharded = json.loads((folders[0] / "metrics.json").read_text())
     assert sharded["distributed"]["world_size"] == 2 and sharded["distributed"]["frame_slices"] == [[0, 3], [3, 5]]
     assert len(sharded["distributed"]["inversion_peak_mib_per_rank"]) == 2

@@ -22,9 +22,23 @@ def test_fusion_presets(tmp_path, preset, cross, self_, inversion, cross_edit):
     editing = cfg["editing"]
     assert (editing["cross_replace_steps"], editing["self_replace_steps"]) == (cross, self_)
     assert cfg["inversion"]["_target_"] == f"stem.inversion.methods.{inversion}"
-    assert editing["reweight"] == {} and editing["cross_edit"] == cross_edit and editing["guidance_scale"] == 7.5
+    assert editing["reweight"] is None and editing["cross_edit"] == cross_edit and editing["guidance_scale"] == 7.5
     assert (editing["latent_blend_steps"], editing["latent_blend_mask"], editing["latent_blend_reference"]) == \
         ([0.2, 0.8], "source_or_edit", "step_start")
+
+
+# The documented reweight command (configs/editing/fatezero.yaml, docs/EDITING.md, table2_editing's header) composes on
+# every FateZero preset and reaches the editor. Bug caught (seen before the fix): `reweight: {}` in a preset made
+# `editing.reweight={watercolor:10}` a Hydra composition error ("Could not override"), exit 1.
+@pytest.mark.parametrize("preset", ["fatezero", "fatezero_paper", "stem_fatezero", "stem_fatezero_smaller"])
+def test_documented_reweight_override_composes_and_reaches_the_editor(tmp_path, preset):
+    from hydra.utils import instantiate
+
+    cfg = compose_config(tmp_path, f"editing={preset}", "editing.prompt=a watercolor car",
+                         "editing.reweight={watercolor:10}", fast=False)
+    assert OmegaConf.to_container(cfg.editing.reweight) == {"watercolor": 10}
+    editor = instantiate(cfg.editing)
+    assert editor.settings()["reweight"] == {"watercolor": 10}
 
 
 def test_spatio_temporal_channel_threshold_is_the_models(tmp_path):

@@ -228,7 +228,7 @@ def test_keyframe_caches_are_sized_by_keyframes_not_frames(tiny_model):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(batch_size=0), "editing.batch_size=0"),
-    (dict(pnp_attn_t=1.5), r"editing.pnp_attn_t=1.5 must be a fraction"),
+    (dict(pnp_attn_t=1.5), r"editing.pnp_attn_t=1.5 must be a number in \[0, 1\]: a fraction of the steps"),
     (dict(start_from="noise"), "editing.start_from='noise' is not one of renoise, inverted"),
     (dict(prompt="  "), "editing.prompt is empty"),
 ])

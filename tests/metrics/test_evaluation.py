@@ -193,7 +193,7 @@ def test_summary_scalars_and_per_frame_columns_pick_metric_sections():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(clip={"modle": "x"}), r"metrics.clip: unknown setting\(s\) \['modle'\]"),
     (dict(flow={"backend": "farneback"}), r"metrics.flow.backend='farneback' is not one of auto, raft, dis"),
-    (dict(flow={"batch_size": 0}), r"metrics.flow.batch_size=0 must be a positive integer"),
+    (dict(flow={"batch_size": 0}), r"metrics.flow.batch_size=0 must be an integer of at least 1"),
     (dict(features={"pca_frames": 0}), r"metrics.features.pca_frames=0"),
 ])
 def test_bad_settings_are_config_errors(kwargs, match):

@@ -95,16 +95,25 @@ def test_save_then_load_round_trips(tmp_path):
     assert loaded.keys() == tensors.keys()
     for name, t in tensors.items():
         assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
-    assert {k: v for k, v in json.loads((entry / META).read_text()).items() if k != stem.runs.cache.CHECKSUM} == meta
+    on_disk = json.loads((entry / META).read_text())
+    assert {k: v for k, v in on_disk.items() if k not in (stem.runs.cache.CHECKSUM, stem.runs.cache.RECORD)} == meta
 
 
-def test_save_replaces_an_existing_entry(tmp_path):
+def test_save_keeps_an_existing_complete_entry_and_replaces_a_damaged_one(tmp_path):
+    """Item 3 of issue 23: the first complete entry of a key wins (same key, same inputs: a later writer's bytes
+    may differ only by nondeterministic kernels, and earlier runs' metrics point to the first). Catches: an
+    install that always replaces (last writer wins), or one that also keeps a damaged entry."""
     cache = TensorCache(tmp_path)
-    cache.save("k", {"a": torch.zeros(2)}, {"v": 1})
+    assert cache.save("k", {"a": torch.zeros(2)}, {"v": 1}) == tmp_path / "k"
+    assert cache.save("k", {"b": torch.ones(3)}, {"v": 2}) == tmp_path / "k"
+    tensors, meta = cache.load("k")
+    assert list(tensors) == ["a"] and torch.equal(tensors["a"], torch.zeros(2)) and meta == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # no temporary or old folder left
+    _truncate(tmp_path / "k" / TENSORS, 0.5)
     cache.save("k", {"b": torch.ones(3)}, {"v": 2})
     tensors, meta = cache.load("k")
     assert list(tensors) == ["b"] and torch.equal(tensors["b"], torch.ones(3)) and meta == {"v": 2}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # no temporary or old folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]
 
 
 def test_load_returns_none_for_missing_or_incomplete_entries(tmp_path):
@@ -248,14 +257,21 @@ def test_a_damaged_entry_is_a_miss_with_a_warning_naming_it_and_the_next_save_re
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["k"]  # hidden .tmp/.old names included
 
 
-def test_meta_holds_the_sha256_of_the_tensors_file(tmp_path):
-    """meta.json records the SHA-256 of the safetensors file's bytes (computed here with hashlib); load returns
-    the caller's meta without it. Catches: no checksum stored, a checksum of something else."""
+def test_meta_records_the_key_tensors_and_checksums(tmp_path):
+    """meta.json records (computed here independently) the entry's key, each tensor's dtype and shape, the
+    SHA-256 of the safetensors file's bytes, and a SHA-256 over the canonical JSON (sorted keys, no spaces) of
+    all the rest of meta.json; load returns the caller's meta without them. Catches: no record or checksum
+    stored, a checksum of something else, a meta checksum that leaves the record out."""
     import hashlib
 
     cache, entry, _ = _entry(tmp_path)
     on_disk = json.loads((entry / META).read_text())
-    assert on_disk == {"v": 1, stem.runs.cache.CHECKSUM: hashlib.sha256((entry / TENSORS).read_bytes()).hexdigest()}
+    record = {"key": "k", "tensors": {"latents": {"dtype": "float32", "shape": [3, 2, 4, 8, 8]},
+                                      "timesteps": {"dtype": "int64", "shape": [2]}},
+              "tensors_sha256": hashlib.sha256((entry / TENSORS).read_bytes()).hexdigest()}
+    rest = {"v": 1, "entry": record}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()
+    assert on_disk == {**rest, "sha256": hashlib.sha256(canonical).hexdigest()}
     assert cache.load("k")[1] == {"v": 1}
 
 
@@ -277,18 +293,32 @@ def test_overwritten_tensor_values_in_a_valid_file_are_a_miss_with_a_warning(tmp
     assert any(str(entry) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records), caplog.text
 
 
-def test_an_entry_written_before_checksums_is_a_miss_with_a_warning(tmp_path, caplog):
-    """An entry without a checksum in meta.json (written by an older version) is recomputed, not trusted: a miss
-    with a warning naming it. Catches: accepting unverifiable entries silently."""
+@pytest.mark.parametrize("old_format", ["no checksum", "tensors checksum only"])
+def test_an_entry_of_an_older_format_is_a_miss_with_a_warning_and_is_replaced(tmp_path, caplog, old_format):
+    """An entry written by an older version, either without any checksum or with only the tensors' SHA-256
+    (`tensors_sha256`, no key or shape record, meta.json not covered: the format before issue 23 item 2), cannot
+    be verified: a miss with a warning naming it, and the next save replaces it (not kept as a complete entry).
+    Catches: accepting unverifiable entries silently (the previous format was a hit before the fix), an old entry
+    that a save keeps because it is there."""
+    import hashlib
+
     from safetensors.torch import save_file
 
     entry = tmp_path / "cache" / "k"
     entry.mkdir(parents=True)
     save_file({"x": torch.ones(2)}, entry / TENSORS)
-    (entry / META).write_text(json.dumps({"v": 1}))
+    meta = {"v": 1}
+    if old_format == "tensors checksum only":
+        meta["tensors_sha256"] = hashlib.sha256((entry / TENSORS).read_bytes()).hexdigest()
+    (entry / META).write_text(json.dumps(meta))
+    cache = TensorCache(tmp_path / "cache")
     with caplog.at_level("WARNING", logger="stem.runs.cache"):
-        assert TensorCache(tmp_path / "cache").load("k") is None
-    assert any(str(entry) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records), caplog.text
+        assert cache.load("k") is None
+    assert any(str(entry) in r.getMessage() and "older version" in r.getMessage() for r in caplog.records), \
+        caplog.text
+    cache.save("k", {"x": torch.zeros(3)}, {"v": 2})
+    tensors, meta = cache.load("k")
+    assert torch.equal(tensors["x"], torch.zeros(3)) and meta == {"v": 2}
 
 
 # --- through the inversion cache (issue 13, points 1 and 7) ----------------------------------------------------
@@ -329,3 +359,90 @@ def test_a_truncated_inversion_entry_is_inverted_again_and_replaced(tiny_model, 
     assert torch.equal(again.trajectory.latents, first.trajectory.latents)
     assert torch.equal(cache.load(first.key)[0]["latents"], first.trajectory.latents)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.key]
+
+
+# --- mislabelled and edited entries (issue 23, item 2) ---------------------------------------------------------
+
+
+def _invert(model, cache, n_frames: int = 2, prompt: str = "a portrait photo of an astronaut"):
+    from stem.data.synthetic import camera_pan
+    from stem.inversion.methods import DDIMInversion
+    from stem.runs.reconstruction import invert_video
+
+    video = camera_pan(n_frames=n_frames, width=64, height=64, prompt=prompt)
+    return invert_video(model, video, DDIMInversion("1frame", num_steps=2), cache, progress=False)
+
+
+def _copy_entry(source: Path, target: Path) -> None:
+    for name in (TENSORS, META):
+        (target / name).write_bytes((source / name).read_bytes())
+
+
+# Bug caught: an entry trusted by its checksum alone, so another key's files in this key's folder are a silent hit
+# with the wrong latents (before the fix: a hit, cache_hit True, the other prompt's latents / 4 frames returned).
+@pytest.mark.parametrize("other", ["another prompt", "4 frames under a 2-frame key"])
+def test_another_keys_entry_copied_into_a_keys_folder_is_a_miss_with_a_warning_and_is_replaced(
+        tiny_model, tmp_path, caplog, other):
+    cache = TensorCache(tmp_path / "cache")
+    mine = _invert(tiny_model, cache)
+    theirs = _invert(tiny_model, cache, **({"prompt": "a red car"} if other == "another prompt" else {"n_frames": 4}))
+    assert theirs.key != mine.key
+    _copy_entry(theirs.entry, mine.entry)
+    with caplog.at_level("WARNING", logger="stem.runs.cache"):
+        again = _invert(tiny_model, cache)
+    assert not again.cache_hit
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(mine.entry) in w and theirs.key in w and mine.key in w for w in warnings), warnings
+    assert again.trajectory.latents.shape == mine.trajectory.latents.shape == (3, 2, 4, 8, 8)
+    assert torch.equal(again.trajectory.latents, mine.trajectory.latents)
+    assert torch.equal(cache.load(mine.key)[0]["latents"], mine.trajectory.latents)  # replaced by the right one
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([mine.key, theirs.key])
+
+
+# Bug caught: meta.json outside the checksum, so an edited `bases` record (or any other value) is a hit and reported
+# as the run's K per layer (before the fix: load returned the edited meta).
+def test_an_edited_meta_json_is_a_miss_with_a_warning(tmp_path, caplog):
+    cache = TensorCache(tmp_path / "cache")
+    bases = {"mean_k": 72.0, "layers": {"down_blocks.0.attentions.0.transformer_blocks.0.attn1": {"k": [64]}}}
+    entry = cache.save("k", {"latents": torch.ones(3, 2, 4, 8, 8)}, {"v": 1, "bases": bases})
+    assert cache.load("k")[1]["bases"] == bases
+    meta = json.loads((entry / META).read_text())
+    meta["bases"]["mean_k"] = 512.0
+    (entry / META).write_text(json.dumps(meta, indent=2))
+    with caplog.at_level("WARNING", logger="stem.runs.cache"):
+        assert cache.load("k") is None
+    assert any(str(entry) in r.getMessage() and "edited" in r.getMessage() for r in caplog.records), caplog.text
+
+
+# Bug caught: a load that trusts the record's checksums but not the tensors it describes (a writer that recorded
+# other names or shapes than it wrote): here the record says 4 frames while the file holds 2 (checksums valid).
+def test_tensors_that_differ_from_their_record_are_a_miss_with_a_warning(tmp_path, caplog):
+    import hashlib
+
+    cache = TensorCache(tmp_path / "cache")
+    entry = cache.save("k", {"latents": torch.ones(3, 2, 4, 8, 8)}, {"v": 1})
+    meta = json.loads((entry / META).read_text())
+    del meta["sha256"]
+    meta["entry"]["tensors"]["latents"]["shape"] = [3, 4, 4, 8, 8]
+    canonical = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    (entry / META).write_text(json.dumps({**meta, "sha256": hashlib.sha256(canonical).hexdigest()}))
+    with caplog.at_level("WARNING", logger="stem.runs.cache"):
+        assert cache.load("k") is None
+    assert any(str(entry) in r.getMessage() and "[3, 2, 4, 8, 8]" in r.getMessage() for r in caplog.records), \
+        caplog.text
+
+
+@pytest.mark.parametrize("existing", ["folder", "file"])
+def test_atomic_dir_without_keep_replaces_an_existing_folder_or_file(tmp_path, existing):
+    """Without `keep` (e.g. exported frame folders) the new folder replaces what is there, nothing is left beside
+    it. Catches: an install that tries the rename first and gives up on a file in the way (ENOTDIR), or that
+    keeps the old folder when no `keep` was given."""
+    target = tmp_path / "frames"
+    if existing == "folder":
+        target.mkdir()
+        (target / "old.png").write_text("old")
+    else:
+        target.write_text("a file")
+    with atomic_dir(target) as tmp:
+        (tmp / "new.png").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.png"] and [p.name for p in tmp_path.iterdir()] == ["frames"]
