@@ -35,8 +35,8 @@ jobs finished" counts all M expected jobs:
 - `unreadable`: its metrics.json (or .hydra/overrides.yaml) cannot be parsed, e.g. truncated.
 Each such job is also listed on stderr with the reason.
 
-`--wandb` also logs the table as the sweep's W&B summary run (callbacks.log_sweep_summary: job type
-"summary", the jobs' group, the sweep's config from multirun.yaml and the table's provenance), e.g.
+`--wandb` also logs the table as the sweep's W&B summary run (stem.app.callbacks.log_sweep_summary: job
+type "summary", the jobs' group, the sweep's config from multirun.yaml and the table's provenance), e.g.
 after a sweep in which a job failed (Hydra then skips the callback). W&B settings are the sweep's
 `logger=wandb` ones from multirun.yaml (else project "stem"), offline unless WANDB_MODE or the
 sweep's logger.mode says otherwise.
