@@ -89,7 +89,7 @@ def _check_node(group: str, node: DictConfig, kwargs: dict) -> None:
 def _check_before_model(cfg: DictConfig, method, editor, video, planned: Distributed | None = None) -> None:
     """Checks that need the model's architecture (steps, K vs tokens, memory), from its config (`stem.runs.precheck`).
     A frame-sharded job checks the memory of one rank: its largest slice of frames."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = OmegaConf.to_container(_model_node(cfg, editor), resolve=True)
     check_memory = cfg.get("check_memory", True)
     if planned is None or not planned.active:
         check_before_model(model, method, video, editor, check_memory=check_memory)
@@ -99,6 +99,30 @@ def _check_before_model(cfg: DictConfig, method, editor, video, planned: Distrib
         largest = max(shard_video(planned, method, video.num_frames).sizes)
         part = dataclasses.replace(video, frames=video.frames[:largest], flow=None, source_indices=None)
         check_before_model(model, _Checked(method.num_steps), part, None, check_memory=True)
+
+
+def _model_node(cfg: DictConfig, editor) -> DictConfig:
+    """The config of the model the job runs: the model preset's, or the entry of its `baseline_models` that
+    the editor runs on instead (`Editor.base_model`, e.g. Pix2Video's depth-conditioned SD 2)."""
+    name = getattr(editor, "base_model", None)
+    return cfg.model if name is None else _baseline_node(cfg, name, editor)
+
+
+def _baseline_node(cfg: DictConfig, name: str, editor) -> DictConfig:
+    node = OmegaConf.select(cfg, f"baseline_models.{name}")
+    if node is None:
+        choice = cfg.get("model", {}).get("_target_", "?")
+        raise ConfigError(f"editing={editor.name} needs the weights baseline_models.{name}, which the model preset "
+                          f"({choice}) does not give; use a preset that does (model=tiny, model=sd15) or add it "
+                          "to your preset")
+    return node
+
+
+def _attach_models(cfg: DictConfig, editor) -> None:
+    """Build the extra weights the editor names in `needs` from `baseline_models` and hand them to it."""
+    if editor is not None and editor.needs:
+        editor.attach({name: _build(f"baseline_models.{name}", _baseline_node(cfg, name, editor))
+                       for name in editor.needs})
 
 
 @dataclasses.dataclass
@@ -174,7 +198,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None,
         _check_before_model(cfg, method, editor, video, planned)   # from the model's config, no weights loaded
         if planned.active:  # the process group, once every check passed (each rank ran the same checks)
             dist = from_env(environ, backend=cfg.distributed.backend, timeout_s=cfg.distributed.timeout_s)
-        model = _build("model", cfg.model)
+        model = _build("model", _model_node(cfg, editor))
+        _attach_models(cfg, editor)
         log.info("video %s: %d frames %dx%d, prompt %r; %s; metrics: %s", video.name, video.num_frames, video.width,
                  video.height, video.prompt, method.name if editor is None else
                  f"{editor.label(method.name)} to {editor.prompt or video.prompt!r}", ", ".join(evaluator.names()))

@@ -185,6 +185,13 @@ class Editor:
     """Base of editing methods: knobs shared by all, checks, timing. Subclasses implement `_edit`."""
 
     name = "edit"
+    # Weights beyond the job's model that the method needs: names of entries of the model preset's
+    # `baseline_models` (e.g. "depth_estimator"); the job builds them after its checks and hands them to `attach`.
+    needs: tuple[str, ...] = ()
+    # An entry of `baseline_models` that replaces the job's model for this method, inversion included (Pix2Video
+    # runs on a depth-conditioned Stable Diffusion 2), or None.
+    base_model: str | None = None
+    models: dict = {}
 
     def __init__(self, prompt: str | None = None, negative_prompt: str = DEFAULT_NEGATIVE,
                  guidance_scale: float = 7.5, num_steps: int = 50, seed: int = 0, freeu: dict | None = None,
@@ -217,6 +224,22 @@ class Editor:
 
     def check(self, num_frames: int) -> None:
         """Refuse, before model work, settings that cannot run on `num_frames` frames."""
+
+    def attach(self, models: dict) -> None:
+        """The extra weights named in `needs`, built by the job (name -> module)."""
+        missing = [n for n in self.needs if n not in models]
+        if missing:
+            raise ConfigError(f"{self.name} needs the weights {', '.join(missing)}; give them in the model preset's "
+                              f"baseline_models (configs/model/*.yaml)")
+        self.models = dict(models)
+
+    def prepare(self, model, video, cache, progress: bool = True) -> None:
+        """Work on the input video before its inversion (depth maps, one-shot tuning); nothing by default.
+        `cache`: the job's inversion cache (`stem.runs.cache.TensorCache`; None with use_cache=false): a method
+        keeps its own entries in `cache.sibling("<method>")`, keyed by `cache.key(**parts)`."""
+
+    def release(self, model) -> None:
+        """Undo what `prepare` installed on `model` (hooks, tuned weights); called when the edit ends or fails."""
 
     def inversion_observer(self, model, num_frames: int, latent_hw: tuple[int, int]):
         """A context manager to enter around the inversion (e.g. recording attention maps), or None."""

@@ -85,6 +85,12 @@ class TensorCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    key = staticmethod(content_key)   # for callers below this layer (editors) that get a cache handed in
+
+    def sibling(self, name: str) -> TensorCache:
+        """The cache folder `name` beside this one (e.g. an editing method's own entries beside "inversion")."""
+        return TensorCache(self.root.parent / name)
+
     def path(self, key: str) -> Path:
         return self.root / key
 

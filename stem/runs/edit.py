@@ -34,24 +34,34 @@ def edit_video(model, video: Video, method, editor: Editor, cache: TensorCache |
     reconstruction of the STEM release's preprocessing), so the run reports how faithful the latents it
     edited are. It reuses the inverted latents; no second inversion.
 
-    The editor's own observer (e.g. FateZero's attention recorder) is entered around the inversion
-    too, and closed (its store freed or removed from disk) when the edit is done or fails.
+    `editor.prepare` sees the video first (a baseline's depth maps or one-shot tuning); `editor.release`
+    undoes what it installed when the edit is done or fails. The editor's own observer (e.g. FateZero's
+    attention recorder) is entered around the inversion too, and closed (its store freed or removed from disk) when the edit is done or fails.
     """
     editor.check(video.num_frames)
+    try:
+        editor.prepare(model, video, cache, progress)
+        inverted, edit = _invert_and_edit(model, video, method, editor, cache, prompt_overflow, progress, observer)
+        frames = decode_latents(model, edit.latents, progress=progress)
+        reconstruction = None
+        if report_reconstruction:   # with what `prepare` installed: the UNet the latents were inverted with
+            latents = method.reconstruct(model, inverted.trajectory.latents[-1], inverted.cond, progress=progress)
+            reconstruction = decode_latents(model, latents, progress=progress)
+    finally:
+        editor.release(model)
+    vae = decode_latents(model, inverted.trajectory.latents[0], progress=progress) \
+        if editor.reconstructs or report_reconstruction else None
+    return EditedVideo(inverted, edit, frames, vae, reconstruction)
+
+
+def _invert_and_edit(model, video: Video, method, editor: Editor, cache, prompt_overflow: str, progress: bool,
+                     observer) -> tuple[Inverted, Edit]:
     recorder = editor.inversion_observer(model, video.num_frames, (video.height // 8, video.width // 8))
     observers = [o for o in (observer, recorder) if o is not None]
     try:
         inverted = invert_video(model, video, method, cache, prompt_overflow, progress,
                                 Observers(observers) if observers else None, editor.inversion_key())
-        edit = editor.edit(model, inverted.trajectory, video.prompt, prompt_overflow, progress, recorder)
+        return inverted, editor.edit(model, inverted.trajectory, video.prompt, prompt_overflow, progress, recorder)
     finally:
         if recorder is not None and hasattr(recorder, "close"):
             recorder.close()
-    frames = decode_latents(model, edit.latents, progress=progress)
-    reconstruction = None
-    if report_reconstruction:
-        latents = method.reconstruct(model, inverted.trajectory.latents[-1], inverted.cond, progress=progress)
-        reconstruction = decode_latents(model, latents, progress=progress)
-    vae = decode_latents(model, inverted.trajectory.latents[0], progress=progress) \
-        if editor.reconstructs or report_reconstruction else None
-    return EditedVideo(inverted, edit, frames, vae, reconstruction)
