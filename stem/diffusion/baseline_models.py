@@ -21,6 +21,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from transformers import DPTConfig, DPTForDepthEstimation
 
@@ -28,6 +29,8 @@ from stem.core.errors import PICKLE_RISK, StemError
 from stem.diffusion.device import resolve_device, resolve_dtype
 from stem.diffusion.models import (
     PICKLED_SUFFIXES,
+    SD2_DEPTH_HUB_ID,
+    TINY_DEPTH_UNET,
     TINY_UNET,
     DiffusionModel,
     _load_diffusion_model,
@@ -36,6 +39,7 @@ from stem.diffusion.models import (
     first_line,
     module_fingerprint,
     seeded,
+    tiny_depth_unet_config,
 )
 
 __all__ = ["build_tiny_depth_model", "load_depth_model", "build_tiny_controlnet", "load_controlnet",
@@ -43,18 +47,10 @@ __all__ = ["build_tiny_depth_model", "load_depth_model", "build_tiny_controlnet"
 
 log = logging.getLogger(__name__)
 
-SD2_DEPTH_HUB_ID = "stabilityai/stable-diffusion-2-depth"
 CONTROLNET_DEPTH_HUB_ID = "lllyasviel/sd-controlnet-depth"
 DEPTH_ESTIMATOR_HUB_ID = "Intel/dpt-hybrid-midas"
 
-DEPTH_UNET_IN_CHANNELS = 5  # SD 2 depth: 4 latent channels + 1 depth channel
-
-# SD 2 depth's UNet differs from SD 1.5's in three ways that the tiny one mirrors: the depth input channel, a
-# constant head width (SD 2: 64 channels per head, so 5/10/20/20 heads; here 16 channels, so 2/2/4/4 heads) and
-# linear projections in and out of its transformer blocks. Its 1024-d OpenCLIP ViT-H text encoder is kept at the
-# tiny model's 32-d CLIP encoder (shared tokenizer and text encoder shapes with `build_tiny`).
-_TINY_DEPTH_UNET = dict(in_channels=DEPTH_UNET_IN_CHANNELS, attention_head_dim=(2, 2, 4, 4),
-                        use_linear_projection=True)
+DEPTH_UNET_IN_CHANNELS = TINY_DEPTH_UNET["in_channels"]  # SD 2 depth: 4 latent channels + 1 depth channel
 
 # The ControlNet's conditioning embedding: stride-2 convolutions between its blocks take the pixel image down to
 # the latent size, one per factor 2 of the VAE (8 = 2**3: four blocks, as SD's (16, 32, 96, 256)). Tiny widths.
@@ -63,19 +59,17 @@ _TINY_CONTROLNET_EMBEDDING = (8, 16, 16, 32)
 # MiDaS DPT-hybrid's layout at tiny widths, without the hybrid's ResNet (BiT) stem: a plain ViT with patch 16 on
 # 384x384 inputs, four layers whose outputs the DPT neck reassembles (factors 4, 2, 1, 0.5 as DPT's), a small
 # fusion width. The depth head is DPT's (ends in a ReLU: non-negative relative inverse depth).
+# transformers' initialisation (normal, std `initializer_range` = 0.02) shrinks the signal through DPT's ~30 random
+# convolutions to ~1e-9 (measured on a photo); std 0.1 keeps it near unit scale (`build_tiny_depth_estimator`).
 _TINY_DPT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
                  image_size=384, patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
-                 fusion_hidden_size=16, head_in_index=-1, is_hybrid=False, readout_type="project")
-
-
-def tiny_depth_unet_config() -> dict:
-    """The UNet config of `build_tiny_depth_model` (also read by `models.architecture` before building)."""
-    return {**_sd15_unet_config(**TINY_UNET), **_TINY_DEPTH_UNET}
+                 fusion_hidden_size=16, head_in_index=-1, is_hybrid=False, readout_type="project",
+                 initializer_range=0.1)
 
 
 def build_tiny_depth_model(seed: int = 0, device: str = "auto", dtype: str = "auto",
                            out_gain: float = 0.1) -> DiffusionModel:
-    """`build_tiny` with SD 2 depth's 5-channel UNet (see `_TINY_DEPTH_UNET`), randomly initialised from `seed`.
+    """`build_tiny` with SD 2 depth's 5-channel UNet (`models.TINY_DEPTH_UNET`), randomly initialised from `seed`.
 
     Tokenizer, text encoder and VAE are `build_tiny`'s (same seed, same weights), with its two calibrations: the
     VAE's latent scaling factor and the UNet output gain `out_gain` (`build_tiny`'s docstring)."""
@@ -120,7 +114,7 @@ def build_tiny_controlnet(seed: int = 0, device: str = "auto", dtype: str = "aut
                      controlnet.controlnet_mid_block):
             zero.reset_parameters()
     log.info("built tiny ControlNet (random weights, seed %d) on %s/%s", seed, device_t, dtype_t)
-    return controlnet.to(dtype=dtype_t).eval()
+    return (controlnet if dtype_t == torch.float32 else controlnet.to(dtype=dtype_t)).eval()
 
 
 def load_controlnet(path: str = CONTROLNET_DEPTH_HUB_ID, revision: str | None = None, local_files_only: bool = False,
@@ -134,13 +128,42 @@ def load_controlnet(path: str = CONTROLNET_DEPTH_HUB_ID, revision: str | None = 
 
 
 def build_tiny_depth_estimator(seed: int = 0, device: str = "auto", dtype: str = "auto") -> DPTForDepthEstimation:
-    """A `DPTForDepthEstimation` with tiny widths (`_TINY_DPT`), randomly initialised from `seed`."""
+    """A `DPTForDepthEstimation` with tiny widths (`_TINY_DPT`), randomly initialised from `seed`.
+
+    Calibrated like `build_tiny`'s VAE, on a real photo (skimage's astronaut): the depth head's last convolution is
+    rescaled so that its output there has mean 1 and std 0.25 before the head's final ReLU. A random head otherwise
+    outputs zero (the ReLU) on a large part of the image, and the maps would carry little of the frames' content
+    (the real MiDaS outputs positive relative inverse depth almost everywhere)."""
     device_t = resolve_device(device)
     dtype_t = resolve_dtype(dtype, device_t)
     with seeded(seed, device_t):
-        estimator = DPTForDepthEstimation(DPTConfig(**_TINY_DPT))
+        estimator = DPTForDepthEstimation(DPTConfig(**_TINY_DPT)).eval()
+    _calibrate_depth_head(estimator, mean=1.0, std=0.25)
     log.info("built tiny DPT depth estimator (random weights, seed %d) on %s/%s", seed, device_t, dtype_t)
-    return estimator.to(dtype=dtype_t).eval()
+    return (estimator if dtype_t == torch.float32 else estimator.to(dtype=dtype_t)).eval()
+
+
+def _calibrate_depth_head(estimator: DPTForDepthEstimation, mean: float, std: float) -> None:
+    """Rescale the depth head's last convolution so that its output on skimage's astronaut (384x384, normalised by
+    mean/std 0.5 as DPT-hybrid-MiDaS's preprocessing) has this mean and std."""
+    from skimage.data import astronaut
+
+    image = torch.from_numpy(astronaut().copy()).permute(2, 0, 1)[None].float() / 255
+    size = estimator.config.image_size
+    pixels = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True) * 2 - 1
+    last = estimator.head.head[-2]  # Conv2d(32, 1, 1); the ReLU follows
+    seen = []
+    hook = last.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            estimator(pixel_values=pixels.to(estimator.device))
+    finally:
+        hook.remove()
+    out = seen[0].float()
+    scale = std / float(out.std())
+    with torch.no_grad():
+        last.weight.mul_(scale)
+        last.bias.copy_((last.bias - float(out.mean())) * scale + mean)
 
 
 def load_depth_estimator(path: str = DEPTH_ESTIMATOR_HUB_ID, revision: str | None = None,

@@ -150,6 +150,19 @@ def _sd15_unet_config(widths, heads, cross_dim, groups, sample_size) -> dict:
     )
 
 
+# SD 2 depth's UNet (stem.diffusion.baseline_models) differs from SD 1.5's in three ways that its tiny variant mirrors:
+# a depth input channel (4 latent channels + 1 depth), a constant head width (SD 2: 64 channels per head, so
+# 5/10/20/20 heads; tiny: 16 channels, so 2/2/4/4 heads) and linear projections in and out of its transformer blocks.
+# Its 1024-d OpenCLIP ViT-H text encoder is kept at the tiny 32-d CLIP encoder (`build_tiny`'s).
+SD2_DEPTH_HUB_ID = "stabilityai/stable-diffusion-2-depth"
+TINY_DEPTH_UNET = dict(in_channels=5, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True)
+
+
+def tiny_depth_unet_config() -> dict:
+    """The UNet config of `baseline_models.build_tiny_depth_model` (here so that `architecture` reads it)."""
+    return {**_sd15_unet_config(**TINY_UNET), **TINY_DEPTH_UNET}
+
+
 def _sd15_vae_config(widths, groups, layers, sample_size) -> dict:
     return dict(
         in_channels=3,
@@ -257,17 +270,13 @@ def architecture(target: str, settings: dict) -> dict | None:
     local folder, else the Hugging Face cache). None when not known without loading (another target, or configs
     not on this machine): the checks then run after loading, as before."""
     name = target.removeprefix("stem.diffusion.models.")
-    if name.startswith("stem.diffusion.baseline_models."):  # the depth-conditioned model a baseline runs on
-        from stem.diffusion import baseline_models
-
-        name = name.removeprefix("stem.diffusion.baseline_models.")
-        if name == "load_depth_model":
-            name, settings = "load_pretrained", {"path": baseline_models.SD2_DEPTH_HUB_ID, **settings}
+    if name == "stem.diffusion.baseline_models.load_depth_model":  # the depth-conditioned model Pix2Video runs on
+        name, settings = "load_pretrained", {"path": SD2_DEPTH_HUB_ID, **settings}
     if name in ("build_tiny", "build_sd15_arch"):
         unet, vae = (TINY_UNET, TINY_VAE) if name == "build_tiny" else (SD15_UNET, SD15_VAE)
         configs = {"unet": _sd15_unet_config(**unet), "vae": _sd15_vae_config(**vae)}
-    elif target == "stem.diffusion.baseline_models.build_tiny_depth_model":
-        configs = {"unet": baseline_models.tiny_depth_unet_config(), "vae": _sd15_vae_config(**TINY_VAE)}
+    elif name == "stem.diffusion.baseline_models.build_tiny_depth_model":
+        configs = {"unet": tiny_depth_unet_config(), "vae": _sd15_vae_config(**TINY_VAE)}
     elif name == "load_pretrained":
         configs = {sub: _pretrained_config(settings.get("path", SD15_HUB_ID), sub, settings.get("revision"))
                    for sub in ("unet", "vae")}

@@ -167,7 +167,7 @@ def test_tiny_controlnet_residuals_fit_the_tiny_unet(controlnet, tiny_model):
     """Catches: a conditioning embedding that does not bring the pixel image to the latent size (a shape error or
     misaligned residuals), residuals that do not match the UNet's skip connections, zero convolutions left at zero
     (the random ControlNet would add nothing), an encoder not copied from the tiny UNet (from_unet)."""
-    latents, cond = _noise(2, 4, 8, 8), _cond(tiny_model)
+    latents, cond = _noise(2, 4, 8, 8), _cond(tiny_model).expand(2, -1, -1)
     image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))  # pixels: 8 x the latent size
     with torch.no_grad():
         down, mid = controlnet(latents, 500, encoder_hidden_states=cond, controlnet_cond=image, return_dict=False)
