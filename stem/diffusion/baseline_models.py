@@ -23,27 +23,35 @@ from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
-from transformers import DPTConfig, DPTForDepthEstimation
+from transformers import CLIPTextConfig, DPTConfig, DPTForDepthEstimation
 
 from stem.core.errors import PICKLE_RISK, StemError
 from stem.diffusion.device import resolve_device, resolve_dtype
 from stem.diffusion.models import (
     PICKLED_SUFFIXES,
     SD2_DEPTH_HUB_ID,
+    SD15_UNET,
+    SD15_VAE,
+    TEXT_MAX_LENGTH,
     TINY_DEPTH_UNET,
     TINY_UNET,
     DiffusionModel,
+    _build_random,
     _load_diffusion_model,
     _sd15_unet_config,
+    _sd15_vae_config,
     build_tiny,
     first_line,
     module_fingerprint,
+    sd2_depth_unet_config,
     seeded,
     tiny_depth_unet_config,
+    tiny_tokenizer,
 )
 
 __all__ = ["build_tiny_depth_model", "load_depth_model", "build_tiny_controlnet", "load_controlnet",
-           "build_tiny_depth_estimator", "load_depth_estimator", "module_fingerprint", "tiny_depth_unet_config"]
+           "build_tiny_depth_estimator", "load_depth_estimator", "module_fingerprint", "tiny_depth_unet_config",
+           "build_sd2_depth_arch", "build_controlnet_arch", "build_dpt_hybrid_arch"]
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +217,46 @@ def _load_single(cls, path: str, revision: str | None, local_files_only: bool, d
                         f".bin weights) and set {setting}=/that/folder") from e
     log.info("loaded %s %s on %s/%s", what, path, device_t, dtype_t)
     return module.to(device=device_t, dtype=dtype_t).eval()
+
+
+# --- full-size architectures with random weights (model=sd15_arch): real shapes and cost, no download ----------------
+
+def build_sd2_depth_arch(seed: int = 0, device: str = "auto", dtype: str = "auto") -> DiffusionModel:
+    """SD 2 depth's architecture with random weights: its UNet (`models.SD2_DEPTH_UNET`, 5 input channels), SD's
+    VAE, and OpenCLIP ViT-H/14's text tower as SD 2 uses it (1024-d, 23 layers: the penultimate layer's output)."""
+    tok_size = len(tiny_tokenizer())
+    return _build_random(
+        "sd2_depth_arch", sd2_depth_unet_config(), _sd15_vae_config(**SD15_VAE),
+        CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                       num_attention_heads=16, max_position_embeddings=TEXT_MAX_LENGTH, hidden_act="gelu",
+                       projection_dim=512, bos_token_id=tok_size - 2, eos_token_id=tok_size - 1,
+                       pad_token_id=tok_size - 1),
+        seed, device, dtype,
+    )
+
+
+def build_controlnet_arch(seed: int = 0, device: str = "auto", dtype: str = "auto") -> ControlNetModel:
+    """ControlNet for SD 1.5 (lllyasviel/sd-controlnet-depth's architecture: `from_unet` of SD 1.5's UNet, the
+    default 16/32/96/256 conditioning embedding) with random weights."""
+    device_t = resolve_device(device)
+    dtype_t = resolve_dtype(dtype, device_t)
+    with seeded(seed, device_t):
+        controlnet = ControlNetModel.from_unet(UNet2DConditionModel(**_sd15_unet_config(**SD15_UNET)))
+    return (controlnet if dtype_t == torch.float32 else controlnet.to(dtype=dtype_t)).eval()
+
+
+# MiDaS DPT-hybrid (Intel/dpt-hybrid-midas config.json): ViT-B/16 on a BiT ResNet stem (transformers' default BiT
+# backbone for is_hybrid: depths 3/4/9), the neck reading two backbone stages and ViT layers 9 and 12.
+DPT_HYBRID = dict(is_hybrid=True, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                  image_size=384, patch_size=16, backbone_out_indices=[2, 5, 8, 11], readout_type="project",
+                  reassemble_factors=[1, 1, 1, 0.5], neck_hidden_sizes=[256, 512, 768, 768], fusion_hidden_size=256,
+                  backbone_featmap_shape=[1, 1024, 24, 24], neck_ignore_stages=[0, 1], head_in_index=-1)
+
+
+def build_dpt_hybrid_arch(seed: int = 0, device: str = "auto", dtype: str = "auto") -> DPTForDepthEstimation:
+    """MiDaS DPT-hybrid's architecture (`DPT_HYBRID`) with random weights."""
+    device_t = resolve_device(device)
+    dtype_t = resolve_dtype(dtype, device_t)
+    with seeded(seed, device_t):
+        estimator = DPTForDepthEstimation(DPTConfig(**DPT_HYBRID))
+    return (estimator if dtype_t == torch.float32 else estimator.to(dtype=dtype_t)).eval()

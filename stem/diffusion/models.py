@@ -158,6 +158,16 @@ SD2_DEPTH_HUB_ID = "stabilityai/stable-diffusion-2-depth"
 TINY_DEPTH_UNET = dict(in_channels=5, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True)
 
 
+# SD 2 depth's UNet at full size (stabilityai/stable-diffusion-2-depth unet/config.json): SD's widths, 64-channel
+# heads (5, 10, 20, 20 heads), 1024-d cross-attention, linear projections, 5 input channels.
+SD2_DEPTH_UNET = dict(widths=(320, 640, 1280, 1280), heads=(5, 10, 20, 20), cross_dim=1024, groups=32, sample_size=64)
+
+
+def sd2_depth_unet_config() -> dict:
+    """The UNet config of `baseline_models.build_sd2_depth_arch` (SD 2 depth's)."""
+    return {**_sd15_unet_config(**SD2_DEPTH_UNET), "in_channels": 5, "use_linear_projection": True}
+
+
 def tiny_depth_unet_config() -> dict:
     """The UNet config of `baseline_models.build_tiny_depth_model` (here so that `architecture` reads it)."""
     return {**_sd15_unet_config(**TINY_UNET), **TINY_DEPTH_UNET}
@@ -277,6 +287,8 @@ def architecture(target: str, settings: dict) -> dict | None:
         configs = {"unet": _sd15_unet_config(**unet), "vae": _sd15_vae_config(**vae)}
     elif name == "stem.diffusion.baseline_models.build_tiny_depth_model":
         configs = {"unet": tiny_depth_unet_config(), "vae": _sd15_vae_config(**TINY_VAE)}
+    elif name == "stem.diffusion.baseline_models.build_sd2_depth_arch":
+        configs = {"unet": sd2_depth_unet_config(), "vae": _sd15_vae_config(**SD15_VAE)}
     elif name == "load_pretrained":
         configs = {sub: _pretrained_config(settings.get("path", SD15_HUB_ID), sub, settings.get("revision"))
                    for sub in ("unet", "vae")}

@@ -330,3 +330,35 @@ def test_sd15_preset_entries_resolve_to_the_loaders():
         assert set(node) <= set(parameters), (name, set(node) - set(parameters))
         required = {p for p, v in parameters.items() if v.default is inspect.Parameter.empty}
         assert required <= set(node)
+
+
+def test_sd15_arch_preset_builds_full_size_baseline_archs_on_meta_device():
+    """Catches: model=sd15_arch without the baselines' weights (Table 2 timing on GPU would stop at a ConfigError),
+    SD 2 depth's UNet built in SD 1.5's layout (8 heads, 768-d cross-attention, 4 channels), a ControlNet whose
+    residuals do not fit SD's UNet at 512x512, a depth estimator that is not DPT-hybrid's 384x384 ViT."""
+    from hydra.utils import instantiate
+
+    nodes = _baseline_nodes("sd15_arch")
+    built = {name: instantiate(node, device="meta") for name, node in nodes.items()}
+    depth = built["sd2_depth"]
+    # SD 2's UNet has 865,910,724 parameters; the depth channel adds 320 x 9 conv_in weights.
+    assert sum(p.numel() for p in depth.unet.parameters()) == 865_910_724 + 320 * 9
+    assert depth.unet.config.in_channels == 5 and tuple(depth.unet.config.attention_head_dim) == (5, 10, 20, 20)
+    assert depth.unet.config.cross_attention_dim == 1024 and depth.unet.config.use_linear_projection is True
+    assert depth.text_encoder.config.hidden_size == 1024 and depth.text_encoder.config.num_hidden_layers == 23
+    assert architecture("stem.diffusion.baseline_models.build_sd2_depth_arch", {})["unet"]["in_channels"] == 5
+    controlnet = built["controlnet_depth"]
+    meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731 - shapes only
+    with torch.no_grad():
+        down, mid = controlnet(meta(1, 4, 64, 64), 500, encoder_hidden_states=meta(1, 77, 768),
+                               controlnet_cond=meta(1, 3, 512, 512), return_dict=False)
+    # SD 1.5's skip connections at 64x64 latents: conv_in, then 2 resnets + a downsampler per level (none last).
+    # Each level's downsampler output is at the next level's size and still at this level's width.
+    widths = (320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280)
+    sizes = (64,) * 3 + (32,) * 3 + (16,) * 3 + (8,) * 3
+    assert [tuple(r.shape) for r in down] == [(1, c, s, s) for c, s in zip(widths, sizes)]
+    assert tuple(mid.shape) == (1, 1280, 8, 8)
+    estimator = built["depth_estimator"]
+    assert estimator.config.is_hybrid and estimator.config.hidden_size == 768
+    with torch.no_grad():
+        assert estimator(pixel_values=meta(1, 3, 384, 384)).predicted_depth.shape == (1, 384, 384)
