@@ -209,6 +209,7 @@ def _load_single(cls, path: str, revision: str | None, local_files_only: bool, d
     source = str(local) if local.exists() else path
     kwargs = dict(local_files_only=local_files_only, use_safetensors=True)
     kwargs.update({k: v for k, v in (("revision", revision), ("subfolder", subfolder)) if v})  # else the defaults
+    kwargs["torch_dtype" if issubclass(cls, ControlNetModel) else "dtype"] = dtype_t  # diffusers' / transformers' name
     try:
         module = cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
@@ -216,7 +217,7 @@ def _load_single(cls, path: str, revision: str | None, local_files_only: bool, d
                         f"with internet (hf download {hub_id} --local-dir /that/folder; convert it if it has only "
                         f".bin weights) and set {setting}=/that/folder") from e
     log.info("loaded %s %s on %s/%s", what, path, device_t, dtype_t)
-    return module.to(device=device_t, dtype=dtype_t).eval()
+    return module.to(device_t).eval()
 
 
 # --- full-size architectures with random weights (model=sd15_arch): real shapes and cost, no download ----------------

@@ -198,6 +198,7 @@ def test_controlnet_round_trips_and_pickles_are_refused(controlnet, tmp_path):
     assert isinstance(loaded, ControlNetModel) and not loaded.training
     _assert_same_state(loaded, controlnet)
     assert module_fingerprint(loaded) == module_fingerprint(controlnet)
+    assert load_controlnet(str(folder), device="cpu", dtype="bf16").dtype == torch.bfloat16
     _pickle_only(folder, "diffusion_pytorch_model")
     _one_line_refusal(lambda: load_controlnet(str(folder), device="cpu"), "only pickled weights",
                       "ControlNetModel", f"baseline_models.controlnet_depth.path={folder}_safetensors")
@@ -223,6 +224,7 @@ def test_tiny_depth_estimator_round_trips_from_a_folder_or_a_subfolder(estimator
         with torch.no_grad():
             torch.testing.assert_close(loaded(pixel_values=pixels).predicted_depth, depth, rtol=1e-5, atol=1e-6)
     folder = tmp_path / "sd2" / "depth_estimator"
+    assert load_depth_estimator(str(folder), device="cpu", dtype="bf16").dtype == torch.bfloat16
     _pickle_only(folder, "model")
     _one_line_refusal(lambda: load_depth_estimator(str(folder), device="cpu"), "only pickled weights",
                       "DPTForDepthEstimation", f"baseline_models.depth_estimator.path={folder}_safetensors")
