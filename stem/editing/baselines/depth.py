@@ -41,16 +41,17 @@ def depth_processor(**overrides) -> DPTImageProcessor:
 
 @torch.no_grad()
 def estimate_depth(estimator, frames: torch.Tensor, batch_size: int = 8, processor: DPTImageProcessor | None = None,
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, size: tuple[int, int] | None = None) -> torch.Tensor:
     """(N, 1, H, W) float32 CPU: the estimator's relative inverse depth of each frame of `frames` ((N, 3, H, W) in
-    [0, 1]) at the frames' resolution, `batch_size` frames per estimator call (a tqdm bar over batches)."""
+    [0, 1]) at the frames' resolution, or at `size` = (h, w) (diffusers' depth-to-image pipeline upsamples the
+    prediction straight to the latent size), `batch_size` frames per estimator call (a tqdm bar over batches)."""
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise StemError(f"estimate_depth needs frames (N, 3, H, W), got {tuple(frames.shape)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise StemError(f"estimate_depth: batch_size={batch_size} must be an integer >= 1")
     processor = processor or depth_processor()
     device, dtype = estimator.device, estimator.dtype
-    height, width = frames.shape[-2:]
+    height, width = size or frames.shape[-2:]
     maps = []
     for start in tqdm(range(0, len(frames), batch_size), desc="depth maps", unit="batch", disable=not progress):
         batch = frames[start:start + batch_size].float().cpu()
@@ -61,27 +62,30 @@ def estimate_depth(estimator, frames: torch.Tensor, batch_size: int = 8, process
     return torch.cat(maps)
 
 
-def depth_key(cache, fingerprint: str, frames: torch.Tensor, processor: DPTImageProcessor) -> str:
+def depth_key(cache, fingerprint: str, frames: torch.Tensor, processor: DPTImageProcessor,
+              size: tuple[int, int] | None = None) -> str:
     """The cache key of a clip's depth maps: its frames, the estimator's weights (`fingerprint`, from
-    `module_fingerprint`) and the preprocessing."""
-    return cache.key(what="depth", frames=frames, estimator=fingerprint, preprocessing=processor.to_dict())
+    `module_fingerprint`), the preprocessing and the output size."""
+    return cache.key(what="depth", frames=frames, estimator=fingerprint, preprocessing=processor.to_dict(),
+                     size=list(size or frames.shape[-2:]))
 
 
 def depth_maps(estimator, video, cache=None, progress: bool = True, batch_size: int = 8,
-               processor: DPTImageProcessor | None = None) -> torch.Tensor:
-    """`estimate_depth` of `video.frames`, computed once per clip: kept in `cache.sibling("depth")` (`cache`: the
-    job's inversion cache, a `stem.runs.cache.TensorCache`), recomputed and not stored when `cache` is None."""
+               processor: DPTImageProcessor | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """`estimate_depth` of `video.frames` (at `size`, default the frames'), computed once per clip: kept in
+    `cache.sibling("depth")` (`cache`: the job's inversion cache, a `stem.runs.cache.TensorCache`), recomputed and
+    not stored when `cache` is None."""
     processor = processor or depth_processor()
     if cache is None:
-        return estimate_depth(estimator, video.frames, batch_size, processor, progress)
+        return estimate_depth(estimator, video.frames, batch_size, processor, progress, size)
     store = cache.sibling("depth")
     fingerprint = module_fingerprint(estimator)
-    key = depth_key(cache, fingerprint, video.frames, processor)
+    key = depth_key(cache, fingerprint, video.frames, processor, size)
     found = store.load(key)
     if found is not None:
         log.info("depth maps of %s from the cache (%s)", video.name, store.path(key))
         return found[0]["depth"]
-    depth = estimate_depth(estimator, video.frames, batch_size, processor, progress)
+    depth = estimate_depth(estimator, video.frames, batch_size, processor, progress, size)
     store.save_or_warn(key, {"depth": depth}, {"video": video.name, "estimator": fingerprint},
                        what="depth")
     return depth

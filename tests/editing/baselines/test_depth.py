@@ -86,6 +86,10 @@ def test_depth_is_the_prediction_upsampled_bicubically_to_the_frames(estimator):
     torch.testing.assert_close(depth, expected, rtol=1e-5, atol=1e-6)
     naive = F.interpolate(outputs.predicted_depth[:, None], size=(40, 56), mode="bilinear", align_corners=False)
     assert (naive - depth).abs().max() > 1e-4  # the check above tells bicubic from bilinear
+    # At a given size (the latent size, as diffusers' depth-to-image pipeline): straight from the prediction.
+    latent = estimate_depth(estimator, frames, size=(5, 7))
+    expected = F.interpolate(outputs.predicted_depth[:, None], size=(5, 7), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(latent, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_depth_maps_are_computed_once_per_clip(estimator, tmp_path):
@@ -107,6 +111,9 @@ def test_depth_maps_are_computed_once_per_clip(estimator, tmp_path):
         assert len(calls.pixels) == 1
     assert not torch.equal(third[2], first[2])
     assert len(list((tmp_path / "depth").iterdir())) == 2
+    with Calls(estimator) as calls:
+        small = depth_maps(estimator, video, cache, progress=False, size=(5, 7))
+        assert len(calls.pixels) == 1 and small.shape == (3, 1, 5, 7)  # another size, another entry
 
 
 def test_depth_key_changes_with_the_estimator_and_no_cache_stores_nothing(estimator, tmp_path):
