@@ -56,7 +56,10 @@ def estimate_depth(estimator, frames: torch.Tensor, batch_size: int = 8, process
     for start in tqdm(range(0, len(frames), batch_size), desc="depth maps", unit="batch", disable=not progress):
         batch = frames[start:start + batch_size].float().cpu()
         pixels = processor(images=list(batch), return_tensors="pt").pixel_values
-        depth = estimator(pixel_values=pixels.to(device, dtype)).predicted_depth  # (B, h, w)
+        # Half precision under autocast, as diffusers' depth-to-image pipeline runs DPT-hybrid (its ResNet stem's
+        # normalisation layers are not reliable in fp16 otherwise).
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
+            depth = estimator(pixel_values=pixels.to(device, dtype)).predicted_depth  # (B, h, w)
         depth = F.interpolate(depth[:, None].float(), size=(height, width), mode="bicubic", align_corners=False)
         maps.append(depth.cpu())
     return torch.cat(maps)
