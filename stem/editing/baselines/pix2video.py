@@ -211,7 +211,7 @@ class Pix2VideoEditor(Editor):
         self.latent_update_scale, self.latent_update_steps = float(latent_update_scale), int(latent_update_steps)
         self.injection_layers, self.depth_interpolation = injection_layers, depth_interpolation
         self.depth: torch.Tensor | None = None
-        self._hook: DepthConditioning | None = None
+        self.depth_hook: DepthConditioning | None = None   # installed by prepare, removed by release
 
     def settings(self) -> dict:
         return {**super().settings(), "latent_update_scale": self.latent_update_scale,
@@ -233,12 +233,12 @@ class Pix2VideoEditor(Editor):
         self.release(model)
         raw = depth_maps(self.models["depth_estimator"], video, cache, progress)
         self.depth = normalise_depth(raw, (video.height // 8, video.width // 8), self.depth_interpolation)
-        self._hook = DepthConditioning(model.unet, self.depth.to(model.device, model.dtype)).install()
+        self.depth_hook = DepthConditioning(model.unet, self.depth.to(model.device, model.dtype)).install()
 
     def release(self, model) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        if self.depth_hook is not None:
+            self.depth_hook.remove()
+            self.depth_hook = None
 
     def inversion_key(self) -> dict | None:
         """The inversion is depth-conditioned: the normalisation and a hash of the maps themselves (which carry the
@@ -252,7 +252,7 @@ class Pix2VideoEditor(Editor):
     # ---- editing -------------------------------------------------------------------------------
     def _edit(self, model, trajectory: Trajectory, prompts: Prompts, progress: bool,
               observed=None) -> tuple[torch.Tensor, dict]:
-        hook = self._hook
+        hook = self.depth_hook
         if hook is None or hook.handle is None:
             raise ConfigError("Pix2Video needs the video's depth maps on the UNet: edit through "
                               "stem.runs.edit.edit_video (or call editor.prepare(model, video, cache) first)")
@@ -262,7 +262,6 @@ class Pix2VideoEditor(Editor):
                               "prepare() on the same video")
         guidance = self.guidance_scale != 1
         emb = torch.cat([prompts.negative, prompts.target]) if guidance else prompts.target
-        alphas = model.scheduler.alphas_cumprod
         start = start_latents(model.scheduler, trajectory, steps, "inverted")  # each frame's own inverted z at t_0
         store = FeatureStore()
         original = dict(unet.attn_processors)

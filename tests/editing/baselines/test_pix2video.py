@@ -288,7 +288,7 @@ def test_guidance_one_and_no_update_reduce_to_per_frame_depth_ddim(depth_model, 
         scheduler.set_timesteps(4)
         neg, tgt = (encode_prompt(depth_model, p) for p in ("", "a red fox"))
         z = inverted.trajectory.latents[-1][:1]
-        with torch.no_grad(), editor._hook.only([0]):
+        with torch.no_grad(), editor.depth_hook.only([0]):
             for t in scheduler.timesteps:
                 u = depth_model.unet(z, t, encoder_hidden_states=neg).sample
                 c = depth_model.unet(z, t, encoder_hidden_states=tgt).sample
