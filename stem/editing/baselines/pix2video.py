@@ -221,7 +221,9 @@ class Pix2VideoEditor(Editor):
     # ---- depth ---------------------------------------------------------------------------------
     def prepare(self, model, video, cache, progress: bool = True) -> None:
         """Depth maps of the clip (estimated once, cached beside the inversion cache) and the depth hook on the UNet,
-        active until `release`: the inversion, the edit and the reconstruction are all depth-conditioned."""
+        active until `release`: the inversion, the edit and the reconstruction are all depth-conditioned. (No
+        `inversion_observer`: an observer makes `invert_video` invert again on a cache hit, and this hook already
+        conditions the inversion; `inversion_key` puts the depth into its cache key.)"""
         channels = model.unet.config.in_channels
         if channels != LATENT_CHANNELS + 1:
             raise ConfigError(f"Pix2Video edits with a depth-conditioned UNet (5 input channels: latents and depth); "
