@@ -265,6 +265,7 @@ def test_hook_and_processors_are_removed_after_the_edit_on_error_and_by_release(
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
+    editor.prepare(tiny_model, pan, None, progress=False)   # release forgot the control images
     handle = controlnet.register_forward_pre_hook(boom, with_kwargs=True)
     try:
         with pytest.raises(RuntimeError, match="boom"):
