@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,19 +86,26 @@ class DiffusionModel:
         Computed once: it describes the weights as loaded, not later in-place changes.
         """
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for module in (self.unet, self.vae, self.text_encoder):
-                config = {k: v for k, v in dict(module.config.to_dict() if hasattr(module.config, "to_dict")
-                                                else module.config).items()
-                          if not k.startswith("_") and k not in _SERIALISATION_KEYS}
-                h.update(json.dumps(config, sort_keys=True, default=str).encode())
-                for name, p in module.state_dict().items():
-                    flat = p.detach().reshape(-1)
-                    sample = torch.cat([flat[:256], flat[-256:]]).float().cpu()
-                    h.update(name.encode())
-                    h.update(sample.numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = module_fingerprint(self.unet, self.vae, self.text_encoder)
         return self._fingerprint
+
+
+def module_fingerprint(*modules: torch.nn.Module) -> str:
+    """Content hash (16 hex digits) of modules' configs plus a sample of every tensor, for cache keys: the
+    code of `DiffusionModel.fingerprint`, for any diffusers or transformers module with a `config` (a
+    ControlNet, a depth estimator). Computed on each call (it reads every parameter once)."""
+    h = hashlib.sha256()
+    for module in modules:
+        config = {k: v for k, v in dict(module.config.to_dict() if hasattr(module.config, "to_dict")
+                                        else module.config).items()
+                  if not k.startswith("_") and k not in _SERIALISATION_KEYS}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for name, p in module.state_dict().items():
+            flat = p.detach().reshape(-1)
+            sample = torch.cat([flat[:256], flat[-256:]]).float().cpu()
+            h.update(name.encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def ddim_scheduler(config: dict | None = None) -> DDIMScheduler:
@@ -142,6 +150,29 @@ def _sd15_unet_config(widths, heads, cross_dim, groups, sample_size) -> dict:
     )
 
 
+# SD 2 depth's UNet (stem.diffusion.baseline_models) differs from SD 1.5's in three ways that its tiny variant mirrors:
+# a depth input channel (4 latent channels + 1 depth), a constant head width (SD 2: 64 channels per head, so
+# 5/10/20/20 heads; tiny: 16 channels, so 2/2/4/4 heads) and linear projections in and out of its transformer blocks.
+# Its 1024-d OpenCLIP ViT-H text encoder is kept at the tiny 32-d CLIP encoder (`build_tiny`'s).
+SD2_DEPTH_HUB_ID = "stabilityai/stable-diffusion-2-depth"
+TINY_DEPTH_UNET = dict(in_channels=5, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True)
+
+
+# SD 2 depth's UNet at full size (stabilityai/stable-diffusion-2-depth unet/config.json): SD's widths, 64-channel
+# heads (5, 10, 20, 20 heads), 1024-d cross-attention, linear projections, 5 input channels.
+SD2_DEPTH_UNET = dict(widths=(320, 640, 1280, 1280), heads=(5, 10, 20, 20), cross_dim=1024, groups=32, sample_size=64)
+
+
+def sd2_depth_unet_config() -> dict:
+    """The UNet config of `baseline_models.build_sd2_depth_arch` (SD 2 depth's)."""
+    return {**_sd15_unet_config(**SD2_DEPTH_UNET), "in_channels": 5, "use_linear_projection": True}
+
+
+def tiny_depth_unet_config() -> dict:
+    """The UNet config of `baseline_models.build_tiny_depth_model` (here so that `architecture` reads it)."""
+    return {**_sd15_unet_config(**TINY_UNET), **TINY_DEPTH_UNET}
+
+
 def _sd15_vae_config(widths, groups, layers, sample_size) -> dict:
     return dict(
         in_channels=3,
@@ -157,16 +188,23 @@ def _sd15_vae_config(widths, groups, layers, sample_size) -> dict:
     )
 
 
+@contextmanager
+def seeded(seed: int, device: torch.device):
+    """Build modules on `device` from the random state `seed`, leaving the caller's random state untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            yield
+
+
 def _build_random(name: str, unet_cfg: dict, vae_cfg: dict, text_cfg: CLIPTextConfig,
                   seed: int, device: str, dtype: str) -> DiffusionModel:
     device_t = resolve_device(device)
     dtype_t = resolve_dtype(dtype, device_t)
-    with torch.random.fork_rng(devices=[device_t] if device_t.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with torch.device(device_t):
-            unet = UNet2DConditionModel(**unet_cfg)
-            vae = AutoencoderKL(**vae_cfg)
-            text_encoder = CLIPTextModel(text_cfg)
+    with seeded(seed, device_t):
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        text_encoder = CLIPTextModel(text_cfg)
     if dtype_t != torch.float32:
         unet, vae, text_encoder = (m.to(dtype=dtype_t) for m in (unet, vae, text_encoder))
     model = DiffusionModel(
@@ -237,14 +275,20 @@ def build_sd15_arch(seed: int = 0, device: str = "auto", dtype: str = "auto") ->
 def architecture(target: str, settings: dict) -> dict | None:
     """What the model preset `target(**settings)` will build, read without loading any weights, for checks
     before model work: {"unet": its UNet config, "vae_scale": pixels per latent, "num_train_timesteps": the
-    scheduler's}. From the code for `build_tiny`/`build_sd15_arch`; from unet/config.json and
-    vae/config.json for `load_pretrained` (a local folder, else the Hugging Face cache). None when not
-    known without loading (another target, or configs not on this machine): the checks then run after
-    loading, as before."""
+    scheduler's}. From the code for `build_tiny`/`build_sd15_arch` (and `baseline_models.build_tiny_depth_model`);
+    from unet/config.json and vae/config.json for `load_pretrained` (and `baseline_models.load_depth_model`; a
+    local folder, else the Hugging Face cache). None when not known without loading (another target, or configs
+    not on this machine): the checks then run after loading, as before."""
     name = target.removeprefix("stem.diffusion.models.")
+    if name == "stem.diffusion.baseline_models.load_depth_model":  # the depth-conditioned model Pix2Video runs on
+        name, settings = "load_pretrained", {"path": SD2_DEPTH_HUB_ID, **settings}
     if name in ("build_tiny", "build_sd15_arch"):
         unet, vae = (TINY_UNET, TINY_VAE) if name == "build_tiny" else (SD15_UNET, SD15_VAE)
         configs = {"unet": _sd15_unet_config(**unet), "vae": _sd15_vae_config(**vae)}
+    elif name == "stem.diffusion.baseline_models.build_tiny_depth_model":
+        configs = {"unet": tiny_depth_unet_config(), "vae": _sd15_vae_config(**TINY_VAE)}
+    elif name == "stem.diffusion.baseline_models.build_sd2_depth_arch":
+        configs = {"unet": sd2_depth_unet_config(), "vae": _sd15_vae_config(**SD15_VAE)}
     elif name == "load_pretrained":
         configs = {sub: _pretrained_config(settings.get("path", SD15_HUB_ID), sub, settings.get("revision"))
                    for sub in ("unet", "vae")}
@@ -284,15 +328,23 @@ def load_pretrained(path: str = SD15_HUB_ID, revision: str | None = None, device
     as written by `save_pretrained` or `StableDiffusionPipeline.save_pretrained`. The
     scheduler folder only contributes the noise schedule; the DDIM settings are the paper's.
     """
+    return _load_diffusion_model(path, revision, device, dtype, local_files_only, hub_id=SD15_HUB_ID,
+                                 setting="model.path")
+
+
+def _load_diffusion_model(path: str, revision: str | None, device: str, dtype: str, local_files_only: bool,
+                          hub_id: str, setting: str, pipeline: str = "StableDiffusionPipeline") -> DiffusionModel:
+    """`load_pretrained`'s loading, for any Stable Diffusion pipeline folder; errors name `hub_id` (the
+    download), `setting` (the config key of the path) and `pipeline` (diffusers' class of that folder)."""
     device_t = resolve_device(device)
     dtype_t = resolve_dtype(dtype, device_t)
     local = Path(path).expanduser()
     source = str(local) if local.exists() else path
     if local.is_absolute() and not local.exists():
-        raise StemError(f"model folder {path} does not exist; set model.path to a folder with "
+        raise StemError(f"model folder {path} does not exist; set {setting} to a folder with "
                         "unet/ vae/ text_encoder/ tokenizer/ scheduler/ (safetensors weights)")
     if local.is_dir():
-        _refuse_pickled_only(local)
+        _refuse_pickled_only(local, setting, pipeline)
     common = dict(revision=revision, local_files_only=local_files_only)
     weights = dict(common, use_safetensors=True, torch_dtype=dtype_t)
     try:
@@ -302,10 +354,9 @@ def load_pretrained(path: str = SD15_HUB_ID, revision: str | None = None, device
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
         scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", **common)
     except (OSError, ValueError, EnvironmentError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StemError(f"could not load Stable Diffusion weights from '{path}' ({reason}); download them "
-                        "once on a machine with internet (hf download "
-                        f"{SD15_HUB_ID}) and set model.path=/that/folder") from e
+        raise StemError(f"could not load Stable Diffusion weights from '{path}' ({first_line(e)}); download them "
+                        f"once on a machine with internet (hf download {hub_id} --local-dir /that/folder) and "
+                        f"set {setting}=/that/folder") from e
     model = DiffusionModel(
         unet=unet.to(device_t).eval(),
         vae=vae.to(device_t).eval(),
@@ -321,7 +372,12 @@ def load_pretrained(path: str = SD15_HUB_ID, revision: str | None = None, device
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def _refuse_pickled_only(folder: Path) -> None:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when empty), for one-line errors."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _refuse_pickled_only(folder: Path, setting: str = "model.path", pipeline: str = "StableDiffusionPipeline") -> None:
     """StemError, with the conversion command, for a component folder with pickled weights and no safetensors
     (they are never unpickled here). The command loads safetensors where a component has them and the pickles
     elsewhere (diffusers' default), then writes safetensors only."""
@@ -333,8 +389,8 @@ def _refuse_pickled_only(folder: Path) -> None:
             raise StemError(
                 f"{folder / sub} has only pickled weights ({', '.join(sorted(pickled))}), which are refused; convert "
                 f"the folder to safetensors once, {PICKLE_RISK}: python -c \"from diffusers import "
-                f"StableDiffusionPipeline as P; P.from_pretrained('{folder}', safety_checker=None)"
-                f".save_pretrained('{out}', safe_serialization=True)\" and set model.path={out}")
+                f"{pipeline} as P; P.from_pretrained('{folder}', safety_checker=None)"
+                f".save_pretrained('{out}', safe_serialization=True)\" and set {setting}={out}")
 
 
 def save_pretrained(model: DiffusionModel, path: str | Path) -> None:
