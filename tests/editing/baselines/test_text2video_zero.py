@@ -344,3 +344,21 @@ def test_end_to_end_edit_on_the_tiny_models(tiny_model, controlnet, estimator, p
     assert result.edit.info["controlnet_calls"] == 3 * 2   # chunks x steps
     assert editor.control is None   # released
     _assert_clean(tiny_model.unet, controlnet, before)
+
+
+@pytest.mark.slow   # ~30 s on 2 busy cores: opt in with -m slow
+def test_run_py_job_builds_the_baseline_models_and_writes_the_edit(tmp_path):
+    """`python run.py editing=text2video_zero` on the tiny preset: the job builds the ControlNet and depth estimator
+    named in `needs`, inverts (unused), edits and scores. Catches: a config the job cannot build, `needs` names the
+    preset lacks, or the run labelled with the inversion's name (it is Text2Video-Zero whatever the inversion)."""
+    from stem.app.job import run_job
+
+    cfg = compose_config(tmp_path, "editing=text2video_zero", "editing.prompt=a robot", "inversion=stem",
+                         "inversion.num_bases=4", "inversion.num_steps=2", "editing.num_steps=2",
+                         "editing.chunk_size=3", "prompt_overflow=truncate", "data.width=64", "data.height=64",
+                         "metrics.clip.pretrained=null")
+    metrics = run_job(cfg, tmp_path / "run")
+    assert metrics["method"] == "Text2Video-Zero" and metrics["edit_prompt"] == "a robot"
+    assert metrics["editing"]["seed"] == 42 and metrics["edit_info"]["chunks"] == [[0, 0, 1], [0, 2, 3]]
+    assert (tmp_path / "run" / "edited.mp4").exists() and {"clip", "warp_error"} <= set(metrics)
+    assert any((tmp_path / "cache" / "depth").rglob("*.safetensors"))   # the depth maps were cached
