@@ -9,7 +9,7 @@ entry point, calls into it). One package per concern, lower layers never importi
 - `stem.data`         videos and frame folders, the synthetic camera pan with exact flow
 - `stem.distributed`  frame slices and collectives of a frame-sharded job
 - `stem.inversion`    inversion methods and their attention processors: EM (Eq. 8-11), STEM attention (Eq. 7)
-- `stem.editing`      TokenFlow and FateZero editing on any inversion
+- `stem.editing`      TokenFlow and FateZero editing on any inversion; the other Table 2 baselines
 - `stem.runs`         invert (cached), reconstruct or edit; the cache, run directory, prechecks
 - `stem.reporting`    tables rebuilt from run directories, plots, display names, provenance
 - `stem.metrics`      PSNR/SSIM, warp error, CLIP score, feature similarity; a run's evaluation
@@ -36,6 +36,8 @@ _EXPORTS = {
     "STEMInversion": "stem.inversion.methods", "FateZeroInversion": "stem.inversion.methods",
     "Edit": "stem.editing.base", "Editor": "stem.editing.base",
     "TokenFlowEditor": "stem.editing.tokenflow", "FateZeroEditor": "stem.editing.fatezero",
+    "TuneAVideoEditor": "stem.editing.baselines.tuneavideo", "Pix2VideoEditor": "stem.editing.baselines.pix2video",
+    "Text2VideoZeroEditor": "stem.editing.baselines.text2video_zero",
     "TensorCache": "stem.runs.cache", "invert_video": "stem.runs.reconstruction",
     "reconstruct_video": "stem.runs.reconstruction", "edit_video": "stem.runs.edit",
     "psnr": "stem.metrics.reconstruction", "ssim": "stem.metrics.reconstruction",
