@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from stem.core.errors import ConfigError
 from stem.data.synthetic import camera_pan
 from stem.diffusion.models import build_tiny
-from stem.editing.baselines.tuneavideo import TuneAVideoEditor, TemporalAttention, transformer_blocks
+from stem.editing.baselines.tuneavideo import TemporalAttention, TuneAVideoEditor, transformer_blocks
 from stem.runs.cache import TensorCache
 
 ROOT = Path(__file__).resolve().parents[3]
