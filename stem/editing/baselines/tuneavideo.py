@@ -317,10 +317,7 @@ class TuneAVideoEditor(Editor):
             unet.train(self.gradient_checkpointing)  # diffusers checkpoints only in train mode (dropout is 0 in SD)
             try:
                 for step in steps:
-                    e = torch.randn(mean.shape, generator=generator)
-                    z0 = (mean + std * e.to(mean.device)) * scale
-                    t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
-                    noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+                    z0, t, noise = self.draw(generator, mean, std, scale, scheduler.config.num_train_timesteps)
                     zt = scheduler.add_noise(z0, noise, t)
                     target = noise if scheduler.config.prediction_type == "epsilon" else \
                         scheduler.get_velocity(z0, noise, t)
@@ -332,8 +329,8 @@ class TuneAVideoEditor(Editor):
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     self.optimizer_steps += 1
-                    self.losses.append(float(loss))
-                    steps.set_postfix(loss=f"{float(loss):.4f}")
+                    self.losses.append(loss.item())
+                    steps.set_postfix(loss=f"{self.losses[-1]:.4f}")
                     done = step + 1
                     if checkpoint is not None and done % self.checkpoint_every == 0 and done < self.train_steps:
                         self._save_checkpoint(checkpoint, done, unet, optimizer, generator)
@@ -342,6 +339,17 @@ class TuneAVideoEditor(Editor):
                 if mixed:
                     for p in params:
                         p.data = p.data.to(model.dtype)
+
+    @staticmethod
+    def draw(generator: torch.Generator, mean: torch.Tensor, std: torch.Tensor, scale: float,
+             num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step's draws, as released: z0 = (mean + std e) * scale from the VAE posterior of every frame, one
+        timestep t ~ U{0..T-1} for the clip, eps ~ N(0, I); all from `generator` (CPU), in this order."""
+        e = torch.randn(mean.shape, generator=generator).to(mean.device)
+        z0 = (mean + std * e) * scale
+        t = torch.randint(0, num_train_timesteps, (1,), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+        return z0, t, noise
 
     @contextlib.contextmanager
     def _checkpointing(self, unet):
