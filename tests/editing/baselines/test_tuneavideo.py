@@ -88,12 +88,21 @@ def naive_temporal(layer: TemporalAttention, x: torch.Tensor, n: int) -> torch.T
     return out
 
 
-def test_only_the_released_modules_are_trained_and_the_rest_is_bit_identical(model, video, count_steps):
+def test_only_the_released_modules_are_trained_and_the_rest_is_bit_identical(model, video, count_steps, monkeypatch):
     """Catches: the whole UNet (or the temporal LayerNorm, or the key/value projections) trained; attn2.to_q
     forgotten; frozen weights nudged by weight decay or a stray in-place op; requires_grad flags left changed."""
     unet = model.unet
+    built = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(True)   # as a model loaded for training would be: freezing is the editor's job
     before, flags = snapshot(unet), {n: p.requires_grad for n, p in unet.named_parameters()}
     tuner = editor(train_steps=2)
+    with_grad_in_unet, step = [], torch.optim.AdamW.step
+
+    def watching(self, *args, **kwargs):   # every UNet parameter holding a gradient, in the optimizer or not
+        with_grad_in_unet.append({n for n, p in unet.named_parameters() if p.grad is not None})
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", watching)
     try:
         tuner.prepare(model, video, None, progress=False)
         names = {id(p): f"unet.{n}" for n, p in unet.named_parameters()}
@@ -105,6 +114,7 @@ def test_only_the_released_modules_are_trained_and_the_rest_is_bit_identical(mod
         assert len(count_steps) == 2
         for with_grad in count_steps:
             assert {names[i] for i in with_grad} == {f"unet.{n}" for n in q_names} | temporal
+        assert with_grad_in_unet == [q_names, q_names]   # no gradient computed for the frozen weights
         after = unet.state_dict()
         for name, value in before.items():
             if name in q_names:
@@ -118,6 +128,8 @@ def test_only_the_released_modules_are_trained_and_the_rest_is_bit_identical(mod
         assert all(p.grad is None for p in unet.parameters())
     finally:
         tuner.release(model)
+        for p, flag in zip(unet.parameters(), built, strict=True):
+            p.requires_grad_(flag)
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())
 
 
