@@ -23,7 +23,7 @@ from stem.runs.cache import TensorCache
 
 ROOT = Path(__file__).resolve().parents[3]
 FRAMES = 3
-FAST = {"train_steps": 2, "num_steps": 2, "gradient_checkpointing": False}
+FAST = {"train_steps": 1, "num_steps": 2, "gradient_checkpointing": False}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_temporal_attention_mixes_frames_and_not_positions():
 def test_temporal_layers_act_on_each_block_output(model, video):
     """Catches: the temporal layer applied before the feed-forward or outside the transformer block (the release
     puts it at the end of each block), or applied to some blocks only."""
-    unet, tuner = model.unet, editor(train_steps=2, learning_rate=1e-2)
+    unet, tuner = model.unet, editor(learning_rate=1e-2)
     blocks = transformer_blocks(unet)
     raw, seen = {}, {}
     handles = [b.register_forward_hook(lambda m, a, o, p=path: raw.setdefault(p, o.detach().clone()))
@@ -305,7 +305,7 @@ def test_tuned_weights_cache_hit_and_miss(model, video, tmp_path, count_steps):
         finally:
             tuner.release(model)
         steps[name] = len(count_steps) - start
-    assert steps == {"first": 2, "again": 0, "prompt": 2, "seed": 2}
+    assert steps == {"first": 1, "again": 0, "prompt": 1, "seed": 1}
     assert all(torch.equal(states["first"][k], states["again"][k]) for k in states["first"])
     assert keys["first"] == keys["again"] and len({str(keys[k]) for k in ("first", "prompt", "seed")}) == 3
     assert not list((tmp_path / "tuneavideo").glob("*.checkpoint.pt"))   # finished runs leave no checkpoint
@@ -323,7 +323,7 @@ step, count = torch.optim.AdamW.step, []
 def slow(self, *args, **kwargs):
     out = step(self, *args, **kwargs)
     count.append(1)
-    if len(count) == 3:   # after the first checkpoint (step 2): wait for the kill
+    if len(count) == 3:   # after the first checkpoint (step 2), before the entry is written: wait for the kill
         time.sleep(600)
     return out
 torch.optim.AdamW.step = slow
@@ -337,7 +337,7 @@ def test_resume_after_a_kill(model, video, tmp_path, count_steps):
     """Catches: no checkpoint written, a resume that restarts from step 0, or one that does not restore the
     optimizer moments or the generator state (the resumed run would end with other weights than an uninterrupted
     one), a non-atomic checkpoint read half-written."""
-    kwargs = {"prompt": "a watercolor painting", "train_steps": 4, "checkpoint_every": 2, "learning_rate": 1e-3,
+    kwargs = {"prompt": "a watercolor painting", "train_steps": 3, "checkpoint_every": 2, "learning_rate": 1e-3,
               "gradient_checkpointing": False, "num_steps": 3}
     cache = tmp_path / "killed" / "inversion"
     script = tmp_path / "child.py"
@@ -362,17 +362,17 @@ def test_resume_after_a_kill(model, video, tmp_path, count_steps):
         got = resumed.tuned_state(model.unet)
     finally:
         resumed.release(model)
-    assert len(count_steps) == 2          # steps 3 and 4 only
+    assert len(count_steps) == 1          # step 3 only
     whole = TuneAVideoEditor(**kwargs)
     try:
         whole.prepare(model, video, TensorCache(tmp_path / "whole" / "inversion"), progress=False)
         want = whole.tuned_state(model.unet)
     finally:
         whole.release(model)
-    assert len(count_steps) == 6
+    assert len(count_steps) == 4
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-6)
-    assert resumed.losses[:2] == pytest.approx(whole.losses[:2]) and len(resumed.losses) == 4
+    assert resumed.losses[:2] == pytest.approx(whole.losses[:2]) and len(resumed.losses) == 3
     assert not list(folder.glob("*.checkpoint.pt"))
 
 
