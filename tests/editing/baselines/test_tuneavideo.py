@@ -462,3 +462,21 @@ def test_trainable_modules_matching_nothing_is_refused(model, video):
         tuner.prepare(model, video, None, progress=False)
     tuner.release(model)
     assert hook_count(model.unet) == 0
+
+
+def test_half_precision_model_tunes_fp32_weights_and_keeps_its_dtype(video):
+    """bf16 on CPU stands for the GPU's fp16 (the release: fp32 trainable weights under autocast). Catches: the
+    tuning crashing on mixed dtypes, fp32 weights left in a half-precision UNet after tuning, the query weights not
+    restored by release."""
+    half = build_tiny(seed=0, device="cpu", dtype="bfloat16")
+    before = snapshot(half.unet)
+    tuner = editor(learning_rate=1e-2)
+    try:
+        tuner.prepare(half, video, None, progress=False)
+        assert {p.dtype for p in half.unet.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in tuner.temporal.parameters()} == {torch.bfloat16}
+        tuned = [k for k, v in before.items() if not torch.equal(half.unet.state_dict()[k], v)]
+        assert tuned and all(k.endswith(("attn1.to_q.weight", "attn2.to_q.weight")) for k in tuned)
+    finally:
+        tuner.release(half)
+    assert all(torch.equal(half.unet.state_dict()[k], v) for k, v in before.items())
