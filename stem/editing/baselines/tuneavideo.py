@@ -282,9 +282,9 @@ class TuneAVideoEditor(Editor):
                 return
         self.tune(model, video, None if store is None else Path(store.root) / f"{key}.checkpoint.pt", progress)
         if store is not None:
-            store.save_or_warn(key, self.tuned_state(model.unet),
-                               {"losses": self.losses, "settings": self.training_settings()}, "Tune-A-Video")
-            (Path(store.root) / f"{key}.checkpoint.pt").unlink(missing_ok=True)
+            if store.save_or_warn(key, self.tuned_state(model.unet),
+                                  {"losses": self.losses, "settings": self.training_settings()}, "Tune-A-Video"):
+                (Path(store.root) / f"{key}.checkpoint.pt").unlink(missing_ok=True)   # kept if the entry was not
         self.tuned_key = key or "uncached"
 
     def tune(self, model, video, checkpoint: Path | None, progress: bool = True) -> None:
