@@ -36,7 +36,8 @@ def edit_video(model, video: Video, method, editor: Editor, cache: TensorCache |
 
     `editor.prepare` sees the video first (a baseline's depth maps or one-shot tuning); `editor.release`
     undoes what it installed when the edit is done or fails. The editor's own observer (e.g. FateZero's
-    attention recorder) is entered around the inversion too, and closed (its store freed or removed from disk) when the edit is done or fails.
+    attention recorder) is entered around the inversion too, and closed (its store freed or removed from disk)
+    when the edit is done or fails.
     """
     editor.check(video.num_frames)
     try:
