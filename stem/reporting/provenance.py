@@ -20,11 +20,11 @@ error / feature similarity (`backend`, `flow_weights`). A random CLIP, OpenCV DI
 weights) or a custom RAFT module is marked "not comparable to the paper" (`random_metric_weights`),
 as random diffusion weights are marked "mechanics only".
 
-Rows (`sweep_provenance(runs, columns)`, the table's row columns, e.g. ["table2"]): each row's method (metrics.json's
-`method` and the inversion it ran on), base model (the weights it ran on: `model` and `model_fingerprint`, which
-for Pix2Video is the depth model its editor runs on, plus the editor's extra weights `weights`, e.g. ControlNet
-depth) and settings (the editor's, else the inversion's; scalars in the caption, all in the sidecar JSON). A row
-no job of which finished names the editor its config asked for (`.hydra/config.yaml`) and says so.
+Rows (`sweep_provenance(runs, columns)`, the table's row columns, e.g. ["table2"]; tables of edits only): each
+row's method (metrics.json's `method` and the inversion it ran on), base model (the weights it ran on: `model` and
+`model_fingerprint`, which for Pix2Video is the depth model its editor runs on, plus the editor's extra weights
+`weights`, e.g. ControlNet depth) and settings (the editor's; scalars in the caption, all in the sidecar JSON). A
+row no job of which finished names the editor its config asked for (`.hydra/config.yaml`) and says so.
 
 Jobs that did not finish are counted by status ("2 of 3 jobs finished (1 failed: ...)"); the table's "Not
 finished" column (`stem.reporting.tables.NOT_FINISHED`) says why each did not.
@@ -192,7 +192,8 @@ def row_facts(runs: list[dict], columns: list[str]) -> list[dict]:
     """One dict per row of a table (the jobs with the same values of `columns`), in job order: "row" (the column
     values joined by "/", the table's row key), "name" (their display names), "method", "inversion", "model"
     (names of the weights it ran on), "fingerprint", "weights" (the editor's extra weights), "settings" (the
-    first finished job's editor settings, else its inversion's), "jobs", "jobs_finished"."""
+    first finished job's editor settings, else its inversion's), "jobs", "jobs_finished", "editor" (whether the
+    row edits: its jobs ran an editor, or its config names one)."""
     from stem.reporting.display import display_value
 
     groups: dict[tuple, list[dict]] = {}
@@ -221,6 +222,8 @@ def row_facts(runs: list[dict], columns: list[str]) -> list[dict]:
             "settings": dict(settings),
             "jobs": len(members),
             "jobs_finished": len(done),
+            "editor": any(isinstance(m.get("editing"), dict) for m in done) or (
+                not done and _configured_editor(members[0]) != UNKNOWN),
         })
     return out
 
@@ -238,7 +241,8 @@ def _row_text(row: dict) -> str:
 def sweep_provenance(runs: list[dict], columns: list[str] | None = None) -> dict:
     """The facts of a sweep (`stem.reporting.tables.collect_runs` output) as a plain dict of strings, numbers
     and booleans, with "caption" the one-line text of them (see the module docstring). With `columns` (the
-    table's row columns), "rows": each row's method, weights and settings (`row_facts`), in the caption too."""
+    table's row columns) and a row that edits, "rows": each row's method, weights and settings (`row_facts`), in
+    the caption too (reconstruction tables' rows differ only by what their columns show)."""
     ok = [r for r in runs if r.get("status") == "ok" and isinstance(r.get("metrics"), dict)]
     metrics = [r["metrics"] for r in ok]
     kinds = [model_kind(r) for r in ok]
@@ -266,8 +270,9 @@ def sweep_provenance(runs: list[dict], columns: list[str] | None = None) -> dict
         "jobs_not_finished": {status: sum(1 for r in runs if r.get("status") == status)
                               for status in dict.fromkeys(r.get("status") for r in runs) if status != "ok"},
     }
-    if columns:
-        facts["rows"] = row_facts(runs, list(columns))
+    rows = row_facts(runs, list(columns)) if columns else []
+    if any(row["editor"] for row in rows):  # edit tables (Table 2): rows differ by more than their columns say
+        facts["rows"] = rows
     facts["caption"] = caption(facts)
     return facts
 
