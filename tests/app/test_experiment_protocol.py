@@ -409,10 +409,20 @@ def test_departures_are_declared_in_each_header_and_in_reproduce_md(departure, e
     assert any(all(t in item for t in texts) for item in items), (experiment, departure)
 
 
+def _composable(row: str) -> bool:
+    """Whether a table2 row's editing option is here (the baseline rows' come with their own branches, issue 25)."""
+    text = (CONFIGS / "table2" / f"{row}.yaml").read_text()
+    return all((CONFIGS / "editing" / f"{name}.yaml").is_file()
+               for name in re.findall(r"override /editing: (\w+)", text))
+
+
 def rows(tmp_path, experiment):
     """The job configs of an experiment's declared sweep, one clip (the clips share inversion and editing)."""
-    clips = sweep(tmp_path, experiment).get("data")
-    return [cfg for _, cfg in jobs(tmp_path, experiment, **({"data": clips[0]} if clips else {}))]
+    params = sweep(tmp_path, experiment)
+    clips = params.get("data")
+    fixed = {"data": clips[0]} if clips else {}
+    return [cfg for row in params.get("table2", [None]) if row is None or _composable(row)
+            for _, cfg in jobs(tmp_path, experiment, **fixed, **({"table2": row} if row else {}))]
 
 
 def scores_reconstruction(experiment: str) -> bool:
