@@ -7,7 +7,9 @@
 
 Writes `<sweep dir>/<name>.md` (the provenance caption line, then the table), `.csv`, the
 sidecar `<name>.json` (provenance fields and printed names), `<name>.png` when the sweep's
-table spec has a plot and `<name>_frames.png` when it has frames (ablation_k); prints the markdown.
+table spec has a plot, `<name>_frames.png` when it has frames (ablation_k) and the comparison figures
+`comparison/<clip>.mp4`, `_strip.png` when it has a comparison (table2_editing; any sweep:
+scripts/make_comparison.py); prints the markdown.
 A sweep launched from an experiment file carries its
 table spec (name, columns, metrics, averaging, the paper's values, plot) in
 `<sweep dir>/multirun.yaml` under `hydra.callbacks.sweep_table`, and its declared sweep
@@ -53,7 +55,8 @@ from stem.reporting.tables import DEFAULT_METRICS, paper_by_metric, sweep_order,
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
-SPEC_KEYS = ("name", "columns", "metrics", "average_over", "paper", "plot", "ratio_to", "paper_rows", "frames")
+SPEC_KEYS = ("name", "columns", "metrics", "average_over", "paper", "plot", "ratio_to", "paper_rows", "frames",
+             "comparison")
 
 
 def sweep_spec(sweep_dir: str) -> dict:

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from stem.core.atomic import unwritable
 from stem.core.errors import TableError
+from stem.reporting.comparison import COMPARISON_DIR
 from stem.reporting.tables import collect_runs, sweep_order, varying_keys, write_sweep_outputs
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class SweepTableCallback(Callback):
 
     def __init__(self, name: str = "table", columns: list[str] | None = None, metrics: list | None = None,
                  average_over: list | None = None, paper: dict | None = None, plot: dict | None = None,
-                 ratio_to: str | None = None, paper_rows: dict | None = None, frames: dict | None = None):
+                 ratio_to: str | None = None, paper_rows: dict | None = None, frames: dict | None = None,
+                 comparison: dict | None = None):
         self.name = name
         self.columns = list(columns) if columns is not None else None
         self.metrics = [tuple(m) for m in metrics] if metrics is not None else None
@@ -106,6 +108,7 @@ class SweepTableCallback(Callback):
         self.ratio_to = ratio_to
         self.paper_rows = _plain(paper_rows)
         self.frames = _plain(frames)
+        self.comparison = _plain(comparison)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -119,7 +122,8 @@ class SweepTableCallback(Callback):
             columns = swept + [k for k in varying_keys(runs) if k not in swept]
         order = sweep_order(_plain(OmegaConf.select(config, "hydra.sweeper.params")))  # rows in the declared order
         out = write_sweep_outputs(sweep_dir, self.name, columns, self.metrics, self.average_over, self.paper,
-                                  self.plot, self.ratio_to, order, self.paper_rows, frames=self.frames)
+                                  self.plot, self.ratio_to, order, self.paper_rows, frames=self.frames,
+                                  comparison=self.comparison)
         log.info("sweep table of %d jobs -> %s\n%s", len(runs), out["files"][0], out["markdown"])
         if _wandb_settings(config):
             log_sweep_summary(sweep_dir, self.name, out, config)
@@ -191,7 +195,8 @@ def read_sweep_config(sweep_dir: str | Path) -> DictConfig:
 
 def log_sweep_summary(sweep_dir: str | Path, name: str, out: dict, config: DictConfig | None = None) -> None:
     """Log a sweep table as one W&B run of job type "summary", named "<name>-summary", in the sweep's group
-    (`logger.group` when set, else `sweep_group`), under `<sweep dir>/wandb/`: the table (and its plot), and as
+    (`logger.group` when set, else `sweep_group`), under `<sweep dir>/wandb/`: the table, its figures (PNG files as
+    images) and the comparison videos (`<sweep dir>/comparison/*.mp4` as videos), and as
     config the sweep's composed config (`sweep_config`) with `provenance` (`out["provenance"]`, the table's
     facts), `sweep_dir` and `sweep_overrides`.
 
@@ -218,9 +223,15 @@ def log_sweep_summary(sweep_dir: str | Path, name: str, out: dict, config: DictC
     try:
         table = out["table"]
         record = {name: wandb.Table(columns=table["header"], data=table["rows"], allow_mixed_types=True)}
-        # <name>.png as "<name>_plot", others (<name>_frames.png) under their own name
-        record.update({f"{name}_plot" if Path(f).stem == name else Path(f).stem: wandb.Image(str(f))
-                       for f in out["files"] if Path(f).suffix == ".png"})
+        # <name>.png as "<name>_plot", others (<name>_frames.png) under their own name; the comparison figures
+        # (comparison/<clip>.mp4 and <clip>_strip.png) as "comparison/<clip>" (a video) and "comparison/<clip>_strip"
+        for f in map(Path, out["files"]):
+            key = f"{f.parent.name}/{f.stem}" if f.parent.name == COMPARISON_DIR else \
+                f"{name}_plot" if f.stem == name else f.stem
+            if f.suffix == ".png":
+                record[key] = wandb.Image(str(f))
+            elif f.suffix == ".mp4":
+                record[key] = wandb.Video(str(f), format="mp4")
         run.log(record)
         failed = False
     finally:

@@ -125,6 +125,21 @@ def _attach_models(cfg: DictConfig, editor) -> None:
                        for name in editor.needs})
 
 
+def _weights_facts(cfg: DictConfig, editor) -> dict:
+    """metrics.json's `weights`: where each extra model of the editor (`needs`) and its base model (`base_model`)
+    came from, {name: Hub id or folder (@revision), or "<builder> seed <n>" for random tiny weights}; {} when the
+    editor needs none (a table's provenance names each row's weights from it)."""
+    names = [*([editor.base_model] if getattr(editor, "base_model", None) else []), *getattr(editor, "needs", ())]
+    out = {}
+    for name in dict.fromkeys(names):
+        node = OmegaConf.to_container(_baseline_node(cfg, name, editor), resolve=True)
+        if node.get("path"):
+            out[name] = str(node["path"]) + (f"@{node['revision']}" if node.get("revision") else "")
+        else:
+            out[name] = f"{str(node.get('_target_', '?')).rsplit('.', 1)[-1]} seed {node.get('seed')}"
+    return out
+
+
 @dataclasses.dataclass
 class _Checked:
     """A method whose own check already ran on the whole video (for the memory check of one rank's slice)."""
@@ -205,6 +220,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path, tracking: dict | None = None,
                  f"{editor.label(method.name)} to {editor.prompt or video.prompt!r}", ", ".join(evaluator.names()))
         recorder = evaluator.feature_recorder(model, video, method.num_steps)
         facts = {"inversion": method.settings(), "model": model.name, "model_fingerprint": model.fingerprint,
+                 **({"weights": _weights_facts(cfg, editor)} if editor is not None and
+                    (editor.needs or getattr(editor, "base_model", None)) else {}),
                  "device": str(model.device), "device_name": device_name(model.device), "dtype": str(model.dtype)}
         videos = {}
         if editor is None and not cfg.reconstruct:   # inversion only (Table 1 timing jobs): no sampling back

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stem.app.job import job_tracking, run_job
-from stem.app.signals import _ends_on_sigterm, report_failure
+from stem.app.signals import _ends_on_sigterm, failure_reason, report_failure
 from stem.core.atomic import hidden_name, remove_dead_leftovers
 from stem.core.errors import ConfigError, StemError
 from stem.distributed.sharding import submitit_environ
@@ -69,14 +69,16 @@ def task(cfg: DictConfig) -> None:
     lead = int(environ.get("RANK", "0")) == 0
     if not lead:
         _follow()
-    mark = functools.partial(mark_job, hydra_cfg.runtime.output_dir) if lead else lambda status: None
+    mark = functools.partial(mark_job, hydra_cfg.runtime.output_dir) if lead else lambda status, reason=None: None
     mark("running")  # status.json: make_tables tells running from failed
     try:
         run_job(cfg, hydra_cfg.runtime.output_dir, job_tracking(cfg, hydra_cfg), environ)
         mark("done")
     except BaseException as e:
         report_failure(e)  # before anything else (run_job reported it already when it failed inside)
-        mark("failed")  # an error, SIGTERM, Ctrl-C, SystemExit; a status that cannot be written is a warning
+        # an error, SIGTERM, Ctrl-C, SystemExit, with its one line (the table's row says why); a status that cannot
+        # be written is a warning
+        mark("failed", None if isinstance(e, SystemExit) else failure_reason(e))
         if not isinstance(e, StemError) or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # in a sweep: Hydra marks this job failed, runs the others, then exits non-zero
         sys.exit(2)

@@ -69,6 +69,26 @@ def _redeliver_dropped(previous_hook):
     return hook
 
 
+REASON_CHARS = 300  # a failure's reason in status.json (and so in a table's row): one line, at most this long
+
+
+def failure_reason(e: BaseException) -> str:
+    """The one line a table shows for a job that ended with `e` (status.json's "reason", `mark_job`): the
+    message of bad input (StemError: the problem and the fix), "terminated by signal SIGTERM", "interrupted
+    (SIGINT)", else "<type>: <message>" (e.g. "OutOfMemoryError: CUDA out of memory. Tried to allocate ...");
+    newlines joined, cut at `REASON_CHARS`."""
+    if isinstance(e, Terminated):
+        line = str(e)
+    elif isinstance(e, KeyboardInterrupt):
+        line = "interrupted (SIGINT)"
+    elif isinstance(e, StemError):
+        line = str(e)
+    else:
+        line = f"{type(e).__name__}: {e}"
+    line = " ".join(line.split())
+    return line if len(line) <= REASON_CHARS else line[: REASON_CHARS - 3] + "..."
+
+
 def report_failure(e: BaseException) -> None:
     """The failure's line, written and flushed before any cleanup (a torchrun rank is sent SIGTERM as soon as
     another rank ends: what comes later may never be written), once per exception, a SIGTERM meanwhile deferred:

@@ -34,6 +34,9 @@ _INVERSIONS = {
     "fatezero": "DDIM, FateZero attention",
 }
 _EDITS = {
+    "tuneavideo": "Tune-A-Video",
+    "pix2video": "Pix2Video",
+    "text2video_zero": "Text2Video-Zero",
     "tokenflow": "TokenFlow",
     "tokenflow_recon": "TokenFlow, source prompt",
     "stem_tokenflow": "STEM-TokenFlow",
@@ -43,6 +46,16 @@ _EDITS = {
     "stem_fatezero": "STEM-FateZero",
     "stem_fatezero_smaller": "STEM-FateZero, smaller cross ratio",
     "fatezero_reconstruct": "FateZero reconstruction",
+}
+# Table 2's rows as the paper's comparison figures (Figs. 5 and 11) and its table name them: STEM rows are "Ours".
+PAPER_METHODS = {
+    "tuneavideo": "Tune-A-Video",
+    "pix2video": "Pix2Video",
+    "text2video_zero": "Text2Video-Zero",
+    "fatezero": "FateZero",
+    "tokenflow": "TokenFlow",
+    "stem_fatezero": "Ours (STEM-FateZero)",
+    "stem_tokenflow": "Ours (STEM-TokenFlow)",
 }
 _FIG4 = {
     "ddim_i": "DDIM, fashion (i)",
@@ -155,6 +168,15 @@ def method_name(metrics: dict | None, note: bool = True) -> str | None:
     if metrics.get("editing") is not None:
         return method
     return display_value("inversion", method, metrics if note else {**metrics, "bases": None})
+
+
+def paper_method(column: str, value, metrics: dict | None = None) -> str:
+    """The paper's name of a Table 2 row in its figures ("Ours (STEM-TokenFlow)" for table2=stem_tokenflow),
+    else `display_value` (other rows and columns: "STEM-FateZero, smaller cross ratio", "STEM (K=256)")."""
+    text = "" if value is None else str(value)
+    if column == "table2" and text in PAPER_METHODS:
+        return PAPER_METHODS[text]
+    return display_value(column, value, metrics)
 
 
 def display_column(column: str) -> str:

@@ -20,6 +20,15 @@ error / feature similarity (`backend`, `flow_weights`). A random CLIP, OpenCV DI
 weights) or a custom RAFT module is marked "not comparable to the paper" (`random_metric_weights`),
 as random diffusion weights are marked "mechanics only".
 
+Rows (`sweep_provenance(runs, columns)`, the table's row columns, e.g. ["table2"]; tables of edits only): each
+row's method (metrics.json's `method` and the inversion it ran on), base model (the weights it ran on: `model` and
+`model_fingerprint`, which for Pix2Video is the depth model its editor runs on, plus the editor's extra weights
+`weights`, e.g. ControlNet depth) and settings (the editor's; scalars in the caption, all in the sidecar JSON). A
+row no job of which finished names the editor its config asked for (`.hydra/config.yaml`) and says so.
+
+Jobs that did not finish are counted by status ("2 of 3 jobs finished (1 failed: ...)"); the table's "Not
+finished" column (`stem.reporting.tables.NOT_FINISHED`) says why each did not.
+
 Random weights: `model=tiny` (`stem.diffusion.models.build_tiny`) and `model=sd15_arch` (`build_sd15_arch`)
 are randomly initialised; their numbers show the mechanics only. The job's config names the
 builder (`model._target_`); without it, the model name `_build_random` gives ("tiny-seed0",
@@ -153,9 +162,87 @@ def _commit(revisions: list[dict]) -> tuple[str, bool | None]:
     return _listed(shown), (any(dirty) if dirty else None)
 
 
-def sweep_provenance(runs: list[dict]) -> dict:
+SKIPPED_SETTINGS = ("method", "prompt", "negative_prompt")  # a row's caption settings leave these out (per clip)
+SETTING_CHARS = 40  # a setting's value longer than this (a list of layers) is left to the sidecar JSON
+
+
+def _settings_text(settings: dict) -> str:
+    """"guidance_scale 7.5, num_steps 50, ...": the scalar settings of a row, in their order; None values, prompts
+    and long values left out."""
+    out = []
+    for key, value in (settings or {}).items():
+        if key in SKIPPED_SETTINGS or value is None or isinstance(value, (dict, list)):
+            continue
+        text = str(value).lower() if isinstance(value, bool) else \
+            f"{value:g}" if isinstance(value, float) else str(value)
+        if len(text) <= SETTING_CHARS:
+            out.append(f"{key} {text}")
+    return ", ".join(out)
+
+
+def _configured_editor(run: dict) -> str:
+    """The editor class a job's config asked for (`.hydra/config.yaml` editing._target_), else "unknown"."""
+    config = _read(Path(run["dir"]) / ".hydra" / "config.yaml", yaml.safe_load) if run.get("dir") else None
+    editing = config.get("editing") if isinstance(config, dict) else None
+    target = editing.get("_target_") if isinstance(editing, dict) else None
+    return target.rsplit(".", 1)[-1] if isinstance(target, str) else UNKNOWN
+
+
+def row_facts(runs: list[dict], columns: list[str]) -> list[dict]:
+    """One dict per row of a table (the jobs with the same values of `columns`), in job order: "row" (the column
+    values joined by "/", the table's row key), "name" (their display names), "method", "inversion", "model"
+    (names of the weights it ran on), "fingerprint", "weights" (the editor's extra weights), "settings" (the
+    first finished job's editor settings, else its inversion's), "jobs", "jobs_finished", "editor" (whether the
+    row edits: its jobs ran an editor, or its config names one)."""
+    from stem.reporting.display import display_value
+
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(repr(run["overrides"].get(c)) for c in columns), []).append(run)
+    out = []
+    for members in groups.values():
+        done = [r["metrics"] for r in members if r.get("status") == "ok" and isinstance(r.get("metrics"), dict)]
+        values = [members[0]["overrides"].get(c) for c in columns]
+        first = done[0] if done else {}
+        weights = {}
+        for m in done:
+            for name, source in (m.get("weights") or {}).items():
+                weights.setdefault(name, source)
+        settings = first.get("editing") if isinstance(first.get("editing"), dict) else first.get("inversion") or {}
+        out.append({
+            "row": "/".join("" if v is None else str(v) for v in values),
+            "name": " / ".join(display_value(c, v, first or None) for c, v in zip(columns, values)),
+            "method": _listed([m.get("method") for m in done]) if done else
+            f"{_configured_editor(members[0])} (no job of the row finished)",
+            "inversion": _listed([m.get("inversion_method") or (m.get("inversion") or {}).get("method")
+                                  for m in done]) if done else UNKNOWN,
+            "model": _listed([m.get("model") for m in done]) if done else UNKNOWN,
+            "fingerprint": _listed([m.get("model_fingerprint") for m in done]) if done else UNKNOWN,
+            "weights": weights,
+            "settings": dict(settings),
+            "jobs": len(members),
+            "jobs_finished": len(done),
+            "editor": any(isinstance(m.get("editing"), dict) for m in done) or (
+                not done and _configured_editor(members[0]) != UNKNOWN),
+        })
+    return out
+
+
+def _row_text(row: dict) -> str:
+    fingerprint = "" if row["fingerprint"] == UNKNOWN else f" (fingerprint {row['fingerprint']})"
+    extra = "".join(f" + {name} {source}" for name, source in row["weights"].items())
+    settings = _settings_text(row["settings"])
+    if row["jobs_finished"] == 0:
+        return f"{row['name']}: {row['method']}"
+    return (f"{row['name']}: {row['method']} on {row['inversion']} inversion, weights {row['model']}{fingerprint}"
+            f"{extra}" + (f", settings {{{settings}}}" if settings else ""))
+
+
+def sweep_provenance(runs: list[dict], columns: list[str] | None = None) -> dict:
     """The facts of a sweep (`stem.reporting.tables.collect_runs` output) as a plain dict of strings, numbers
-    and booleans, with "caption" the one-line text of them (see the module docstring)."""
+    and booleans, with "caption" the one-line text of them (see the module docstring). With `columns` (the
+    table's row columns) and a row that edits, "rows": each row's method, weights and settings (`row_facts`), in
+    the caption too (reconstruction tables' rows differ only by what their columns show)."""
     ok = [r for r in runs if r.get("status") == "ok" and isinstance(r.get("metrics"), dict)]
     metrics = [r["metrics"] for r in ok]
     kinds = [model_kind(r) for r in ok]
@@ -180,7 +267,12 @@ def sweep_provenance(runs: list[dict]) -> dict:
         "dirty": dirty,
         "jobs": len(runs),
         "jobs_finished": len(ok),
+        "jobs_not_finished": {status: sum(1 for r in runs if r.get("status") == status)
+                              for status in dict.fromkeys(r.get("status") for r in runs) if status != "ok"},
     }
+    rows = row_facts(runs, list(columns)) if columns else []
+    if any(row["editor"] for row in rows):  # edit tables (Table 2): rows differ by more than their columns say
+        facts["rows"] = rows
     facts["caption"] = caption(facts)
     return facts
 
@@ -201,6 +293,10 @@ def caption(facts: dict) -> str:
         frames = (f"; frames scored: {facts['frames']}" if facts.get("same_frames") is not False else
                   f"; frames scored (they differ between jobs of a clip): {facts['frames']}")
     weights = "" if facts.get("metric_weights", "none") == "none" else f"; metric weights: {facts['metric_weights']}"
+    bad = facts.get("jobs_not_finished") or {}
+    unfinished = "" if not bad else " (" + ", ".join(f"{n} {status}" for status, n in bad.items()) + \
+        ": the table's Not finished column says why)"
+    rows = "" if not facts.get("rows") else " Rows: " + "; ".join(_row_text(r) for r in facts["rows"]) + "."
     return (f"Model {model}, {facts['dtype']}, on {device}; clips: {facts['clips']}{frames}; "
             f"{facts['steps']} DDIM steps{weights}; commit {commit}; "
-            f"{facts['jobs_finished']} of {facts['jobs']} jobs finished.")
+            f"{facts['jobs_finished']} of {facts['jobs']} jobs finished{unfinished}.{rows}")

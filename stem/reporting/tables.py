@@ -4,7 +4,9 @@ A sweep folder (`python run.py -m ...`) holds one job folder per job, `<sweep di
 each with Hydra's `.hydra/overrides.yaml`, run.py's `status.json` (`mark_job`) and, when the job
 finished, `metrics.json` (written atomically at the very end). A job that did not finish is a row of
 its status in every metric cell: "failed", "running", "missing" (never started) or "unreadable"
-(`JOB_STATES`); one bad job never stops the table.
+(`JOB_STATES`), and says why in one line in the table's last column, "Not finished" (`NOT_FINISHED`: the
+failure's line that run.py wrote into status.json, e.g. "failed: editing.num_steps=0 ..."; a column only
+tables with such a job have); one bad job never stops the table.
 
     runs = collect_runs("outputs/reconstruct/multiruns/2024-06-01/12-00-00")
     table = sweep_table(runs, ["inversion"], DEFAULT_METRICS)
@@ -29,6 +31,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -52,6 +55,9 @@ JOB_STATES = {
     UNREADABLE: "a job whose metrics.json or .hydra/overrides.yaml cannot be parsed (e.g. truncated)",
 }
 JOB_STATUS = "status.json"  # written by run.py (`mark_job`)
+JOB_LOG = "run.log"  # Hydra's job log: a failure's line when status.json has none (runs from before "reason")
+NOT_FINISHED = "Not finished"  # the column that says why a row's job(s) did not finish
+_LOG_ERROR = re.compile(r"\]\[ERROR\] - (.+)$")  # Hydra's job log format: [time][logger][LEVEL] - message
 log = logging.getLogger(__name__)
 # (label, dotted path into metrics.json, format spec for markdown: the paper's 3 decimals for PSNR, 4 for SSIM)
 # The default table shows those of these that at least one finished job has (metrics=recon|edit|all).
@@ -92,7 +98,8 @@ def _job_key(folder: Path):
 
 def collect_runs(sweep_dir: str | Path, expected: list[list[str]] | None = None) -> list[dict]:
     """One dict per job, sorted by job number: {"job", "dir", "overrides", "status", "metrics": dict or
-    None, "error": why a job is not "ok" (None when it is)}; see `JOB_STATES` for the statuses.
+    None, "error": why a job is not "ok" (None when it is), "reason": the same in one short line for the
+    table (the job's own failure line when it wrote one)}; see `JOB_STATES` for the statuses.
 
     Jobs are the subfolders with `.hydra/`, plus, with `expected` (the override list of each job of the
     sweep in job order, as Hydra's BasicSweeper numbers them: `scripts/make_tables.py` expands
@@ -104,7 +111,7 @@ def collect_runs(sweep_dir: str | Path, expected: list[list[str]] | None = None)
     runs = [_read_job(folder) for folder in sweep_dir.iterdir() if (folder / ".hydra").is_dir()]
     present = {run["job"] for run in runs}
     runs += [{"job": i, "dir": None, "overrides": parse_overrides(lines), "status": MISSING, "metrics": None,
-              "error": "no job folder: the job never started"}
+              "error": "no job folder: the job never started", "reason": "the job never started"}
              for i, lines in enumerate(expected or []) if i not in present]
     runs.sort(key=lambda run: _job_key(Path(str(run["job"]))))
     for run in runs:
@@ -115,13 +122,14 @@ def collect_runs(sweep_dir: str | Path, expected: list[list[str]] | None = None)
 
 def _read_job(folder: Path) -> dict:
     run = {"job": int(folder.name) if folder.name.isdigit() else folder.name, "dir": folder, "overrides": {},
-           "status": "ok", "metrics": None, "error": None}
+           "status": "ok", "metrics": None, "error": None, "reason": None}
     for name, parse in ((".hydra/overrides.yaml", yaml.safe_load), ("metrics.json", json.loads)):
         path = folder / name
         try:
             value = parse(path.read_text()) if path.is_file() else None
         except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
             run["status"], run["error"] = UNREADABLE, f"cannot parse {path}: {type(e).__name__}: {e}".replace("\n", " ")
+            run["reason"] = f"cannot parse {name} ({type(e).__name__})"
             return run
         if name == "metrics.json":
             run["metrics"] = value
@@ -129,17 +137,25 @@ def _read_job(folder: Path) -> dict:
             run["overrides"] = parse_overrides(value or [])
     if run["metrics"] is None:
         run["status"], run["error"] = _unfinished_state(folder)
+        run["reason"] = _failure_line(folder) if run["status"] == FAILED else None
+        run["reason"] = run["reason"] or run["error"]
+        if run["reason"] != run["error"]:
+            run["error"] += f": {run['reason']}"
     return run
 
 
-def mark_job(run_dir: str | Path, state: str) -> None:
-    """Write `<run_dir>/status.json` atomically: {"state": "running" | "failed" | "done", "pid", "host"}.
+def mark_job(run_dir: str | Path, state: str, reason: str | None = None) -> None:
+    """Write `<run_dir>/status.json` atomically: {"state": "running" | "failed" | "done", "pid", "host"}, and
+    with `reason` (one line: why the job failed, `stem.app.signals.failure_reason`) {"reason"}.
     run.py marks each job "running" at its start and "failed" or "done" at its end, so a table can
-    tell a job still running from one that ended with an error (or was killed: see `_unfinished_state`).
+    tell a job still running from one that ended with an error (or was killed: see `_unfinished_state`),
+    and say why in its row.
 
     A status that cannot be written (a full disk) is a warning, not an error: it must not replace the failure being
     reported, and the file keeps its previous state ("running" is then reported failed once the process is gone)."""
     record = {"state": state, "pid": os.getpid(), "host": socket.gethostname()}
+    if reason is not None:
+        record["reason"] = " ".join(str(reason).split())
     path = Path(run_dir) / JOB_STATUS
     try:
         with atomic_file(path) as tmp:
@@ -163,6 +179,40 @@ def _unfinished_state(folder: Path) -> tuple[str, str]:
         return FAILED, f"no metrics.json; its process {pid} is gone (killed)"
     return RUNNING, f"no metrics.json yet; process {pid} on {host} is running" + (
         "" if host == socket.gethostname() else " (another host: not checked)")
+
+
+def _failure_line(folder: Path) -> str | None:
+    """Why a failed job failed, in one line: status.json's "reason" (run.py writes the failure's line there),
+    else the last ERROR line of its run.log (the same line, from runs before "reason"); None when neither
+    says (a job killed by SIGKILL writes nothing)."""
+    try:
+        record = json.loads((folder / JOB_STATUS).read_text())
+    except (OSError, ValueError):
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("reason"), str) and record["reason"].strip():
+        return " ".join(record["reason"].split())
+    try:
+        lines = (folder / JOB_LOG).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    found = [m.group(1).strip() for m in map(_LOG_ERROR.search, lines) if m]
+    return found[-1] if found else None
+
+
+def not_finished(members: list[dict]) -> str:
+    """The "Not finished" cell of a row: "" when all its jobs finished, else the first unfinished job's status and
+    one-line reason ("failed: <reason>"), with how many of the row's jobs did not finish and which job (and clip)
+    it was when the row averages several ("failed: <reason> (job 3, data=wolf; 2 of 4 jobs)")."""
+    bad = [r for r in members if r["status"] != "ok"]
+    if not bad:
+        return ""
+    first = bad[0]
+    text = f"{first['status']}: {first.get('reason') or first.get('error') or 'no reason recorded'}"
+    if len(members) > 1:
+        where = ", ".join(f"{k}={v}" for k, v in first["overrides"].items()
+                          if len({repr(r["overrides"].get(k)) for r in members}) > 1)
+        text += f" (job {first['job']}{', ' + where if where else ''}; {len(bad)} of {len(members)} jobs)"
+    return text
 
 
 def varying_keys(runs: list[dict]) -> list[str]:
@@ -294,6 +344,9 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
         {"120": "128"}, the clip's 120 frames beside the paper's N=128); the markdown says so where the
         table has a paper column.
 
+    A row with a job that did not finish gets, in a last column "Not finished" (`NOT_FINISHED`, only in tables
+    with such a row), its one-line reason (`not_finished`: "failed: <the job's failure line>"), never a silent gap.
+
     The table: "header" (column keys and metric labels, the CSV's), "labels" (headers to print,
     `stem.reporting.display.display_column`), "rows" (raw values), "row_labels" (the column cells to print,
     `stem.reporting.display.display_value` with K from each run's metrics), "formats" (None for a column).
@@ -330,7 +383,8 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
                   for _, path, _, scale in specs]
         done = [r["metrics"] for r in members if r["status"] == "ok"] or [None]
         done.sort(key=lambda m: clamp_note(m) is None)  # names from a clamped run first: a row never hides it
-        built.append((rank(cells), _sort_key(members[0]["job"]), cells, values, len(members), done[0]))
+        built.append((rank(cells), _sort_key(members[0]["job"]), cells, values, len(members), done[0],
+                      not_finished(members)))
     built.sort(key=lambda r: r[:2])
 
     key_fmt = [None] * len(columns)
@@ -366,10 +420,16 @@ def sweep_table(runs: list[dict], columns: list[str], metrics=None, average_over
         header.append("runs")
         labels.append("runs")
         formats.append(None)
+    reasons = any(b[6] for b in built)
+    if reasons:  # why rows did not finish: a column only where some did not
+        header.append(NOT_FINISHED)
+        labels.append(NOT_FINISHED)
+        formats.append(None)
     rows, row_labels = [], []
-    for _, _, cells, values, n_runs, run_metrics in built:
+    for _, _, cells, values, n_runs, run_metrics, why in built:
         key = row_key(cells, len(columns))
-        rows.append(cells + [get(key, values) for get in getters] + ([n_runs] if average_over else []))
+        rows.append(cells + [get(key, values) for get in getters] + ([n_runs] if average_over else [])
+                    + ([why] if reasons else []))
         shown = [display_value(c, v, run_metrics) for c, v in zip(columns, cells)]
         if shown and key in paper_rows and paper_rows[key] != key and any(h.endswith(" (paper)") for h in header):
             shown[-1] += f" (paper: {paper_rows[key]})"
@@ -494,7 +554,7 @@ def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: lis
                         metrics=None, average_over=(), paper=None, plot: dict | None = None,
                         ratio_to: str | None = None, order: dict | None = None,
                         paper_rows: dict | None = None, expected: list[list[str]] | None = None,
-                        frames: dict | None = None) -> dict:
+                        frames: dict | None = None, comparison: dict | None = None) -> dict:
     """Build the table of `sweep_dir` (see `sweep_table`) and its provenance (`stem.reporting.provenance`),
     write `<name>.md` (caption line, then the table), `.csv`, the sidecar `<name>.json` and, with
     a `plot` spec, `<name>.png` into it; return {"table", "markdown" (the .md text), "files",
@@ -502,13 +562,15 @@ def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: lis
     list of each job the sweep launches (see `collect_runs`), so that jobs that never started are rows
     and count in the caption's "N of M jobs finished". `frames`: a frame-figure spec
     (`stem.reporting.plots.sweep_frames`: {"videos": [reconstruction, edited], "count": 4, "title"})
-    writes `<name>_frames.png`, the source and each run's videos side by side (paper Fig. 3)."""
+    writes `<name>_frames.png`, the source and each run's videos side by side (paper Fig. 3). `comparison`
+    ({"count": frames per strip row}, paper Figs. 5 and 11): for every clip, `comparison/<clip>.mp4`, `_strip.png`
+    and `.json` (`stem.reporting.comparison.write_comparisons`, one column/row per value of the table's columns)."""
     from stem.reporting.provenance import sweep_provenance
 
     runs = _runs(sweep_dir, expected)
     columns = varying_keys(runs) if columns is None else list(columns)
     table = sweep_table(runs, columns, metrics, average_over, paper, ratio_to, order, paper_rows)
-    provenance = sweep_provenance(runs)
+    provenance = sweep_provenance(runs, [c for c in columns if c not in average_over])
     files = list(write_tables(table, sweep_dir, name, provenance))
     if plot:
         png = sweep_plot(runs, [c for c in columns if c not in average_over], plot, Path(sweep_dir) / f"{name}.png",
@@ -520,4 +582,12 @@ def write_sweep_outputs(sweep_dir: str | Path, name: str = "table", columns: lis
         fig = sweep_frames_figure(runs, [c for c in columns if c not in average_over], frames,
                                   caption=provenance["caption"])
         files += [save_png(fig, Path(sweep_dir) / f"{name}_frames.png")] if fig is not None else []
+    if comparison is not None:
+        from stem.reporting.comparison import STRIP_FRAMES, write_comparisons
+
+        unknown = sorted(set(comparison or {}) - {"count"})
+        if unknown:
+            raise TableError(f"comparison spec: unknown key(s) {unknown}; known: ['count']")
+        files += write_comparisons(runs, sweep_dir, [c for c in columns if c not in average_over], order,
+                                   count=(comparison or {}).get("count", STRIP_FRAMES), caption=provenance["caption"])
     return {"table": table, "markdown": files[0].read_text(), "files": files, "provenance": provenance, "runs": runs}

@@ -93,6 +93,7 @@ def test_fig4_pnp_reconstruction_is_a_named_extra_not_in_the_sweep(tmp_path):
 # ------------------------------------------------------------------------------------ Table 2
 
 
+BASELINE_ROWS = ["tuneavideo", "pix2video", "text2video_zero"]  # Table 2's first three rows, in its order
 TABLE2 = {  # row: (inversion, editor, cross fusion, self fusion, frame cap under table2_frames=paper)
     "fatezero": ("FateZeroInversion", "FateZeroEditor", 0.5, 0.5, 20),       # appendix D [0.5T, T]; B.4 <= 20
     "tokenflow": ("DDIMInversion", "TokenFlowEditor", None, None, None),      # full clips
@@ -106,8 +107,9 @@ def test_table2_rows_run_the_paper_settings_on_every_clip(tmp_path):
     inversion; a frame cap dropped (FateZero) or given to TokenFlow; `data.n_frames: 8` (one TokenFlow
     chunk: propagation never exercised); a reweight or FreeU switched on by default; the target prompt
     not each clip's own."""
-    assert sweep(tmp_path, "table2_editing") == {"table2": list(TABLE2), "data": CLIPS}
-    for combo, cfg in jobs(tmp_path, "table2_editing"):
+    # the three baselines first, in the paper's order (their rows: tests/app/test_table2_baselines.py)
+    assert sweep(tmp_path, "table2_editing") == {"table2": [*BASELINE_ROWS, *TABLE2], "data": CLIPS}
+    for combo, cfg in (job for row in TABLE2 for job in jobs(tmp_path, "table2_editing", table2=row)):
         inversion, editor, cross, self_, cap = TABLE2[combo["table2"]]
         e, data = cfg.get("editing"), cfg["data"]
         assert (target(cfg["inversion"]), target(e)) == (inversion, editor), combo
@@ -183,7 +185,7 @@ def test_table2_every_row_of_a_clip_edits_the_same_frames(tmp_path):
     max_frames_keep=even in the shared window; the frames group listed before the rows (the rows' own
     cap wins)."""
     per_clip: dict[str, dict[str, list[int]]] = {}
-    for combo, cfg in jobs(tmp_path, "table2_editing"):
+    for combo, cfg in (job for row in TABLE2 for job in jobs(tmp_path, "table2_editing", table2=row)):
         per_clip.setdefault(combo["data"], {})[combo["table2"]] = _selected(cfg.data, CLIP_FRAMES[combo["data"]])
     assert sorted(per_clip) == sorted(CLIP_FRAMES)
     for clip, rows in per_clip.items():
@@ -407,10 +409,20 @@ def test_departures_are_declared_in_each_header_and_in_reproduce_md(departure, e
     assert any(all(t in item for t in texts) for item in items), (experiment, departure)
 
 
+def _composable(row: str) -> bool:
+    """Whether a table2 row's editing option is here (the baseline rows' come with their own branches, issue 25)."""
+    text = (CONFIGS / "table2" / f"{row}.yaml").read_text()
+    return all((CONFIGS / "editing" / f"{name}.yaml").is_file()
+               for name in re.findall(r"override /editing: (\w+)", text))
+
+
 def rows(tmp_path, experiment):
     """The job configs of an experiment's declared sweep, one clip (the clips share inversion and editing)."""
-    clips = sweep(tmp_path, experiment).get("data")
-    return [cfg for _, cfg in jobs(tmp_path, experiment, **({"data": clips[0]} if clips else {}))]
+    params = sweep(tmp_path, experiment)
+    clips = params.get("data")
+    fixed = {"data": clips[0]} if clips else {}
+    return [cfg for row in params.get("table2", [None]) if row is None or _composable(row)
+            for _, cfg in jobs(tmp_path, experiment, **fixed, **({"table2": row} if row else {}))]
 
 
 def scores_reconstruction(experiment: str) -> bool:

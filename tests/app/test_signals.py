@@ -60,7 +60,8 @@ def test_sigterm_during_the_inversion_finishes_the_wandb_run_as_failed_and_marks
     returncode, stderr, run_dir = signal_during_the_inversion(tmp_path, signal.SIGTERM)
     assert returncode == 128 + signal.SIGTERM, (returncode, stderr[-3000:])
     assert not (run_dir / "metrics.json").exists()
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["reason"]) == ("failed", "terminated by signal SIGTERM")  # the row says why
     exits = [r.exit.exit_code for r in read_wandb_records(run_dir, timeout=10) if r.WhichOneof("record_type") == "exit"]
     assert exits == [1]
 
@@ -198,3 +199,21 @@ def test_sigint_during_the_inversion_is_one_error_line_exit_130_and_the_job_mark
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
     exits = [r.exit.exit_code for r in read_wandb_records(run_dir, timeout=10) if r.WhichOneof("record_type") == "exit"]
     assert exits == [1]
+
+
+def test_failure_reason_is_one_line_the_table_can_show():
+    """status.json's "reason" (a failed row's Not finished cell): bad input as its own message, other errors with
+    their type, SIGTERM and Ctrl-C named, newlines joined, cut at 300 characters. Mutations caught: the
+    traceback's first line or a multi-line message (a broken markdown row), the type dropped from an
+    OutOfMemoryError (the reader cannot tell memory from a bug), an unbounded reason."""
+    from stem.app.signals import Terminated, failure_reason
+    from stem.core.errors import ConfigError
+
+    assert failure_reason(ConfigError("editing.pnp_attn_t=2.0 must be in [0, 1]")) == \
+        "editing.pnp_attn_t=2.0 must be in [0, 1]"
+    assert failure_reason(RuntimeError("CUDA out of memory.\n  Tried to allocate 2.00 GiB")) == \
+        "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert failure_reason(Terminated("terminated by signal SIGTERM")) == "terminated by signal SIGTERM"
+    assert failure_reason(KeyboardInterrupt()) == "interrupted (SIGINT)"
+    long = failure_reason(ValueError("x" * 1000))
+    assert len(long) == 300 and long.startswith("ValueError: xxx") and long.endswith("...")

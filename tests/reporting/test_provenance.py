@@ -65,10 +65,12 @@ def test_tiny_cpu_sweep_names_model_device_clip_steps_commit_and_random_weights(
     assert got == {"model": "tiny", "model_name": "tiny-seed0", "random_weights": True, "dtype": "float32",
                    "device": "cpu", "device_name": "AMD EPYC 7B13", "clips": "synthetic (4 frames, 64x64)",
                    "frames": "unknown", "same_frames": None, "metric_weights": "none", "random_metric_weights": False,
-                   "steps": "5", "commit": f"{SHA}, {SHA} (dirty)", "dirty": True, "jobs": 3, "jobs_finished": 2}
+                   "steps": "5", "commit": f"{SHA}, {SHA} (dirty)", "dirty": True, "jobs": 3, "jobs_finished": 2,
+                   "jobs_not_finished": {"failed": 1}}
     assert caption == ("Model tiny (random weights: mechanics only), float32, on AMD EPYC 7B13 (cpu); "
                        "clips: synthetic (4 frames, 64x64); 5 DDIM steps; "
-                       f"commit {SHA[:10]}, {SHA[:10]} (dirty); 2 of 3 jobs finished.")
+                       f"commit {SHA[:10]}, {SHA[:10]} (dirty); 2 of 3 jobs finished (1 failed: the table's Not "
+                       "finished column says why).")
 
 
 def test_real_weights_carry_no_random_weights_wording(tmp_path):
@@ -220,3 +222,41 @@ def test_the_caption_says_which_frames_every_job_scored(tmp_path):
     assert (got["frames"], got["same_frames"]) == ("wolf 1-40 (1 job) / 20 of 1-40 (1 job) / 1-39 every 2 (1 job)",
                                                    False)
     assert f"; frames scored (they differ between jobs of a clip): {got['frames']}; " in got["caption"]
+
+
+# ------------------------------------------------------------------------------ each row of an edit table
+
+
+def test_the_caption_names_each_rows_method_weights_and_settings(tmp_path):
+    """Table 2 rows: TokenFlow on the job's model, Pix2Video on its editor's depth model (another name and
+    fingerprint) with its depth estimator, Tune-A-Video failed (the editor its config asked for). Mutations
+    caught: one model named for the whole table (Pix2Video's depth model hidden), the extra weights dropped,
+    a failed row missing from the list, prompts (per clip) listed as settings, a reconstruction table given rows."""
+    settings = {"method": "TokenFlow", "prompt": "a fox", "negative_prompt": "ugly", "guidance_scale": 7.5,
+                "num_steps": 50, "qk_layers": ["up_blocks.1.attentions.1"], "freeu": None, "propagate": True}
+    tokenflow = edit_metrics(method="TokenFlow", inversion_method="ddim_1frame", model_fingerprint="0123abcd",
+                             editing=settings)
+    pix2video = {**edit_metrics(method="Pix2Video", inversion_method="ddim_1frame", model_fingerprint="9876fedc",
+                                editing={"method": "Pix2Video", "guidance_scale": 7.5},
+                                weights={"sd2_depth": "stabilityai/stable-diffusion-2-depth",
+                                         "depth_estimator": "Intel/dpt-hybrid-midas"}),
+                 "model": "stable-diffusion-2-depth"}   # the editor's base model, as run_job records it
+    root = make_sweep(tmp_path, [(["table2=tokenflow"], tokenflow, "sd15", None),
+                                 (["table2=pix2video"], pix2video, "sd15", None),
+                                 (["table2=tuneavideo"], None, None, None)])
+    (root / "2" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"editing": {"_target_": "stem.editing.baselines.tuneavideo.TuneAVideoEditor"}}))
+    got = sweep_provenance(collect_runs(root), ["table2"])
+    assert [(r["row"], r["method"], r["model"], r["fingerprint"], r["jobs_finished"]) for r in got["rows"]] == [
+        ("tokenflow", "TokenFlow", "stable-diffusion-v1-5", "0123abcd", 1),
+        ("pix2video", "Pix2Video", "stable-diffusion-2-depth", "9876fedc", 1),
+        ("tuneavideo", "TuneAVideoEditor (no job of the row finished)", "unknown", "unknown", 0)]
+    assert got["rows"][0]["settings"] == settings   # all of them in the sidecar
+    assert got["caption"].endswith(
+        " Rows: TokenFlow: TokenFlow on ddim_1frame inversion, weights stable-diffusion-v1-5 (fingerprint 0123abcd), "
+        "settings {guidance_scale 7.5, num_steps 50, propagate true}; "
+        "Pix2Video: Pix2Video on ddim_1frame inversion, weights stable-diffusion-2-depth (fingerprint 9876fedc) "
+        "+ sd2_depth stabilityai/stable-diffusion-2-depth + depth_estimator Intel/dpt-hybrid-midas, "
+        "settings {guidance_scale 7.5}; Tune-A-Video: TuneAVideoEditor (no job of the row finished).")
+    reconstruction = make_sweep(tmp_path / "r", [(["inversion=stem"], job_metrics(), "tiny", None)])
+    assert "rows" not in sweep_provenance(collect_runs(reconstruction), ["inversion"])

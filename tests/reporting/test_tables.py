@@ -42,23 +42,24 @@ JOBS = {
 }
 
 MARKDOWN = """\
-| Inversion | K | PSNR | SSIM | PSNR vs VAE | SSIM vs VAE |
-|---|---|---:|---:|---:|---:|
-| DDIM 1-frame |  | 22.500 | 0.7500 | 30.000 | 0.9000 |
-| STEM | 64 | inf | 1.0000 | inf | 1.0000 |
-| STEM | 128 | failed | failed | failed | failed |
-| STEM | 256 | 24.123 | 0.8137 | 41.000 | 0.9988 |
+| Inversion | K | PSNR | SSIM | PSNR vs VAE | SSIM vs VAE | Not finished |
+|---|---|---:|---:|---:|---:|---|
+| DDIM 1-frame |  | 22.500 | 0.7500 | 30.000 | 0.9000 |  |
+| STEM | 64 | inf | 1.0000 | inf | 1.0000 |  |
+| STEM | 128 | failed | failed | failed | failed | failed: no metrics.json |
+| STEM | 256 | 24.123 | 0.8137 | 41.000 | 0.9988 |  |
 """
 # what write_sweep_outputs puts above it for these job folders (no git.json, no config: facts unknown)
 CAPTION = ("Provenance: Model unknown, unknown, on unknown (device name not recorded); clips: unknown; "
-           "unknown DDIM steps; commit unknown; 3 of 4 jobs finished.\n\n")
+           "unknown DDIM steps; commit unknown; 3 of 4 jobs finished (1 failed: the table's Not finished column "
+           "says why).\n\n")
 
 CSV = """\
-inversion,inversion.num_bases,PSNR,SSIM,PSNR vs VAE,SSIM vs VAE
-ddim_1frame,,22.5,0.75,30.0,0.9
-stem,64,inf,1.0,inf,1.0
-stem,128,failed,failed,failed,failed
-stem,256,24.12345,0.813749,41.0,0.99876
+inversion,inversion.num_bases,PSNR,SSIM,PSNR vs VAE,SSIM vs VAE,Not finished
+ddim_1frame,,22.5,0.75,30.0,0.9,
+stem,64,inf,1.0,inf,1.0,
+stem,128,failed,failed,failed,failed,failed: no metrics.json
+stem,256,24.12345,0.813749,41.0,0.99876,
 """
 
 
@@ -92,11 +93,12 @@ def test_columns_default_to_the_override_keys_that_vary(sweep):
 def test_table_rows_sorted_by_columns_with_failed_jobs_kept(sweep):
     table = sweep_table(collect_runs(sweep), ["inversion", "inversion.num_bases"])  # default: metrics the runs have
     assert table == sweep_table(collect_runs(sweep), ["inversion", "inversion.num_bases"], DEFAULT_METRICS[:4])
-    assert table["header"] == ["inversion", "inversion.num_bases", "PSNR", "SSIM", "PSNR vs VAE", "SSIM vs VAE"]
-    assert table["rows"] == [["ddim_1frame", None, 22.5, 0.75, 30.0, 0.9],
-                             ["stem", 64, float("inf"), 1.0, float("inf"), 1.0],
-                             ["stem", 128, "failed", "failed", "failed", "failed"],
-                             ["stem", 256, 24.12345, 0.813749, 41.0, 0.99876]]
+    assert table["header"] == ["inversion", "inversion.num_bases", "PSNR", "SSIM", "PSNR vs VAE", "SSIM vs VAE",
+                               "Not finished"]
+    assert table["rows"] == [["ddim_1frame", None, 22.5, 0.75, 30.0, 0.9, ""],
+                             ["stem", 64, float("inf"), 1.0, float("inf"), 1.0, ""],
+                             ["stem", 128, "failed", "failed", "failed", "failed", "failed: no metrics.json"],
+                             ["stem", 256, 24.12345, 0.813749, 41.0, 0.99876, ""]]
     assert to_markdown(table) == MARKDOWN
     assert to_csv(table) == CSV
 
@@ -118,8 +120,9 @@ def test_default_columns_follow_the_metrics_group_of_the_runs(tmp_path):
 def test_metric_spec_takes_any_dotted_path_and_format(sweep):
     table = sweep_table(collect_runs(sweep), ["inversion.num_bases"],
                         [("Method", "method"), ("s", "seconds.inversion", ".1f"), ("PSNR", "vs_input.psnr")])
-    assert to_markdown(table).splitlines()[2:] == ["| 64 | stem | 1.5 | inf |", "| 128 | failed | failed | failed |",
-                                                   "| 256 | stem | 1.5 | 24.12 |", "|  | stem | 1.5 | 22.5 |"]
+    assert to_markdown(table).splitlines()[2:] == [
+        "| 64 | stem | 1.5 | inf |  |", "| 128 | failed | failed | failed | failed: no metrics.json |",
+        "| 256 | stem | 1.5 | 24.12 |  |", "|  | stem | 1.5 | 22.5 |  |"]
 
 
 def test_write_sweep_outputs_writes_markdown_and_csv(sweep):
@@ -142,7 +145,8 @@ def test_callback_puts_the_declared_sweep_first(sweep):
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}, "sweeper": {"params": {
         "inversion.num_bases": "64,128,256"}}}, "logger": {"_target_": "stem.app.loggers.NullLogger"}})
     SweepTableCallback(name="t").on_multirun_end(config)
-    assert (sweep / "t.md").read_text().splitlines()[2] == "| K | Inversion | PSNR | SSIM | PSNR vs VAE | SSIM vs VAE |"
+    assert (sweep / "t.md").read_text().splitlines()[2] == ("| K | Inversion | PSNR | SSIM | PSNR vs VAE | SSIM vs VAE "
+                                                            "| Not finished |")
 
 
 def make_tables(*args):
@@ -158,8 +162,9 @@ def test_cli_prints_and_writes_the_table(sweep):
     assert (sweep / "table.csv").read_text() == CSV
     proc = make_tables(sweep, "--name", "k", "--columns", "inversion.num_bases", "--metrics", "SSIM=vs_vae.ssim:.2f")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == CAPTION + "\n".join(["| K | SSIM |", "|---|---:|", "| 64 | 1.00 |", "| 128 | failed |",
-                                               "| 256 | 1.00 |", "|  | 0.90 |"]) + "\n"
+    assert proc.stdout == CAPTION + "\n".join(["| K | SSIM | Not finished |", "|---|---:|---|", "| 64 | 1.00 |  |",
+                                               "| 128 | failed | failed: no metrics.json |", "| 256 | 1.00 |  |",
+                                               "|  | 0.90 |  |"]) + "\n"
 
 
 def test_cli_on_a_folder_without_jobs_fails_with_one_line(tmp_path):
@@ -182,7 +187,9 @@ def caption_line(sweep, finished=2, jobs=2):
     commit = f"{rev['commit'][:10]}{' (dirty)' if rev['dirty'] else ''}"
     return (f"Provenance: Model tiny (random weights: mechanics only), float32, on {device_name('cpu')} (cpu); "
             f"clips: synthetic_pan (2 frames, 64x64); frames scored: synthetic_pan 1-2; 5 DDIM steps; commit {commit}; "
-            f"{finished} of {jobs} jobs finished.")
+            f"{finished} of {jobs} jobs finished"
+            + (f" ({jobs - finished} failed: the table's Not finished column says why)" if finished < jobs else "")
+            + ".")
 
 
 def expected_row(label, m):
@@ -234,14 +241,17 @@ def test_a_failed_job_does_not_stop_the_sweep_and_shows_as_failed(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", *TINY, "data.width=250,64", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'c'}")
     assert proc.returncode == 1 and "error: data: width=250 is not a positive multiple of 8" in proc.stderr
+    # the failed job's row says why: the line it printed (status.json's reason)
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))[len("error: "):]
     assert not (sweep / "0" / "metrics.json").exists() and (sweep / "1" / "metrics.json").is_file()
     assert not (sweep / "debug.md").exists()  # Hydra skips on_multirun_end after a failed job: rebuild by script
     job = json.loads((sweep / "1" / "metrics.json").read_text())
     proc = make_tables(sweep)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [caption_line(sweep, 1), "", "| Resolution | PSNR | SSIM | PSNR vs VAE | "
-                                        "SSIM vs VAE |", "|---|---:|---:|---:|---:|", expected_row("64", job),
-                                        "| 250 | failed | failed | failed | failed |"]
+                                        "SSIM vs VAE | Not finished |", "|---|---:|---:|---:|---:|---|",
+                                        expected_row("64", job) + "  |",
+                                        f"| 250 | failed | failed | failed | failed | failed: {error} |"]
 
 
 # ------------------------------------------------------------------ the paper's layout (hand-written sweeps)
@@ -478,9 +488,10 @@ def test_jobs_that_never_started_are_missing_rows_and_count_as_jobs(tmp_path):
     proc = make_tables(root, "--columns", "seed,inversion", "--metrics", "PSNR=vs_input.psnr:.1f")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].endswith("; 2 of 4 jobs finished.")
-    assert lines[4:] == ["| 0 | DDIM 1-frame | 20.0 |", "| 0 | STEM | 21.0 |", "| 1 | DDIM 1-frame | missing |",
-                         "| 1 | STEM | missing |"]
+    assert lines[0].endswith("; 2 of 4 jobs finished (2 missing: the table's Not finished column says why).")
+    assert lines[4:] == ["| 0 | DDIM 1-frame | 20.0 |  |", "| 0 | STEM | 21.0 |  |",
+                         "| 1 | DDIM 1-frame | missing | missing: the job never started |",
+                         "| 1 | STEM | missing | missing: the job never started |"]
     assert "job 2: missing: no job folder" in proc.stderr
     runs = collect_runs(root, expected=combos)
     assert [(r["job"], r["status"]) for r in runs] == [(0, "ok"), (1, "ok"), (2, "missing"), (3, "missing")]
@@ -529,8 +540,47 @@ def test_a_truncated_metrics_json_is_one_unreadable_row(tmp_path):
     assert [r["status"] for r in runs] == ["ok", "unreadable", "ok"]
     assert "metrics.json" in runs[1]["error"] and "JSONDecodeError" in runs[1]["error"]
     out = write_sweep_outputs(root, "t", ["seed"], [("PSNR", "vs_input.psnr", ".1f")])
-    assert md_lines(out)[2:] == ["| 0 | 20.0 |", "| 1 | unreadable |", "| 2 | 22.0 |"]
-    assert out["provenance"]["caption"].endswith("; 2 of 3 jobs finished.")
+    assert md_lines(out)[2:] == ["| 0 | 20.0 |  |", "| 1 | unreadable | unreadable: cannot parse metrics.json "
+                                 "(JSONDecodeError) |", "| 2 | 22.0 |  |"]
+    assert out["provenance"]["caption"].endswith("; 2 of 3 jobs finished (1 unreadable: the table's Not finished "
+                                                 "column says why).")
     proc = make_tables(root, "--columns", "seed", "--metrics", "PSNR=vs_input.psnr:.1f")
     assert proc.returncode == 0, proc.stderr
     assert f"job 1: unreadable: cannot parse {root / '1' / 'metrics.json'}: JSONDecodeError" in proc.stderr
+
+
+# ------------------------------------------------------------------ why a row did not finish (issue 25)
+
+
+def test_a_row_that_did_not_finish_says_why_in_one_line(tmp_path):
+    """Rows table2 x clip, averaged over clips: the reason of the first unfinished job of each row, from its
+    status.json's "reason" (run.py's failure line), else the last ERROR line of its run.log, else the bare
+    status; with the job, its clip and the count. Mutations caught: the reason read from the wrong job of an
+    averaged row; the first ERROR line of the log instead of the failure's (the last); a multi-line reason
+    breaking the markdown row; a Not finished column on a table where every job finished."""
+    from stem.reporting.tables import mark_job
+
+    jobs = [(["table2=a", "data=x"], job_metrics(), "tiny", None), (["table2=a", "data=y"], None, "tiny", None),
+            (["table2=b", "data=x"], None, "tiny", None), (["table2=b", "data=y"], None, "tiny", None),
+            (["table2=c", "data=x"], None, "tiny", None)]
+    root = make_sweep(tmp_path, jobs)
+    mark_job(root / "1", "failed", "OutOfMemoryError: CUDA out of memory.\nTried to allocate 2.00 GiB")
+    (root / "2" / "run.log").write_text(
+        "[2024-06-01 12:00:00,000][run][INFO] - video wolf: 40 frames\n"
+        "[2024-06-01 12:00:01,000][stem.x][ERROR] - an earlier error the job survived\n"
+        "[2024-06-01 12:00:02,000][run][ERROR] - editing: 40 frames exceed the 24 the method holds\n")
+    (root / "4" / "run.log").write_text("[2024-06-01 12:00:00,000][run][INFO] - nothing went wrong yet\n")
+    runs = collect_runs(root)
+    assert [r["reason"] for r in runs] == [None, "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+                                           "editing: 40 frames exceed the 24 the method holds", "no metrics.json",
+                                           "no metrics.json"]
+    table = sweep_table(runs, ["table2", "data"], [("PSNR", "vs_input.psnr", ".1f")], ["data"])
+    assert table["header"] == ["table2", "PSNR", "runs", "Not finished"]
+    assert [row[-1] for row in table["rows"]] == [
+        "failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (job 1, data=y; 1 of 2 jobs)",
+        "failed: editing: 40 frames exceed the 24 the method holds (job 2, data=x; 2 of 2 jobs)",
+        "failed: no metrics.json"]
+    assert to_markdown(table).splitlines()[2] == ("| a | failed | 2 | failed: OutOfMemoryError: CUDA out of memory. "
+                                                  "Tried to allocate 2.00 GiB (job 1, data=y; 1 of 2 jobs) |")
+    finished = sweep_table(runs[:1], ["table2"], [("PSNR", "vs_input.psnr", ".1f")])
+    assert finished["header"] == ["table2", "PSNR"]
