@@ -40,6 +40,21 @@ def shared_videos() -> Path:
 FAST = ["debug=fast", "progress=false"]  # 5 DDIM steps on 4 frames
 
 
+def compose_with_hydra(tmp_path: Path, *overrides: str):
+    """The composed config with Hydra's node (the sweep) kept: {"hydra": ..., job keys ...}; cache under
+    `tmp_path`, the CPU as device, no other overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.cache_dir={tmp_path / 'cache'}", "device=cpu", *overrides],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 def compose_config(tmp_path: Path, *overrides: str, fast: bool = True):
     """The job config `python run.py <overrides>` would get (Hydra's runtime set for resolution),
     with the cache under `tmp_path` and the CPU as device."""

@@ -5,7 +5,7 @@ written out here; each test names the plausible config bug it catches."""
 import re
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, compose_with_hydra
 from omegaconf import OmegaConf
 
 CONFIGS = ROOT / "configs"
@@ -13,19 +13,7 @@ CLIPS = ["car_turn", "wolf", "taylor", "woman_running"]
 CLIP_FRAMES = {"car_turn": 8, "wolf": 40, "taylor": 48, "woman_running": 120}  # the sample clips, whole
 
 
-def compose(tmp_path, *overrides):
-    """The composed config with Hydra's node (the sweep) kept: {"hydra": ..., job keys ...}."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=[f"paths.cache_dir={tmp_path / 'cache'}", "device=cpu", *overrides],
-                            return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+compose = compose_with_hydra  # the composed config with Hydra's node (the sweep) kept
 
 
 def sweep(tmp_path, experiment) -> dict:
@@ -409,19 +397,12 @@ def test_departures_are_declared_in_each_header_and_in_reproduce_md(departure, e
     assert any(all(t in item for t in texts) for item in items), (experiment, departure)
 
 
-def _composable(row: str) -> bool:
-    """Whether a table2 row's editing option is here (the baseline rows' come with their own branches, issue 25)."""
-    text = (CONFIGS / "table2" / f"{row}.yaml").read_text()
-    return all((CONFIGS / "editing" / f"{name}.yaml").is_file()
-               for name in re.findall(r"override /editing: (\w+)", text))
-
-
 def rows(tmp_path, experiment):
     """The job configs of an experiment's declared sweep, one clip (the clips share inversion and editing)."""
     params = sweep(tmp_path, experiment)
     clips = params.get("data")
     fixed = {"data": clips[0]} if clips else {}
-    return [cfg for row in params.get("table2", [None]) if row is None or _composable(row)
+    return [cfg for row in params.get("table2", [None])
             for _, cfg in jobs(tmp_path, experiment, **fixed, **({"table2": row} if row else {}))]
 
 

@@ -4,7 +4,7 @@ code. The baseline rows need their editing configs (configs/editing/<row>.yaml, 
 where one is missing its tests skip and say so."""
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, compose_with_hydra
 from omegaconf import OmegaConf
 
 CONFIGS = ROOT / "configs"
@@ -24,24 +24,7 @@ EDITING = {"fatezero": "fatezero_paper", "stem_fatezero": "stem_fatezero", "toke
 CLIPS = ["car_turn", "wolf"]
 
 
-def skip_without_editing_config(row):
-    path = CONFIGS / "editing" / f"{EDITING[row]}.yaml"
-    if not path.is_file():
-        pytest.skip(f"{path.relative_to(ROOT)} is not here yet: it comes with its baseline's branch (issue 25)")
-
-
-def compose(tmp_path, *overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=[f"paths.cache_dir={tmp_path / 'cache'}", "device=cpu", *overrides],
-                            return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+compose = compose_with_hydra  # the composed config with Hydra's node (the sweep) kept
 
 
 def target(node):
@@ -64,7 +47,6 @@ def test_baseline_row_runs_its_method_on_its_inversion(tmp_path, row):
     sparse-causal first + previous frame) or per frame; Pix2Video or Text2Video-Zero on a multi-frame inversion;
     Text2Video-Zero's shared inversion running more steps than its editor samples (its latents are unused), or its
     row refused for its official negative prompt (107 CLIP tokens; found on the merged tiny sweep)."""
-    skip_without_editing_config(row)
     inversion, context, pairing, editor = BASELINES[row]
     cfg = compose(tmp_path, "experiment=table2_editing", f"table2={row}")
     assert (target(cfg.inversion), cfg.inversion.context, cfg.inversion.get("pairing", "fatezero")) == (
@@ -84,7 +66,6 @@ def test_every_row_edits_the_same_clips_prompts_frames_with_the_same_metrics(tmp
     node (metric code and weights). Mutations caught: a baseline row with its own frame cap or clip settings, an
     editing preset that switches the metrics off or to the reconstruction ones, a row editing towards a fixed
     prompt."""
-    skip_without_editing_config(row)
     for clip in CLIPS:
         reference = compose(tmp_path, "experiment=table2_editing", "table2=tokenflow", f"data={clip}")
         cfg = compose(tmp_path, "experiment=table2_editing", f"table2={row}", f"data={clip}")
