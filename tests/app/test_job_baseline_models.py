@@ -41,9 +41,9 @@ EDITOR = ["editing=tokenflow", "editing.prompt=a cat", "editing._target_=test_jo
 
 
 def test_a_preset_without_the_weights_is_refused_before_any_model(refused):
-    """Catches: the job building model=sd15_arch's SD 1.5 and failing later (or running the method on the wrong
-    weights) when the preset does not say where the method's weights are."""
-    message = refused("model=sd15_arch", *EDITOR)
+    """Catches: the job building the preset's SD 1.5 and failing later (or running the method on the wrong
+    weights) when the preset does not say where the method's weights are (a user's own preset without them)."""
+    message = refused("~baseline_models.sd2_depth", *EDITOR)
     assert "baseline_models.sd2_depth" in message and "model=tiny" in message
 
 
