@@ -9,7 +9,8 @@ question ("fidelity": which edit follows the target prompt better; "consistency"
 consistent), the methods shown left and right, the side chosen and its method, when the pair was shown (given by
 the caller) and when the answer arrived (UTC, ISO 8601). The caller gives the side the participant clicked, never a
 method name: the store looks the methods up in the participant's plan (`stem.study.sampling.participant_plan`), so
-a page needs no method name. Refused, with nothing written (one INSERT per answer, in autocommit): a second answer
+a page needs no method name; `video` gives the file a page's slot shows from the manifest alone. Refused, with
+nothing written (one INSERT per answer, in autocommit): a second answer
 to the same question, an unknown pair, a pair not in the participant's sample, an unknown question or side.
 
 Durability: every answer is its own transaction, committed before `answer` returns (`synchronous=FULL`), so a
@@ -143,6 +144,21 @@ class AnswerStore:
             raise StudyError(f"participant {participant!r} already answered {question!r} for pair {pair!r}: one "
                              "answer per question; nothing recorded") from None
         return {"id": cursor.lastrowid, **row}
+
+    def video(self, participant: str, pair: str, slot: str) -> Path:
+        """The file a participant's page shows for `pair` in `slot` ("source" | "left" | "right"): always a path the
+        manifest lists (the source, or the edit of the method the plan put on that side), never one built from the
+        request. StudyError for an unknown slot or pair, or a pair not in the participant's sample."""
+        check_participant(participant)
+        if slot not in ("source", *SIDES):
+            raise StudyError(f"unknown video {slot!r}: one of source, {', '.join(SIDES)}")
+        if pair not in self.pairs:
+            raise StudyError(f"unknown pair {pair!r}: not in the study's manifest")
+        shown = {p["pair"]: p for p in self.plan(participant)}
+        if pair not in shown:
+            raise StudyError(f"pair {pair!r} is not in participant {participant!r}'s sample")
+        entry = self.pairs[pair]
+        return Path(entry["source"] if slot == "source" else entry["videos"][shown[pair][slot]])
 
     def answers(self, participant: str | None = None) -> list[dict]:
         """The stored answers (of one participant, or all), in the order given."""

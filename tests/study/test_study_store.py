@@ -167,3 +167,24 @@ def test_a_database_of_another_study_is_refused(tmp_path):
         AnswerStore(tmp_path / "junk.sqlite", MANIFEST)
     with pytest.raises(StudyError, match="not found"):
         read_answers(tmp_path / "none.sqlite")
+
+
+def test_a_pages_videos_come_from_the_manifest_only(tmp_path):
+    """`video(participant, pair, slot)`: the source, or the edit of the method the participant's plan put on that side,
+    exactly as the manifest lists them; a slot or pair id that is a path, a pair outside the sample: refused. Bugs
+    caught: the left slot serving the manifest's first method whatever the plan (unblinding by position), a request's
+    text joined into a path."""
+    with AnswerStore(tmp_path / "answers.sqlite", MANIFEST) as store:
+        plan = store.plan("alice")
+        assert any(s["left"] != next(p for p in MANIFEST["pairs"] if p["id"] == s["pair"])["methods"][0] for s in plan)
+        for shown in plan:
+            entry = next(p for p in MANIFEST["pairs"] if p["id"] == shown["pair"])
+            assert str(store.video("alice", shown["pair"], "source")) == entry["source"]
+            for side in ("left", "right"):
+                assert str(store.video("alice", shown["pair"], side)) == entry["videos"][shown[side]]
+        shown = plan[0]
+        unseen = next(p["id"] for p in MANIFEST["pairs"] if p["id"] not in {s["pair"] for s in store.plan("alice")})
+        for pair, slot, words in [(shown["pair"], "../../etc/passwd", "unknown video"),
+                                  ("../manifest.json", "left", "unknown pair"), (unseen, "left", "sample")]:
+            with pytest.raises(StudyError, match=words):
+                store.video("alice", pair, slot)
