@@ -18,7 +18,8 @@ clip, prompt and comparison, so no id or file name a participant sees names a me
 
 The manifest (JSON, written atomically) is the only list of files a study server may serve: for each pair its id,
 clip, source prompt, target prompt, comparison, the two methods, each method's edited video and run folder, the
-source video; with the sweep it came from and its provenance caption (`stem.reporting.provenance`).
+source video, the source frames (1-based) and size; with the sweep it came from and its provenance caption
+(`stem.reporting.provenance`).
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def find_pairs(runs: list[dict]) -> tuple[list[dict], list[str]]:
                 "methods": list(methods),
                 "videos": {m: str((Path(group[m]["dir"]) / EDIT_VIDEO).resolve()) for m in methods},
                 "runs": {m: str(Path(group[m]["dir"]).resolve()) for m in methods},
+                "frame_numbers": list(_frames_key(a["metrics"])[0]), "width": _frames_key(a["metrics"])[1],
+                "height": _frames_key(a["metrics"])[2],
             })
     return pairs, skipped
 
@@ -145,6 +148,10 @@ def _write_source(pair: dict, path: Path) -> None:
         comparison = Path(pair["runs"][method]) / SOURCE_VIDEO
         if comparison.is_file():
             frames, fps = read_frames(comparison)
+            width, height = pair.get("width"), pair.get("height")
+            if isinstance(width, int) and isinstance(height, int) and frames.shape[1:3] != (height, 2 * width):
+                raise StudyError(f"{comparison} is {frames.shape[2]}x{frames.shape[1]}, not source | edit at "
+                                 f"{width}x{height} each (metrics.json): cannot cut the source of pair {pair['id']}")
             write_video(path, np.ascontiguousarray(frames[:, :, : frames.shape[2] // 2]), fps or 8.0)
             return
     raise StudyError(f"pair {pair['id']} ({pair['clip']!r}): no {SOURCE_VIDEO} in either run folder, so no source "

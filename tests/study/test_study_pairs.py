@@ -143,3 +143,20 @@ def test_a_manifest_pair_with_methods_of_two_comparisons_is_refused(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(manifest))
     with pytest.raises(StudyError, match="has methods"):
         load_manifest(tmp_path / "m.json")
+
+
+def test_a_comparison_video_of_another_size_is_refused(tmp_path):
+    """A comparison.mp4 that is not source | edit at the size metrics.json records (e.g. a job folder overwritten by
+    another run): StudyError, no manifest. Bug caught: half of the wrong video served as the source."""
+    import numpy as np
+    from study_fakes import flat
+
+    from stem.data.video import write_video
+
+    make_job(tmp_path, 0, "tokenflow", "wolf", "a wolf")
+    make_job(tmp_path, 1, "stem_tokenflow", "wolf", "a wolf")
+    for job in (0, 1):
+        write_video(tmp_path / str(job) / "comparison.mp4", np.concatenate([flat(40, width=16)] * 2, axis=2), 8.0)
+    with pytest.raises(StudyError, match="not source \\| edit at 32x32 each"):
+        write_study([tmp_path], tmp_path / "study")
+    assert not (tmp_path / "study" / "manifest.json").exists()
