@@ -13,6 +13,7 @@ entry point, calls into it). One package per concern, lower layers never importi
 - `stem.runs`         invert (cached), reconstruct or edit; the cache, run directory, prechecks
 - `stem.reporting`    tables rebuilt from run directories, plots, display names, provenance
 - `stem.metrics`      PSNR/SSIM, warp error, CLIP score, feature similarity; a run's evaluation
+- `stem.study`        Table 3's user study: pairs and manifest, blinded samples, answers in SQLite, Table 3
 - `stem.app`          the Hydra application (job, loggers, SIGTERM, launch, callbacks)
 
 What a library user calls is importable from here (`from stem import STEMInversion, camera_pan`); each name

@@ -24,6 +24,10 @@ class TableError(StemError):
     """A sweep folder that cannot be turned into a results table."""
 
 
+class StudyError(StemError):
+    """A user study (stem.study) refused: no pairs in a sweep, a bad manifest or database, an answer refused."""
+
+
 def check_choice(name: str, value, choices) -> None:
     """ConfigError unless `value` is one of `choices` (the message lists them)."""
     if value not in choices:
