@@ -1,7 +1,7 @@
 """Each participant's pairs: a random sample of `n` of the manifest's pairs (the paper: 12 per user) in a random
 order, and for each a random side for each method, so a method's name never follows from where it is shown.
 
-    plan = participant_plan(manifest["pairs"], "alice", seed=0)          # 12 pairs (all when fewer)
+    plan = participant_plan(manifest["pairs"], "alice", seed=0)          # twelve pairs (all when fewer)
     plan[0]   # {"pair": "p3fa2...", "left": "STEM-TokenFlow", "right": "TokenFlow"}
 
 The plan is a function of (study seed, participant id, the manifest's pair ids) alone: a participant who reloads,

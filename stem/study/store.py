@@ -128,12 +128,8 @@ class AnswerStore:
             raise StudyError(f"unknown question {question!r}: one of {', '.join(QUESTIONS)}")
         if side not in SIDES:
             raise StudyError(f"unknown side {side!r}: one of {', '.join(SIDES)}")
-        if pair not in self.pairs:
-            raise StudyError(f"unknown pair {pair!r}: not in the study's manifest; nothing recorded")
-        shown = {p["pair"]: p for p in self.plan(participant)}
-        if pair not in shown:
-            raise StudyError(f"pair {pair!r} is not in participant {participant!r}'s sample; nothing recorded")
-        left, right = shown[pair]["left"], shown[pair]["right"]
+        shown = self._shown(participant, pair, "; nothing recorded")
+        left, right = shown["left"], shown["right"]
         row = {"participant": participant, "pair": pair, "question": question, "left_method": left,
                "right_method": right, "side": side, "chosen": left if side == "left" else right,
                "shown_at": shown_at, "answered_at": _now()}
@@ -145,6 +141,16 @@ class AnswerStore:
                              "answer per question; nothing recorded") from None
         return {"id": cursor.lastrowid, **row}
 
+    def _shown(self, participant: str, pair: str, note: str = "") -> dict:
+        """The participant's plan entry {"pair", "left", "right"} for `pair`; StudyError (ending with `note`) for a
+        pair not in the manifest or not in the participant's sample."""
+        if pair not in self.pairs:
+            raise StudyError(f"unknown pair {pair!r}: not in the study's manifest{note}")
+        shown = {p["pair"]: p for p in self.plan(participant)}
+        if pair not in shown:
+            raise StudyError(f"pair {pair!r} is not in participant {participant!r}'s sample{note}")
+        return shown[pair]
+
     def video(self, participant: str, pair: str, slot: str) -> Path:
         """The file a participant's page shows for `pair` in `slot` ("source" | "left" | "right"): always a path the
         manifest lists (the source, or the edit of the method the plan put on that side), never one built from the
@@ -152,13 +158,9 @@ class AnswerStore:
         check_participant(participant)
         if slot not in ("source", *SIDES):
             raise StudyError(f"unknown video {slot!r}: one of source, {', '.join(SIDES)}")
-        if pair not in self.pairs:
-            raise StudyError(f"unknown pair {pair!r}: not in the study's manifest")
-        shown = {p["pair"]: p for p in self.plan(participant)}
-        if pair not in shown:
-            raise StudyError(f"pair {pair!r} is not in participant {participant!r}'s sample")
+        shown = self._shown(participant, pair)
         entry = self.pairs[pair]
-        return Path(entry["source"] if slot == "source" else entry["videos"][shown[pair][slot]])
+        return Path(entry["source"] if slot == "source" else entry["videos"][shown[slot]])
 
     def answers(self, participant: str | None = None) -> list[dict]:
         """The stored answers (of one participant, or all), in the order given."""
