@@ -169,11 +169,12 @@ def create_app(manifest_path, db_path, seed: int = 0, n: int = DEFAULT_PAIRS, to
         given = request.args.get("token") or request.headers.get(TOKEN_HEADER) or request.cookies.get(TOKEN_COOKIE)
         if not given or not hmac.compare_digest(given.encode(), token.encode()):
             refuse(403, "this study needs its access token: open the link you were given")
+        flask.g.token_ok = True
         return None
 
     @app.after_request
     def remember(response):
-        if token is not None and request.args.get("token"):
+        if token is not None and request.args.get("token") and flask.g.get("token_ok"):   # never a refused one
             response.set_cookie(TOKEN_COOKIE, token, max_age=COOKIE_DAYS * 86400, httponly=True, samesite="Lax")
         participant = getattr(flask.g, "new_participant", None)
         if participant:
