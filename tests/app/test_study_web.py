@@ -264,10 +264,10 @@ def browser():
 
 
 def not_blank(png) -> float:
-    from PIL import Image
+    """The standard deviation of a screenshot's pixels (0 for a blank page)."""
+    import imageio.v3 as iio
 
-    pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
-    return float(pixels.std())
+    return float(np.asarray(iio.imread(png), dtype=np.float64)[..., :3].std())
 
 
 def test_a_real_browser_answers_twelve_pairs_and_sees_the_thank_you_page(study, tmp_path):
@@ -315,7 +315,7 @@ def test_a_real_browser_answers_twelve_pairs_and_sees_the_thank_you_page(study, 
     assert len(rows) == 2 * N and {r["participant"] for r in rows} == {who}
     got = {(r["pair"], r["question"]): r["side"] for r in rows}
     assert got == {(p, q): s for p, sides in clicked for q, s in zip(("fidelity", "consistency"), sides)}
-    assert not_blank(tmp_path / "study.png") > 10 and not_blank(tmp_path / "thanks.png") > 1
+    assert not_blank(tmp_path / "study.png") > 10 and not_blank(tmp_path / "thanks.png") > 5
 
 
 def test_serving_a_study_to_many_participants_at_once_loses_no_answer(study, tmp_path):
