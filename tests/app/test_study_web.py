@@ -254,7 +254,7 @@ def browser():
     if not chromium or not driver:
         pytest.skip("install Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium: pip install "
-                                    "'stem[app]'")
+                                    "'stem[dev]'")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
