@@ -255,16 +255,16 @@ def create_app(out, command_line: list[str] | None = None, *, token: str | None 
     require_token(app, token, cookie=TOKEN_COOKIE, header=TOKEN_HEADER,
                   refusal="this demo needs its access token: open the link you were given")
 
-    def page(template: str, status: int = 200, **values):
+    def page(template: str, code: int = 200, **values):
         html = render_template_string(LAYOUT.replace("{{ body }}", template), random_warning=warning, **values)
-        return html, status
+        return html, code
 
     synthetic = setup.clips["synthetic"]
     blank = {"clip": "synthetic", "prompt": synthetic[1], "target": synthetic[2] or "", "inversion": "stem",
              "k": "256", "action": "reconstruct", "steps": setup.steps, "frames": min(setup.frames, max_frames)}
 
-    def form_page(values: dict | None = None, error: str | None = None, status: int = 200):
-        return page(FORM, status, clips=setup.clips, values={**blank, **(values or {})}, error=error,
+    def form_page(values: dict | None = None, error: str | None = None, code: int = 200):
+        return page(FORM, code, clips=setup.clips, values={**blank, **(values or {})}, error=error,
                     inversions=demo_form.INVERSIONS, actions=demo_form.ACTIONS, k_choices=demo_form.K_CHOICES,
                     k_range=demo_form.K_RANGE, steps_range=demo_form.STEPS_RANGE, min_frames=demo_form.MIN_FRAMES,
                     max_frames=max_frames, limits=uploads.limits(), suffixes=",".join(SUFFIXES), model=setup.model,
@@ -273,7 +273,7 @@ def create_app(out, command_line: list[str] | None = None, *, token: str | None 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_e):
         return form_page(error=f"the upload is larger than {max_upload_mb:g} MB: cut or compress the clip",
-                         status=413)
+                         code=413)
 
     @app.after_request
     def no_store(response):
