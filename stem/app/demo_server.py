@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -369,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     except StemError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # the jobs' log on the console as run.py shows it; the page's status polls are not logged
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     return serve(app, host, args.port, public=args.public, token=args.token,
                  warning="the demo is served on the network ({address}): anyone who can reach this machine can "
                          "run jobs on it and upload files to it",
