@@ -25,6 +25,7 @@ from stem.app.configs import compose_run
 from stem.app.demo_form import DemoRequest, hydra_quote
 from stem.app.signals import failure_reason
 from stem.core.errors import ConfigError, StemError
+from stem.diffusion.device import resolve_device
 
 SAMPLE_CLIPS = ("synthetic", "woman_running", "taylor", "wolf", "car_turn")   # configs/data presets shown
 RANDOM_MODELS = ("stem.diffusion.models.build_tiny", "stem.diffusion.models.build_sd15_arch")
@@ -105,9 +106,9 @@ def read_setup(base: list[str]) -> Setup:
         path = cfg.data.get("path")
         present = path is None or Path(path).exists()
         clips[name] = (path, cfg.data.prompt, cfg.data.get("edit_prompt"), present)
-    target = first.model.get("_target_", "")
     return Setup(clips=clips, steps=int(first.inversion.num_steps), frames=int(first.data.n_frames),
-                 random_model=target in RANDOM_MODELS, model=target.rsplit(".", 1)[-1], device=str(first.device))
+                 random_model=first.model.get("_target_") in RANDOM_MODELS,
+                 model=first.hydra.runtime.choices.get("model") or "?", device=str(resolve_device(first.device)))
 
 
 def demo_overrides(out: Path, random_model: bool, editing: bool) -> list[str]:

@@ -49,7 +49,9 @@ body { font-family: sans-serif; margin: 1.2em auto; max-width: 76em; padding: 0 
 form { display: grid; grid-template-columns: 12em 1fr; gap: .6em 1em; align-items: center; max-width: 56em; }
 input[type=text] { width: 100%; } .hint { color: #666; font-size: .9em; }
 .videos { display: flex; gap: 1em; flex-wrap: wrap; }
-figure { margin: 0; flex: 1 1 16em; text-align: center; }
+.row { display: flex; gap: 1.5em; flex-wrap: wrap; align-items: flex-start; }
+.row > .videos { flex: 0 1 42em; }
+figure { margin: 0; flex: 1 1 16em; max-width: 20em; text-align: center; }
 video { width: 100%; background: #222; border-radius: 4px; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .2em .6em; text-align: left; }
 pre { background: #eee; padding: .5em; white-space: pre-wrap; max-height: 16em; overflow: auto; }
@@ -134,23 +136,27 @@ JOB = """<h2 id="title">{{ job.request.describe() }}</h2>
 <p class="error" id="error">{{ job.error }}</p>
 <pre id="log">{{ status.log | join('\\n') }}</pre>
 {% else %}
+<div class="row">
 <div class="videos" id="result">
 {% for name, label in videos %}
 <figure><video id="video-{{ loop.index0 }}" src="{{ url_for('job_file', job_id=job.id, name=name) }}" autoplay loop
  muted playsinline preload="auto"></video><figcaption>{{ label }}</figcaption></figure>
 {% endfor %}
 </div>
-<h3>Metrics</h3>
+<div><h3 style="margin-top: 0">Metrics</h3>
 <table id="metrics">{% for label, value in scores %}<tr><th>{{ label }}</th><td>{{ value }}</td></tr>{% endfor %}
-</table>
+</table></div>
+</div>
 <p id="cache">{{ cache }}</p>
 {% if bases %}
 <h3>K per layer (STEM bases)</h3>
+<div class="row">
 <table id="bases"><tr><th>layer</th>{% for phase in bases.phases %}<th>K ({{ phase }})</th>{% endfor %}</tr>
 {% for layer, ks in bases.rows %}<tr><td>{{ layer }}</td>{% for k in ks %}<td>{{ k }}</td>{% endfor %}</tr>{% endfor %}
 </table>
-{% if bases.plot %}<p><img id="bases-plot" src="{{ url_for('job_file', job_id=job.id, name='bases_per_layer.png') }}"
- alt="bases per layer" style="max-width: 100%"></p>{% endif %}
+{% if bases.plot %}<img id="bases-plot" src="{{ url_for('job_file', job_id=job.id, name='bases_per_layer.png') }}"
+ alt="bases per layer" style="max-width: 40em; flex: 1 1 20em">{% endif %}
+</div>
 {% endif %}
 <p>Run folder: <code>{{ job.run_dir }}</code> (<a href="{{ url_for('job_file', job_id=job.id, name='metrics.json')
  }}">metrics.json</a>, <a href="{{ url_for('job_file', job_id=job.id, name='run.log') }}">run.log</a>)</p>
