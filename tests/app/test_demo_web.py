@@ -323,6 +323,28 @@ def test_a_second_job_on_the_same_clip_takes_the_inversion_from_the_cache(demo):
     assert f"{two['reconstruction_vs_input']['psnr']:.4g} dB" in page   # report_reconstruction's PSNR
 
 
+def test_a_fatezero_edit_on_stem_is_stem_fatezero_with_its_edit_and_reconstruction(demo):
+    """FateZero edit + STEM K=128: the job is STEM-FateZero (metrics.json `method`, the K asked for), the page shows
+    the source, the edit and the plain reconstruction of the edited latents, the edit's CLIP score and warp error
+    and the reconstruction's PSNR from metrics.json, and the K per layer of the inversion (an edit samples back
+    with FateZero, so no reconstruction phase). Bug caught: the editor's preset inversion run instead of the
+    form's, or an edit page without its scores."""
+    app, _ = demo
+    client = app.test_client()
+    location = submit(client, action="fatezero", frames="3", steps="3")
+    assert wait(client, location)["state"] == "done", client.get(location + "/status").get_json()
+    metrics = json.loads((job_of(app, location).run_dir / "metrics.json").read_text())
+    assert metrics["method"] == "STEM-FateZero" and metrics["inversion"]["num_bases"] == 128
+    assert metrics["edit_prompt"] == FORM["target"]
+    page = client.get(location).get_data(as_text=True)
+    assert re.findall(r'<video id="video-\d" src="[^"]+/file/([\w.]+)"', page) == [
+        "source.mp4", "edited.mp4", "reconstruction.mp4"]
+    for shown in (metrics["clip"]["clip_score"], metrics["warp_error"]["warp_error"],
+                  metrics["reconstruction_vs_input"]["psnr"]):
+        assert f"{shown:.4g}" in page
+    assert "<th>K (inversion)</th>" in page and "K (reconstruction)" not in page
+
+
 def test_a_reupload_is_the_same_file_and_hits_the_cache(demo, tmp_path):
     """The same bytes uploaded twice (under two names): one file, named by their SHA-256 (computed here); the
     second job's inversion comes from the cache of the first. Bug caught: uploads stored by name or with a
