@@ -127,7 +127,6 @@ class Job:
     run_dir: Path
     cfg: object = field(repr=False)
     state: str = "queued"            # queued | running | done | failed
-    created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
     error: str | None = None
@@ -198,7 +197,8 @@ class JobRunner:
         to_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         to_file.addFilter(lambda record: record.thread == handler.thread)
         level = root.level
-        root.addHandler(handler), root.addHandler(to_file)
+        root.addHandler(handler)
+        root.addHandler(to_file)
         root.setLevel(min(level, logging.INFO) if level else logging.INFO)
         job.state, job.started = "running", time.time()
         try:
@@ -221,7 +221,8 @@ class JobRunner:
             log.info("demo job %s failed: %s", job.id, job.error)
         finally:
             job.finished = time.time()
-            root.removeHandler(handler), root.removeHandler(to_file)
+            root.removeHandler(handler)
+            root.removeHandler(to_file)
             to_file.close()
             root.setLevel(level)
 
@@ -248,7 +249,8 @@ class JobRunner:
 
 
 def _live_bar() -> tuple[str, int, int | None] | None:
-    """(name, i, N) of the newest tqdm bar still open (the job's current loop), or None."""
+    """(name, i, N) of the newest tqdm bar still open (the job's current loop), or None. tqdm keeps its open bars
+    in the class attribute `_instances` (every tqdm.auto bar is a tqdm.std.tqdm); disabled bars are not there."""
     from tqdm.std import tqdm
 
     with tqdm.get_lock():

@@ -32,7 +32,7 @@ TOKEN_COOKIE = "demo_token"
 TOKEN_HEADER = "X-Demo-Token"
 RESULT_FILES = ("source.mp4", "reconstruction.mp4", "edited.mp4", "comparison.mp4", "bases_per_layer.png",
                 "metrics.json", "run.log")
-VIDEO_TYPES = {".mp4": "video/mp4", ".png": "image/png", ".json": "application/json", ".log": "text/plain"}
+MEDIA_TYPES = {".mp4": "video/mp4", ".png": "image/png", ".json": "application/json", ".log": "text/plain"}
 RANDOM_WARNING = ("Random weights (model={model}): numbers from random weights show the mechanics, not the paper's "
                   "values. A random VAE cannot reproduce a photo, so the videos look like noise; run "
                   "stem-demo model=sd15 device=cuda for real results.")
@@ -347,7 +347,7 @@ def create_app(out, command_line: list[str] | None = None, *, token: str | None 
         path = job.run_dir / RESULT_FILES[RESULT_FILES.index(name)]   # the whitelist's name, not the request's
         if not path.is_file():
             refuse(404, "no such file")
-        return send_file(path, mimetype=VIDEO_TYPES[path.suffix], conditional=True, max_age=0)
+        return send_file(path, mimetype=MEDIA_TYPES[path.suffix], conditional=True, max_age=0)
 
     app.runner = runner   # the tests' handle on the jobs
     return app
