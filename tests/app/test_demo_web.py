@@ -170,6 +170,18 @@ def test_the_random_weights_warning_shows_only_for_random_weights(tmp_path, isol
         assert ("numbers from random weights show the mechanics, not the paper's values" in text) == shown
 
 
+def test_the_access_token_guards_every_route(tmp_path, isolated):
+    """With --token: 403 on every page, route and form post without it or with a wrong one (no job started);
+    accepted as ?token=, then as the cookie it sets, and as the header X-Demo-Token."""
+    app = create_app(tmp_path / "out", SMALL, token="s3cret")
+    client = app.test_client()
+    for url in ("/", "/?token=wrong", "/job/0/status", "/job/0/file/metrics.json"):
+        assert client.get(url).status_code == 403, url
+    assert client.post("/run", data=FORM).status_code == 403 and app.runner.jobs == {}
+    assert app.test_client().get("/", headers={"X-Demo-Token": "s3cret"}).status_code == 200
+    assert client.get("/?token=s3cret").status_code == 200 and client.get("/").status_code == 200
+
+
 # --- one job at a time, progress, a failed job ----------------------------------------------------------------------
 
 def test_progress_is_the_live_loop_and_a_second_job_waits_for_the_first(tmp_path, isolated):
