@@ -32,3 +32,18 @@ def test_the_public_api_resolves_and_import_stem_stays_cheap():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["False", "[] stem.inversion.methods stem.data.video"]
+
+
+def test_importing_every_module_even_the_apps_loads_no_flask():
+    """The web stack is the optional extra `stem[app]`: importing any module, the web apps' included, loads
+    neither Flask nor Werkzeug (they are imported when an app starts, which then names the extra in one line if
+    they are missing). Catches: a module-level `import flask` that would break `import stem.app...` (and `run.py`)
+    on the core install."""
+    every = sorted(m.name for m in pkgutil.walk_packages(stem.__path__, "stem."))
+    assert "stem.app.study_server" in every
+    code = ("import importlib, sys\n"
+            f"for m in {every!r}: importlib.import_module(m)\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('flask', 'werkzeug')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
