@@ -157,3 +157,14 @@ def test_run_py_table3_with_no_database_is_one_line_and_writes_no_table(study, t
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
     assert not list(tmp_path.rglob("table3*.*")) and not (run_dir / "wandb").exists()
     assert not (tmp_path / "nowhere.sqlite").exists()
+
+
+def test_a_sweep_of_table3_jobs_writes_each_table_and_no_sweep_table(study, tmp_path):
+    """`python run.py -m experiment=table3_user_study ...` (one job per database): the job folder holds its
+    table3.md, and the end-of-sweep callback writes no sweep table. Bug caught: a sweep table of "failed" rows
+    (the jobs write no metrics.json) beside correct Table 3s."""
+    proc = run_cli("-m", "experiment=table3_user_study", f"study.db={study['db']}",
+                   f"study.manifest={study['manifest']}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "sweep" / "0" / "table3.md").is_file()
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0", "multirun.yaml"]
