@@ -62,9 +62,15 @@ def table3_summary(out: dict) -> dict:
 
 def record_table3(logger, out: dict) -> None:
     """Log the Table 3 `out` (what `write_table3` returned) with `logger` (configs/logger/: the table and summary
-    with W&B, nothing without a tracker; a logger of your own may have no `log_table`)."""
-    header, rows = paper_layout(out["rows"])
-    getattr(logger, "log_table", lambda *args: None)(TABLE, header, rows, table3_summary(out))
+    with W&B, nothing without a tracker; a logger of your own may have no `log_table`), then finish the logger's
+    run (as failed when logging raised)."""
+    failed = True
+    try:
+        header, rows = paper_layout(out["rows"])
+        getattr(logger, "log_table", lambda *args: None)(TABLE, header, rows, table3_summary(out))
+        failed = False
+    finally:
+        logger.finish(failed)
 
 
 def log_table3(out: dict, db, manifest_path, out_dir, project: str = "stem", entity: str | None = None,
@@ -74,12 +80,7 @@ def log_table3(out: dict, db, manifest_path, out_dir, project: str = "stem", ent
     logger = WandbLogger(project=project, entity=entity, mode=mode, name=TABLE, job_type=JOB_TYPE,
                          group=group or study_group(out["manifest"]), run_config=table3_config(out, db, manifest_path),
                          dir=str(out_dir))
-    failed = True
-    try:
-        record_table3(logger, out)
-        failed = False
-    finally:
-        logger.finish(failed)
+    record_table3(logger, out)
 
 
 def table3_job(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -97,11 +98,6 @@ def table3_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     logger = make_logger(run_config={**table3_config(out, study.db, study.manifest), "task_name": cfg.task_name},
                          dir=str(run_dir), job_type=JOB_TYPE,
                          **{k: v for k, v in tracking.items() if cfg.logger.get(k) is None})
-    failed = True
-    try:
-        record_table3(logger, out)
-        failed = False
-    finally:
-        logger.finish(failed)
+    record_table3(logger, out)
     return out
 
