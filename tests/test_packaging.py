@@ -72,15 +72,34 @@ def test_wheel_holds_the_library_entry_point_configs_and_license(installed):
     imageio = [r for r in requires if re.match(r"imageio\b(?!-)", r)]
     assert imageio and all('extra == "dev"' in r for r in imageio), imageio
     assert any(r.startswith("imageio-ffmpeg") and "extra" not in r for r in requires)
+    flask = [r for r in requires if re.match(r"flask\b", r, re.I)]
+    assert flask and all('extra == "app"' in r for r in flask), flask   # the core install stays without a web stack
+    selenium = [r for r in requires if re.match(r"selenium\b", r)]
+    assert selenium and all('extra == "dev"' in r for r in selenium), selenium
 
 
-def test_imageio_is_imported_by_tests_only():
-    """`imageio` (not imageio-ffmpeg) sits in the dev extra because only tests import it. Catches: library code,
-    run.py or a script starting to import imageio while the package does not require it."""
-    pattern = re.compile(r"^\s*(import imageio\b(?!_)|from imageio\b(?!_))", re.M)
+@pytest.mark.parametrize("module", ["imageio", "selenium"])
+def test_dev_only_packages_are_imported_by_tests_only(module):
+    """`imageio` (not imageio-ffmpeg) and `selenium` sit in the dev extra because only tests import them. Catches:
+    library code, run.py or a script starting to import one while the package does not require it."""
+    pattern = re.compile(rf"^\s*(import {module}\b(?!_)|from {module}\b(?!_))", re.M)
     code = [*(ROOT / "stem").rglob("*.py"), ROOT / "run.py", *(ROOT / "scripts").glob("*.py")]
     assert not [p for p in code if pattern.search(p.read_text())]
     assert [p for p in (ROOT / "tests").rglob("*.py") if pattern.search(p.read_text())]  # the reason it is in dev
+
+
+def test_flask_is_imported_only_by_stem_app():
+    """Flask (the `app` extra) is imported by the web apps in stem/app/ only, and only inside a function there
+    (so that `stem.app` modules import without the extra and the apps print one line naming it). Catches: a
+    library module, run.py or a script importing Flask (the core install would break), a module-level import
+    in stem/app."""
+    pattern = re.compile(r"^(\s*)(import (flask|werkzeug)\b|from (flask|werkzeug)\b)", re.M)
+    outside = [*(p for p in (ROOT / "stem").rglob("*.py") if "app" not in p.relative_to(ROOT / "stem").parts[:1]),
+               ROOT / "run.py", *(ROOT / "scripts").glob("*.py")]
+    assert not [p for p in outside if pattern.search(p.read_text())]
+    inside = {p: pattern.findall(p.read_text()) for p in (ROOT / "stem" / "app").rglob("*.py")}
+    assert [p for p, hits in inside.items() if hits], "no web app imports Flask"   # the reason it is in app
+    assert not [p for p, hits in inside.items() for indent, *_ in hits if not indent], "a module-level Flask import"
 
 
 def test_installed_stem_run_works_outside_the_repository(installed, tmp_path):

@@ -112,6 +112,9 @@ class SweepTableCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        if "study" in config:  # experiment=table3_user_study: each job wrote its Table 3; no metrics to tabulate
+            log.info("Table 3 jobs (study node): each job folder of %s holds its table3.md; no sweep table", sweep_dir)
+            return
         runs = collect_runs(sweep_dir)
         if not runs:
             log.warning("no job folders in %s: no sweep table written", sweep_dir)

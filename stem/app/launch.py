@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stem.app.job import job_tracking, run_job
 from stem.app.signals import _ends_on_sigterm, failure_reason, report_failure
+from stem.app.study_table import table3_job
 from stem.core.atomic import hidden_name, remove_dead_leftovers
 from stem.core.errors import ConfigError, StemError
 from stem.distributed.sharding import submitit_environ
@@ -59,7 +60,9 @@ def _follow() -> None:
 @_ends_on_sigterm
 def task(cfg: DictConfig) -> None:
     """The job of one process under Hydra (`run.py`'s task function): its place in a frame-sharded job, the
-    status in status.json, `run_job`; bad input ends with one line `error: ...` on stderr and exit status 2."""
+    status in status.json, `run_job` (a config with a `study` node, experiment=table3_user_study: `table3_job`,
+    Table 3 from a study's answers, no model); bad input ends with one line `error: ...` on stderr and exit
+    status 2."""
     hydra_cfg = HydraConfig.get()
     try:
         environ = launch_environ(OmegaConf.to_container(cfg.distributed, resolve=True))
@@ -72,7 +75,10 @@ def task(cfg: DictConfig) -> None:
     mark = functools.partial(mark_job, hydra_cfg.runtime.output_dir) if lead else lambda status, reason=None: None
     mark("running")  # status.json: make_tables tells running from failed
     try:
-        run_job(cfg, hydra_cfg.runtime.output_dir, job_tracking(cfg, hydra_cfg), environ)
+        if "study" in cfg:
+            table3_job(cfg, hydra_cfg.runtime.output_dir)
+        else:
+            run_job(cfg, hydra_cfg.runtime.output_dir, job_tracking(cfg, hydra_cfg), environ)
         mark("done")
     except BaseException as e:
         report_failure(e)  # before anything else (run_job reported it already when it failed inside)

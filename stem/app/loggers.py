@@ -23,6 +23,9 @@ class NullLogger:
     def tag(self, *tags: str) -> None:
         pass
 
+    def log_table(self, name: str, header: list, rows: list, summary: dict) -> None:
+        pass
+
     def finish(self, failed: bool) -> None:
         pass
 
@@ -30,11 +33,12 @@ class NullLogger:
 class WandbLogger:
     """One W&B run per job (offline by default; WANDB_MODE in the environment overrides `mode`), tagged
     with the job's method and data as soon as they are built (`tag`), finished as failed when the job raises.
-    `group` and `name` come from configs/logger/wandb.yaml, else from `stem.app.job.job_tracking`."""
+    `group` and `name` come from configs/logger/wandb.yaml, else from `stem.app.job.job_tracking` (a table's run:
+    from `stem.app.study_table`, with its `job_type`)."""
 
     def __init__(self, project: str = "stem", entity: str | None = None, mode: str = "offline",
                  group: str | None = None, tags: list | tuple = (), name: str | None = None,
-                 run_config: dict | None = None, dir: str | None = None):
+                 run_config: dict | None = None, dir: str | None = None, job_type: str | None = None):
         import wandb  # imported only when W&B is on
 
         self.wandb = wandb
@@ -42,7 +46,8 @@ class WandbLogger:
         try:
             with _sigterm_deferred():  # a SIGTERM meanwhile is raised once the run exists, which is then finished
                 self.run = wandb.init(project=project, entity=entity, mode=os.environ.get("WANDB_MODE") or mode,
-                                      group=group, tags=list(tags), name=name, config=run_config, dir=dir)
+                                      group=group, tags=list(tags), name=name, config=run_config, dir=dir,
+                                      job_type=job_type)
         except Terminated:
             if self.run is not None:
                 self.finish(failed=True)
@@ -67,6 +72,13 @@ class WandbLogger:
         for image in sorted(run_dir.glob("*.png")):
             record[image.stem] = self.wandb.Image(str(image))
         self.run.log(record)
+        self.run.summary.update(summary)
+
+    def log_table(self, name: str, header: list, rows: list, summary: dict) -> None:
+        """A table built elsewhere (Table 3 of the user study) as the W&B table `name`, and `summary` (numbers,
+        its caption and markdown) as the run's summary."""
+        self.run.log({name: self.wandb.Table(columns=list(header), data=[list(r) for r in rows],
+                                             allow_mixed_types=True)})
         self.run.summary.update(summary)
 
     def finish(self, failed: bool) -> None:

@@ -29,6 +29,7 @@ NAMES = {"FateZero": "FateZero", "STEM-FateZero": "Ours (STEM-FateZero)", "Token
 LABELS = {"fidelity": "Edit fidelity", "consistency": "Temporal consistency"}
 CSV_HEADER = ("comparison", "method", "name", "question", "chosen", "answers", "participants", "percent", "ci_low",
               "ci_high", "paper_percent")
+CELL = ("percent", "ci_low", "ci_high", "chosen", "answers", "participants", "paper_percent")   # per question
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -85,6 +86,20 @@ def to_markdown(rows: list[dict], caption: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paper_layout(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """The paper's layout as numbers (a W&B table): (header, one row per method in the paper's order), each row the
+    paper's name, the method, its comparison, then per question its `CELL` values ("Edit fidelity: percent", ...,
+    "Edit fidelity: paper_percent"; None without answers)."""
+    header = ["Method", "method", "comparison"] + [f"{LABELS[q]}: {k}" for q in QUESTIONS for k in CELL]
+    table = []
+    for methods in COMPARISONS:
+        for method in methods:
+            cells = {r["question"]: r for r in rows if r["method"] == method}
+            table.append([NAMES[method], method, comparison_name(methods)] +
+                         [cells[q][k] for q in QUESTIONS for k in CELL])
+    return header, table
+
+
 def to_csv(rows: list[dict]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -104,18 +119,22 @@ def caption(manifest: dict, manifest_path, answers: list[dict]) -> str:
 
 def write_table3(db_path, manifest_path, out_dir, name: str = "table3") -> dict:
     """Table 3 of the answers in `db_path` (a study of the manifest at `manifest_path`) to `<out_dir>/<name>.md`
-    and `.csv`, each written atomically. Returns {"rows", "markdown", "csv", "files"}. StudyError when the database
-    or manifest is missing or unreadable, or the database answers another manifest."""
+    and `.csv`, each written atomically. Returns {"rows", "markdown", "csv", "files", "caption", "manifest" (its
+    content), "settings" (the study's, from the database: seed, pairs per participant), "answers",
+    "participants"}. StudyError, before anything is written, when the database or manifest is missing or
+    unreadable, or the database answers another manifest."""
     manifest = load_manifest(manifest_path)
     answers, settings = read_answers(db_path)
     if settings.get("manifest") != manifest_digest(manifest):
         raise StudyError(f"the database {db_path} holds the answers of another manifest than {manifest_path}")
-    rows = table3_rows(answers)
-    markdown, text = to_markdown(rows, caption(manifest, manifest_path, answers)), to_csv(rows)
+    rows, title = table3_rows(answers), caption(manifest, manifest_path, answers)
+    markdown, text = to_markdown(rows, title), to_csv(rows)
     files = []
     for suffix, content in ((".md", markdown), (".csv", text)):
         path = Path(out_dir) / f"{name}{suffix}"
         with atomic_file(path) as tmp:
             tmp.write_text(content)
         files.append(path)
-    return {"rows": rows, "markdown": markdown, "csv": text, "files": files}
+    return {"rows": rows, "markdown": markdown, "csv": text, "files": files, "caption": title, "manifest": manifest,
+            "settings": {k: v for k, v in settings.items() if k != "manifest"}, "answers": len(answers),
+            "participants": len({a["participant"] for a in answers})}

@@ -17,8 +17,9 @@ compose = compose_with_hydra  # the composed config with Hydra's node (the sweep
 
 
 def sweep(tmp_path, experiment) -> dict:
-    """The experiment's declared sweep {key: [values]} (hydra.sweeper.params)."""
-    params = compose(tmp_path, f"experiment={experiment}").hydra.sweeper.params
+    """The experiment's declared sweep {key: [values]} (hydra.sweeper.params; {} for table3_user_study, a single
+    job that reads a study's answers)."""
+    params = compose(tmp_path, f"experiment={experiment}").hydra.sweeper.params or {}
     return {str(k): [v.strip() for v in str(vals).split(",")] for k, vals in params.items()}
 
 
