@@ -354,7 +354,8 @@ def create_app(out, command_line: list[str] | None = None, *, token: str | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stem-demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="stem-demo", description="The demo web app (docs/DEMO.md): invert, "
+                                     "reconstruct or edit a clip in the browser, with run.py's configs.")
     parser.add_argument("overrides", nargs="*", help="run.py overrides for every job, e.g. model=sd15 device=cuda")
     parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; another needs --public)")
     parser.add_argument("--port", type=int, default=8000)
