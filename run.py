@@ -12,17 +12,11 @@ Bad input ends with one line `error: ...` on stderr and exit status 2.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
+from stem.app.configs import CONFIG_PATH  # configs/ beside this file, else the installed copy (pkg://stem_configs)
 from stem.app.launch import set_rank_argv, task
-
-# configs/ beside this file (a checkout, an editable install); otherwise the installed copy (a wheel: `stem-run`).
-# An absolute path: Hydra would take a relative one as a package path when run.py is imported as a module.
-_REPO_CONFIGS = Path(__file__).resolve().parent / "configs"
-CONFIG_PATH = str(_REPO_CONFIGS) if (_REPO_CONFIGS / "config.yaml").is_file() else "pkg://stem_configs"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")

@@ -50,7 +50,8 @@ def _call(cmd: list, cwd: Path) -> None:
 def test_wheel_holds_the_library_entry_point_configs_and_license(installed):
     """Catches: a subpackage of stem/ missing from pyproject's `packages`, configs/ not packaged (or a config group
     left out: the `**` glob), run.py not installed, the machine-local configs/local/default.yaml
-    shipped, no `stem-run` entry point, no LICENSE in the wheel, `imageio` back among the install requirements."""
+    shipped, no `stem-run` or `stem-demo` entry point, no LICENSE in the wheel, `imageio` back among the install
+    requirements."""
     wheel, _ = installed
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
@@ -65,6 +66,7 @@ def test_wheel_holds_the_library_entry_point_configs_and_license(installed):
     assert not missing, f"not in the wheel: {sorted(missing)}"
     assert not [n for n in names if n.startswith("stem_configs/local/")]
     assert re.search(r"^stem-run = run:main$", entry_points, re.M)
+    assert re.search(r"^stem-demo = stem.app.demo_server:main$", entry_points, re.M)
     assert f"{info}/licenses/LICENSE" in names
     requires = re.findall(r"^Requires-Dist: (.+)$", metadata, re.M)
     imageio = [r for r in requires if re.match(r"imageio\b(?!-)", r)]
@@ -126,6 +128,23 @@ def test_installed_stem_run_works_outside_the_repository(installed, tmp_path):
     hydra_cfg = yaml.safe_load((sweep / "0" / ".hydra" / "hydra.yaml").read_text())["hydra"]
     sources = {s["provider"]: (s["schema"], s["path"]) for s in hydra_cfg["runtime"]["config_sources"]}
     assert sources["main"] == ("pkg", "stem_configs")
+
+
+def test_the_installed_demo_composes_the_installed_configs(installed, tmp_path):
+    """`stem-demo` composes its jobs with Hydra's compose API (`stem.app.configs.compose_run`): installed, outside
+    the checkout, that is the packaged `pkg://stem_configs`. Catches: the compose API pointed at a configs/ folder
+    that only a checkout has (initialize_config_dir on a missing folder)."""
+    _, site = installed
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop("STEM_DATA_ROOT", None)
+    code = ("import stem.app.configs as c; cfg = c.compose_run(['data=wolf']); "
+            "main = [s for s in cfg.hydra.runtime.config_sources if s.provider == 'main']; "
+            "print(c.__file__, c.CONFIG_PATH, cfg.data.name, *[f'{s.schema}://{s.path}' for s in main])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    origin, path, name, source = proc.stdout.split()
+    assert Path(origin).is_relative_to(site) and path == source == "pkg://stem_configs" and name == "wolf", proc.stdout
 
 
 def test_run_py_in_a_checkout_reads_its_own_configs():

@@ -22,19 +22,19 @@ needs it as `?token=...`, the header `X-Study-Token` or the cookie set after a f
 from __future__ import annotations
 
 import argparse
-import hmac
-import ipaddress
 import secrets
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from stem.app.web import bind_address, flask_missing, import_flask, install_hint, refuse, require_token, serve
 from stem.core.errors import StemError, StudyError
 from stem.study.pairs import load_manifest
 from stem.study.sampling import DEFAULT_PAIRS, check_participant
 from stem.study.store import QUESTIONS, SIDES, AnswerStore
 
-INSTALL = "the study app needs Flask: pip install 'stem[app]'"
+APP = "study app"
+INSTALL = install_hint(APP)
 PARTICIPANT_COOKIE = "study_participant"
 TOKEN_COOKIE = "study_token"
 TOKEN_HEADER = "X-Study-Token"
@@ -105,14 +105,6 @@ THANKS = """<h1 id="thanks">Thank you!</h1>
 """
 
 
-def _flask():
-    try:
-        import flask
-    except ImportError:
-        raise StemError(INSTALL) from None
-    return flask
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -132,17 +124,17 @@ def create_app(manifest_path, db_path, seed: int = 0, n: int = DEFAULT_PAIRS, to
     """The study's Flask app: the pairs of the manifest at `manifest_path`, answers in the SQLite file `db_path`,
     each participant's `n` pairs drawn with `seed` (`stem.study.sampling`). `token`: when set, every request needs
     it. StudyError (one line) for a bad manifest or a database of another study; StemError without Flask."""
-    flask = _flask()
-    from flask import abort, make_response, redirect, render_template_string, request, send_file, url_for
+    flask = import_flask(APP)
+    from flask import redirect, render_template_string, request, send_file, url_for
 
     manifest = load_manifest(manifest_path)
     db_path = Path(db_path)
     AnswerStore(db_path, manifest, seed=seed, n=n).close()   # a database of another study: refused now, not later
-    if token is not None and (not isinstance(token, str) or not token):
-        raise StudyError("the access token must be a non-empty text")
     prompts = {p["id"]: p["prompt"] for p in manifest["pairs"]}
 
     app = flask.Flask(__name__)
+    require_token(app, token, cookie=TOKEN_COOKIE, header=TOKEN_HEADER,
+                  refusal="this study needs its access token: open the link you were given")
 
     def store() -> AnswerStore:
         """One connection per request (SQLite connections stay in the thread that made them), closed after it."""
@@ -156,26 +148,11 @@ def create_app(manifest_path, db_path, seed: int = 0, n: int = DEFAULT_PAIRS, to
         if opened is not None:
             opened.close()
 
-    def refuse(status: int, message: str):
-        abort(make_response(message.replace("\n", " ") + "\n", status, {"Content-Type": "text/plain; charset=utf-8"}))
-
     def page(template: str, **values):
         return render_template_string(LAYOUT.replace("{{ body }}", template), **values)   # autoescaped
 
-    @app.before_request
-    def check_token():
-        if token is None:
-            return None
-        given = request.args.get("token") or request.headers.get(TOKEN_HEADER) or request.cookies.get(TOKEN_COOKIE)
-        if not given or not hmac.compare_digest(given.encode(), token.encode()):
-            refuse(403, "this study needs its access token: open the link you were given")
-        flask.g.token_ok = True
-        return None
-
     @app.after_request
     def remember(response):
-        if token is not None and request.args.get("token") and flask.g.get("token_ok"):   # never a refused one
-            response.set_cookie(TOKEN_COOKIE, token, max_age=COOKIE_DAYS * 86400, httponly=True, samesite="Lax")
         participant = getattr(flask.g, "new_participant", None)
         if participant:
             response.set_cookie(PARTICIPANT_COOKIE, participant, max_age=COOKIE_DAYS * 86400, httponly=True,
@@ -266,15 +243,6 @@ def create_app(manifest_path, db_path, seed: int = 0, n: int = DEFAULT_PAIRS, to
     return app
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stem.app.study_server", description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True, help="study/manifest.json (scripts/make_study.py)")
@@ -286,41 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", default=None, help="access token every request must carry (?token=...)")
     parser.add_argument("--public", action="store_true", help="serve on the network (0.0.0.0): anyone reaching it")
     args = parser.parse_args(argv)
-    try:
-        _flask()
-    except StemError as e:
-        print(e, file=sys.stderr)
-        return 2
-    host = args.host or ("0.0.0.0" if args.public else "127.0.0.1")
-    if not args.public and not _loopback(host):
-        print(f"error: --host {host} is not a loopback address: add --public to serve the study on a network",
-              file=sys.stderr)
+    if flask_missing(APP):
         return 2
     try:
+        host = bind_address(args.host, args.public, "the study")
         app = create_app(args.manifest, args.db, seed=args.seed, n=args.n, token=args.token)
     except StemError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from werkzeug.serving import make_server
-
-    try:
-        server = make_server(host, args.port, app, threaded=True)
-    except OSError as e:
-        print(f"error: cannot serve on {host}:{args.port}: {e}", file=sys.stderr)
-        return 2
-    if args.public:
-        print(f"WARNING: the study is served on the network ({host}:{server.server_port}): anyone who can reach "
-              "this machine can open it and answer" + ("" if args.token else "; no --token is set"), file=sys.stderr)
-    link = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{server.server_port}/"
-    print(f"study: {link}{'?token=' + args.token if args.token else ''}  (Ctrl+C stops it; answers are saved "
-          f"in {args.db} as they come)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+    return serve(app, host, args.port, public=args.public, token=args.token,
+                 warning="the study is served on the network ({address}): anyone who can reach this machine can "
+                         "open it and answer",
+                 banner=f"study: {{link}}  (Ctrl+C stops it; answers are saved in {args.db} as they come)")
 
 
 if __name__ == "__main__":
