@@ -246,7 +246,7 @@ def create_app(out, command_line: list[str] | None = None, *, token: str | None 
 
     from stem.app import demo_form
     from stem.app.demo_jobs import Busy, JobRunner, check_command_line, demo_overrides, read_setup
-    from stem.app.demo_uploads import SUFFIXES, UploadRefused, UploadStore
+    from stem.app.demo_uploads import SUFFIXES, UploadStore
 
     out = Path(out)
     command_line = list(command_line or [])
@@ -307,7 +307,7 @@ def create_app(out, command_line: list[str] | None = None, *, token: str | None 
                 stored = uploads.store(file.stream, file.filename)
                 asked = demo_form.DemoRequest(**{**asked.__dict__, "upload": stored.path})
             job = runner.submit(asked)
-        except (demo_form.FormError, UploadRefused) as e:
+        except demo_form.FormError as e:   # a field or an upload (UploadRefused)
             return form_page(values, str(e), e.status)
         except Busy as e:
             return form_page(values, str(e), 409)

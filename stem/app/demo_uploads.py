@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from stem.app.demo_form import FormError
 from stem.core.atomic import hidden_name
 from stem.core.errors import StemError
 from stem.data.video import FFMPEG_SUFFIXES, read_frames
@@ -23,12 +24,8 @@ CHUNK = 1 << 20
 DIGEST_CHARS = 24
 
 
-class UploadRefused(StemError):
+class UploadRefused(FormError):
     """An upload refused (one line), with its HTTP status (400: not a usable video; 413: too large)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

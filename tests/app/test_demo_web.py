@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 from conftest import ROOT, run_cli
-from test_study_web import browser, not_blank
+from web_helpers import browser, not_blank, public_server
 
 flask = pytest.importorskip("flask", reason="the demo app needs Flask: pip install 'stem[app]'")
 
@@ -420,18 +420,10 @@ def test_cli_refuses_with_one_line(tmp_path, args, fragment):
 def test_cli_public_binds_every_interface_with_a_warning(tmp_path):
     """`--public --port 0`: a warning on stderr naming 0.0.0.0 and the missing token; the link printed answers."""
     import os
-    import urllib.request
 
-    proc = subprocess.Popen([sys.executable, "-m", "stem.app.demo_server", "--out", str(tmp_path / "out"),
-                             "--public", "--port", "0", "device=cpu"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        line = proc.stdout.readline()
-        link = re.search(r"http://\S+", line).group(0)
-        assert urllib.request.urlopen(link, timeout=30).status == 200
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
+    status, err = public_server("stem.app.demo_server", "--out", tmp_path / "out", "device=cpu",
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert status == 200
     assert "WARNING" in err and "0.0.0.0" in err and "no --token" in err and "run jobs" in err
 
 

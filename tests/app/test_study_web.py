@@ -6,16 +6,15 @@ fake sweep of tests/study/study_fakes.py: 16 pairs (4 clips x 2 prompts x 2 comp
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 from conftest import ROOT
 from study_fakes import SOURCE_LEVEL, make_job
+from web_helpers import browser, not_blank, public_server
 
 from stem.study.pairs import write_study
 from stem.study.store import AnswerStore, read_answers
@@ -232,42 +231,9 @@ def test_cli_refuses_a_network_address_without_public_and_a_bad_manifest(study, 
 
 def test_cli_public_binds_every_interface_with_a_warning(study, tmp_path):
     """`--public --port 0`: a warning on stderr naming 0.0.0.0 and the missing token; the link printed answers."""
-    import urllib.request
-
-    proc = subprocess.Popen([sys.executable, "-m", "stem.app.study_server", "--manifest", str(study[0]), "--db",
-                             str(tmp_path / "a.sqlite"), "--public", "--port", "0"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        link = re.search(r"http://\S+", line).group(0)
-        assert urllib.request.urlopen(link, timeout=10).status == 200
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
+    status, err = public_server("stem.app.study_server", "--manifest", study[0], "--db", tmp_path / "a.sqlite")
+    assert status == 200
     assert "WARNING" in err and "0.0.0.0" in err and "no --token" in err
-
-
-def browser():
-    """A headless Chromium driven by selenium, or a skip saying what to install."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("install Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium: pip install "
-                                    "'stem[dev]'")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
-                "--autoplay-policy=no-user-gesture-required"):
-        options.add_argument(arg)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
-
-
-def not_blank(png) -> float:
-    """The standard deviation of a screenshot's pixels (0 for a blank page)."""
-    import imageio.v3 as iio
-
-    return float(np.asarray(iio.imread(png), dtype=np.float64)[..., :3].std())
 
 
 def test_a_real_browser_answers_twelve_pairs_and_sees_the_thank_you_page(study, tmp_path):
