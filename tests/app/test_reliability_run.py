@@ -206,8 +206,10 @@ def torchrun_killing(tmp_path: Path, rank: int) -> tuple[subprocess.CompletedPro
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1",
            "TMPDIR": str(tmp_path / "tmp")}
     env.pop("WANDB_MODE", None)
+    # --monitor-interval 5: torchrun looks at its workers every 5 s (its default, 0.1 s, let it SIGTERM the survivor
+    # before the survivor's own collective failed, now and then: the cause these tests check was then never logged)
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                              str(ROOT / "run.py"), *TORCHRUN_JOB, f"hydra.run.dir={run_dir}",
+                              "--monitor-interval=5", str(ROOT / "run.py"), *TORCHRUN_JOB, f"hydra.run.dir={run_dir}",
                               f"paths.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
