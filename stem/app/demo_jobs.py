@@ -23,6 +23,8 @@ from pathlib import Path
 
 from stem.app.configs import compose_run
 from stem.app.demo_form import DemoRequest, hydra_quote
+from stem.app.launch import override_key
+from stem.app.launch import task as launch_task
 from stem.app.signals import failure_reason
 from stem.core.errors import ConfigError, StemError
 from stem.diffusion.device import resolve_device
@@ -43,14 +45,10 @@ class Busy(StemError):
     """A job is running: the demo runs one at a time."""
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def check_command_line(overrides: list[str]) -> None:
     """ConfigError for a command-line override the form owns (clip, inversion, editor) or the demo sets."""
     for override in overrides:
-        key = _key(override)
+        key = override_key(override)
         if override.startswith("-") or key in OWNED or key.split("/")[0] in OWNED or key.startswith("hydra"):
             raise ConfigError(f"{override}: the form chooses the clip, inversion, editor, prompts, steps and frames "
                               "(and --out the run folders): give other settings here, e.g. model=sd15 device=cuda")
@@ -61,8 +59,8 @@ def merged(*lists: list[str]) -> list[str]:
     out: dict[str, str] = {}
     for overrides in lists:
         for override in overrides:
-            out.pop(_key(override), None)
-            out[_key(override)] = override
+            out.pop(override_key(override), None)
+            out[override_key(override)] = override
     return list(out.values())
 
 
@@ -134,7 +132,7 @@ class Job:
 
     def command(self) -> str:
         """The same job typed by hand (its run folder aside)."""
-        return "python run.py " + " ".join(o for o in self.overrides if _key(o) not in ("paths.log_dir",))
+        return "python run.py " + " ".join(o for o in self.overrides if override_key(o) != "paths.log_dir")
 
 
 class _JobLog(logging.Handler):
@@ -155,10 +153,8 @@ class JobRunner:
     `command_line`: overrides applied to every job (e.g. model=sd15 device=cuda); `setup`: `read_setup`'s."""
 
     def __init__(self, out, command_line: list[str], setup: Setup, task=None):
-        from stem.app.launch import task as run_task
-
         self.out, self.command_line, self.setup = Path(out), list(command_line), setup
-        self.task = task or run_task
+        self.task = task or launch_task
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._running: Job | None = None

@@ -110,10 +110,16 @@ def rank_overrides(argv: list[str], environ=None) -> list[str]:
     tmp = Path(tempfile.gettempdir()) / hidden_name(f"stem-rank{rank}", "tmp")
     tmp.mkdir(mode=0o700)
     atexit.register(shutil.rmtree, tmp, True)
-    own = [a for a in argv if re.split(r"[=@]", a.lstrip("+~"))[0]
-           not in ("hydra.run.dir", "hydra.output_subdir", "hydra/job_logging", "hydra.job_logging.root.level")]
+    own = [a for a in argv if override_key(a) not in
+           ("hydra.run.dir", "hydra.output_subdir", "hydra/job_logging", "hydra.job_logging.root.level")]
     return [*own, f"hydra.run.dir={tmp}", "hydra.output_subdir=null", "hydra/job_logging=stdout",
             "hydra.job_logging.root.level=WARNING"]
+
+
+def override_key(override: str) -> str:
+    """The key a command-line override sets: "data" for `data=wolf`, `+data@x=wolf` or `~data`, "data.path" for
+    `data.path=a.mp4`."""
+    return re.split(r"[=@]", override.lstrip("+~"))[0]
 
 
 def set_rank_argv() -> None:
